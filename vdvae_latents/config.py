@@ -1,0 +1,241 @@
+"""The model configuration: one validated dataclass, as in nanoGPT.
+
+Per-resolution fields are tuples ordered from the LOWEST resolution to the highest,
+the order in which the top-down (generative) path visits them. For example the paper's
+CIFAR-10 C1 model has ``resolutions=(1, 4, 8, 16, 32)`` and
+``up_blocks=(3, 4, 7, 11, 22)`` (Table 6): 3 latent layers at 1x1, ..., 22 at 32x32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+ARCHITECTURES = ("efficient", "vdvae")
+OUTPUTS = ("mol", "bernoulli")
+ACTIVATIONS = ("silu", "gelu")
+VDVAE_LOG_SCALE_FLOOR = -7.0  # VDVAE's lower bound on the MoL log-scale ("bounded")
+
+
+def _as_tuple(value: Any, n: int, name: str, kind: type) -> tuple:
+    """Broadcast a scalar to ``n`` entries, or check a sequence has ``n`` entries."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ConfigError(
+                f"config field '{name}' has {len(value)} entries but there are {n} resolutions."
+            )
+        return tuple(kind(v) for v in value)
+    return tuple(kind(value) for _ in range(n))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that determines the network's shape and its likelihoods.
+
+    Attributes:
+        image_size: height = width of the model's input (after any padding).
+        channels: 1 (grayscale / binary) or 3 (RGB).
+        n_bits: bits per pixel value of the discretised data (8, or 5 for the
+            5-bit benchmarks).
+        output: ``"mol"`` (discretised mixture of logistics) or ``"bernoulli"``.
+        n_mixtures: number of logistic components (MoL only).
+        mol_bounded: floor the MoL log-scale at -7 as VDVAE does; ``False`` is the
+            paper's unbounded variant.
+        pad: pixels of padding on each side added by the data pipeline (MNIST is
+            padded 28 -> 32); the likelihood is computed on the un-padded centre.
+        resolutions: latent resolutions, lowest first; the last equals image_size
+            and each divides the next.
+        up_blocks: top-down blocks (= latent layers) per resolution.
+        down_blocks: bottom-up residual cells per resolution.
+        widths: channels of the residual stream per resolution (constant for vdvae).
+        skip_widths: width of the bottom-up skip handed to the posterior branch,
+            per resolution (efficient only; defaults to ``widths``).
+        bottleneck: middle width of the residual cells as a fraction of their width
+            (one value or one per resolution; C1 uses 1.0 at 32x32, 0.5 at 16x16).
+        variates: latent channels per layer (one value or one per resolution).
+        latent_beta: softplus beta for the latent std (ln 2 by default; 1.0 means
+            plain softplus, i.e. no gradient smoothing).
+        output_beta: softplus beta for the MoL scales.
+        architecture: ``"efficient"`` (trainable strided-conv pool, 1x1-conv unpool,
+            skip projections, softplus std) or ``"vdvae"`` (average pool, constant
+            width, exp(log sigma), bounded MoL, zero-initialised prior output).
+        activation: ``"silu"`` (Efficient-VDVAE code) or ``"gelu"`` (VDVAE).
+    """
+
+    image_size: int = 32
+    channels: int = 3
+    n_bits: int = 8
+    output: str = "mol"
+    n_mixtures: int = 10
+    mol_bounded: bool = False
+    pad: int = 0
+    resolutions: tuple[int, ...] = (1, 4, 8, 16, 32)
+    up_blocks: tuple[int, ...] = (3, 4, 7, 11, 22)
+    down_blocks: tuple[int, ...] = (3, 4, 7, 11, 22)
+    widths: tuple[int, ...] = (384, 384, 384, 384, 384)
+    skip_widths: tuple[int, ...] | None = None
+    bottleneck: tuple[float, ...] | float = 0.25
+    variates: tuple[int, ...] | int = 16
+    latent_beta: float = math.log(2.0)
+    output_beta: float = math.log(2.0)
+    architecture: str = "efficient"
+    activation: str = "silu"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.resolutions) if isinstance(self.resolutions, (list, tuple)) else 0
+        if n == 0:
+            raise ConfigError("config field 'resolutions' must list at least one resolution.")
+        # Normalise sequences to tuples (TOML/JSON give lists) before validating.
+        set_ = object.__setattr__
+        set_(self, "resolutions", tuple(int(r) for r in self.resolutions))
+        for name in ("up_blocks", "down_blocks", "widths", "variates"):
+            set_(self, name, _as_tuple(getattr(self, name), n, name, int))
+        skip = self.widths if self.skip_widths is None else self.skip_widths
+        set_(self, "skip_widths", _as_tuple(skip, n, "skip_widths", int))
+        set_(self, "bottleneck", _as_tuple(self.bottleneck, n, "bottleneck", float))
+        self._validate()
+
+    # ----------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field '{name}' {why}.")
+
+        if self.architecture not in ARCHITECTURES:
+            raise bad("architecture", f"must be one of {', '.join(ARCHITECTURES)}, not '{self.architecture}'")
+        if self.output not in OUTPUTS:
+            raise bad("output", f"must be one of {', '.join(OUTPUTS)}, not '{self.output}'")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", f"must be one of {', '.join(ACTIVATIONS)}, not '{self.activation}'")
+        if self.channels not in (1, 3):
+            raise bad("channels", f"must be 1 or 3, not {self.channels}")
+        if not 1 <= self.n_bits <= 8:
+            raise bad("n_bits", f"must be between 1 and 8, not {self.n_bits}")
+        if self.n_mixtures < 1:
+            raise bad("n_mixtures", f"must be at least 1, not {self.n_mixtures}")
+        if self.image_size < 1:
+            raise bad("image_size", f"must be positive, not {self.image_size}")
+        if self.pad < 0 or 2 * self.pad >= self.image_size:
+            raise bad("pad", f"must be >= 0 and leave some image inside, not {self.pad}")
+        res = self.resolutions
+        if any(r < 1 for r in res):
+            raise bad("resolutions", f"must be positive, got {list(res)}")
+        if list(res) != sorted(set(res)):
+            raise bad("resolutions", f"must be strictly increasing (lowest first), got {list(res)}")
+        if res[-1] != self.image_size:
+            raise bad("resolutions", f"must end at image_size {self.image_size}, got {list(res)}")
+        for lo, hi in zip(res, res[1:]):
+            if hi % lo:
+                raise bad("resolutions", f"must each divide the next, but {lo} does not divide {hi}")
+        for name in ("up_blocks", "down_blocks"):
+            if any(b < 0 for b in getattr(self, name)):
+                raise bad(name, f"must be non-negative, got {list(getattr(self, name))}")
+        if sum(self.up_blocks) < 1:
+            raise bad("up_blocks", "must give at least one latent layer")
+        for name in ("widths", "skip_widths", "variates"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise bad(name, f"must be positive, got {list(getattr(self, name))}")
+        if self.architecture == "vdvae" and len(set(self.widths)) != 1:
+            raise bad("widths", "must be constant for the vdvae architecture (average pooling keeps the width)")
+        if any(not 0 < b <= 4 for b in self.bottleneck):
+            raise bad("bottleneck", f"must be in (0, 4], got {list(self.bottleneck)}")
+        for name in ("latent_beta", "output_beta"):
+            if not getattr(self, name) > 0:
+                raise bad(name, f"must be positive, not {getattr(self, name)}")
+        if self.output == "bernoulli" and self.n_bits != 8:
+            # Binary data has no bit depth; keep the field at its default to avoid confusion.
+            raise bad("n_bits", "must stay 8 with the bernoulli output (binary data has no bit depth)")
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def n_layers(self) -> int:
+        """Number of latent layers L (top-down blocks)."""
+        return sum(self.up_blocks)
+
+    def mid_width(self, i: int) -> int:
+        """Middle (bottleneck) width of the residual cells at resolution index ``i``."""
+        return max(1, int(self.widths[i] * self.bottleneck[i]))
+
+    def layer_shapes(self) -> list[tuple[int, int, int]]:
+        """(V, H, W) of every latent layer, in top-down order."""
+        shapes = []
+        for res, n, v in zip(self.resolutions, self.up_blocks, self.variates):
+            shapes += [(v, res, res)] * n
+        return shapes
+
+    @property
+    def n_latent_variates(self) -> int:
+        """Total latent variates (channels) over all layers: the 'variate' dimensions."""
+        return sum(v for v, _, _ in self.layer_shapes())
+
+    @property
+    def n_latent_elements(self) -> int:
+        """Total latent scalars per image: the 'element' dimensions."""
+        return sum(v * h * w for v, h, w in self.layer_shapes())
+
+    @property
+    def loss_size(self) -> int:
+        """Pixels of the likelihood region (the un-padded centre)."""
+        return self.image_size - 2 * self.pad
+
+    @property
+    def dims_per_image(self) -> int:
+        """C * H * W of the likelihood region: the denominator of nats/dim."""
+        return self.channels * self.loss_size**2
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"config field '{unknown[0]}' is not a model setting (known: {', '.join(sorted(known))}).")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (re-validated)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self, assignments: dict[str, str]) -> "ModelConfig":
+        """Apply ``key=value`` strings (from ``--set``), parsing values by field type."""
+        changes: dict[str, Any] = {}
+        current = self.to_dict()
+        for key, raw in assignments.items():
+            if key not in current:
+                raise ConfigError(f"config field '{key}' is not a model setting.")
+            changes[key] = _parse_value(key, raw, current[key])
+        return self.replace(**changes)
+
+
+def _parse_value(key: str, raw: str, like: Any) -> Any:
+    """Parse a ``--set`` value using the current value's type as the guide."""
+    try:
+        if isinstance(like, bool):
+            if raw.lower() in ("true", "1", "yes"):
+                return True
+            if raw.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(like, list):
+            kind = float if any(isinstance(v, float) for v in like) else int
+            return [kind(p) for p in raw.replace(" ", "").strip("[]()").split(",") if p]
+        if isinstance(like, int):
+            return int(raw)
+        if isinstance(like, float):
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"config field '{key}' cannot take the value '{raw}'.") from None
+
+
+__all__ = ["ModelConfig", "ARCHITECTURES", "OUTPUTS", "VDVAE_LOG_SCALE_FLOOR"]

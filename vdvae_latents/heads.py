@@ -1,0 +1,84 @@
+"""Output heads: map the top-down path's final state to p(x | z).
+
+``MixtureOfLogisticsHead`` is the discretised mixture of logistics (PixelCNN++ style
+RGB coupling) used for 8-bit and 5-bit images; ``BernoulliHead`` is for binary data.
+Both score only the un-padded centre of the image (MNIST is padded 28 -> 32 for the
+network but scored on 28 x 28, as the paper does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import VDVAE_LOG_SCALE_FLOOR, ModelConfig
+from .distributions import softplus_std
+from .likelihoods import bernoulli_log_prob, discretized_mol_log_prob, sample_bernoulli, sample_mol
+
+# Without a bound the log-scale is only kept where exp() stays a normal float32.
+_UNBOUNDED_LOG_SCALE_FLOOR = -80.0
+
+
+def _crop(t: torch.Tensor, pad: int) -> torch.Tensor:
+    return t[..., pad:t.shape[-2] - pad, pad:t.shape[-1] - pad] if pad else t
+
+
+class MixtureOfLogisticsHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, width: int) -> None:
+        super().__init__()
+        self.m, self.c, self.n_bits, self.pad = cfg.n_mixtures, cfg.channels, cfg.n_bits, cfg.pad
+        self.exp_scale = cfg.architecture == "vdvae"
+        self.beta = cfg.output_beta
+        self.floor = VDVAE_LOG_SCALE_FLOOR if cfg.mol_bounded else _UNBOUNDED_LOG_SCALE_FLOOR
+        n_coeffs = 3 if self.c == 3 else 0
+        self.out = nn.Conv2d(width, self.m * (1 + 2 * self.c + n_coeffs), 1)
+
+    def params(self, h: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Split the conv output into the mixture parameters (cropped to the scored region)."""
+        raw = _crop(self.out(h), self.pad).float()
+        b, _, hh, ww = raw.shape
+        m, c = self.m, self.c
+        logits = raw[:, :m]
+        means = raw[:, m:m + m * c].reshape(b, m, c, hh, ww)
+        scale_raw = raw[:, m + m * c:m + 2 * m * c].reshape(b, m, c, hh, ww)
+        if self.exp_scale:
+            scales = torch.exp(scale_raw.clamp(min=self.floor))
+        else:
+            scales = softplus_std(scale_raw, self.beta)
+            scales = scales.clamp(min=math.exp(self.floor))
+        coeffs = torch.tanh(raw[:, m + 2 * m * c:].reshape(b, m, 3, hh, ww)) if c == 3 else None
+        return dict(logit_weights=logits, means=means, scales=scales, coeffs=coeffs)
+
+    def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) in nats per image, x in [-1, 1] (padded like the network input)."""
+        return discretized_mol_log_prob(_crop(x, self.pad).float(), n_bits=self.n_bits, **self.params(h))
+
+    def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """An image in [-1, 1] on the pixel grid (cropped to the scored region)."""
+        return sample_mol(**self.params(h), n_bits=self.n_bits, temperature=temperature,
+                          deterministic=deterministic, generator=generator)
+
+
+class BernoulliHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, width: int) -> None:
+        super().__init__()
+        self.pad = cfg.pad
+        self.out = nn.Conv2d(width, cfg.channels, 1)
+
+    def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x holds binary pixels as -1/1 (the network's input scale); scored as 0/1."""
+        target = (_crop(x, self.pad).float() > 0).float()
+        return bernoulli_log_prob(target, _crop(self.out(h), self.pad).float())
+
+    def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        bits = sample_bernoulli(_crop(self.out(h), self.pad).float(), deterministic=deterministic,
+                                generator=generator)
+        return bits * 2 - 1
+
+
+def make_head(cfg: ModelConfig, width: int) -> nn.Module:
+    return BernoulliHead(cfg, width) if cfg.output == "bernoulli" else MixtureOfLogisticsHead(cfg, width)
