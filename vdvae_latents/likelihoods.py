@@ -166,8 +166,9 @@ def sample_mol(
     if deterministic:
         component = logit_weights.argmax(dim=1)
     else:
-        u = _uniform(logit_weights.shape, generator, device, dtype).clamp_min(torch.finfo(dtype).tiny)
-        component = (logit_weights - torch.log(-torch.log(u))).argmax(dim=1)  # Gumbel-max
+        u = _uniform(logit_weights.shape, generator, device, dtype)
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))  # rand can return 0
+        component = (logit_weights + gumbel).argmax(dim=1)  # Gumbel-max: exact categorical draw
 
     def pick(t: torch.Tensor) -> torch.Tensor:
         """(B, M, K, H, W) -> (B, K, H, W): the chosen component's parameters."""
@@ -211,7 +212,8 @@ def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             "bernoulli_log_prob: x and logits must both be (B, C, H, W) with the same "
             f"shape, got {tuple(x.shape)} and {tuple(logits.shape)}"
         )
-    if not bool(((x == 0) | (x == 1)).all()):
+    # Checked on the CPU only: on an accelerator the check would force a sync every call.
+    if x.device.type == "cpu" and not bool(((x == 0) | (x == 1)).all()):
         raise ValueError("bernoulli_log_prob: x must contain only 0 and 1 (binarise it first)")
     dtype = _working_dtype(x, logits)
     bce = F.binary_cross_entropy_with_logits(logits.to(dtype), x.to(dtype), reduction="none")
@@ -302,7 +304,8 @@ def _check_mol_shapes(
     batch, n_mix, channels, height, width = means.shape
     if scales.shape != means.shape:
         raise ValueError(
-            f"MoL: scales must have the shape of means {tuple(means.shape)}, got {tuple(scales.shape)}"
+            f"MoL: scales must have the shape of means {tuple(means.shape)}, "
+            f"got {tuple(scales.shape)}"
         )
     if logit_weights.shape != (batch, n_mix, height, width):
         raise ValueError(
@@ -311,7 +314,8 @@ def _check_mol_shapes(
         )
     if x is not None and x.shape != (batch, channels, height, width):
         raise ValueError(
-            f"MoL: x must be (B, C, H, W) = {(batch, channels, height, width)}, got {tuple(x.shape)}"
+            f"MoL: x must be (B, C, H, W) = {(batch, channels, height, width)}, "
+            f"got {tuple(x.shape)}"
         )
     if coeffs is not None:
         if channels != 3:
