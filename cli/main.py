@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -93,6 +94,144 @@ def model(
         out.print(f"untrained forward pass on {f['images']} images of '{f['data']}' "
                   f"({f['seconds']:.2f} s): negative ELBO {f['bits_per_dim']:.3f} bits/dim "
                   f"(reconstruction {f['recon_bits_per_dim']:.3f}, KL {f['kl_bits_per_dim']:.4f})")
+
+
+@app.command()
+def train(
+    run_dir: Path = typer.Option(..., "--run-dir", help="Directory for config, checkpoints and metrics; "
+                                 "re-running the same command there resumes."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `vdvl presets`)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A TOML run config instead of --preset."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data spec (default: the config's, or digits)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimisation steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
+    set_: list[str] = typer.Option([], "--set", help="Override: model_field=value or train.setting=value."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final result as JSON."),
+) -> None:
+    """Train (or resume) a model: Adamax, warm-up + cosine, EMA, update skipping, atomic checkpoints.
+
+    Under `torchrun --nproc_per_node N vdvl train ...` it trains with DDP (NCCL on GPUs, gloo on CPUs).
+    Ctrl-C / SIGTERM saves a checkpoint and exits cleanly.
+    """
+    from vdvae_latents.runconfig import resolve_run_config
+    from vdvae_latents.training import train as train_run
+
+    run = resolve_run_config(
+        preset=preset, config_file=config, data=data, overrides=_parse_sets(set_),
+        train_overrides={"steps": steps, "batch_size": batch_size, "lr": lr, "device": device,
+                         "checkpoint_every": checkpoint_every})
+    result = train_run(run_dir, run, quiet=quiet or as_json)
+    summary = {"run_dir": str(result.run_dir), "step": result.step, "skips": result.skips,
+               "interrupted": result.interrupted,
+               "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+               "last_metrics": result.last_metrics, "validation": result.validation}
+    if as_json:
+        _print_json(summary)
+        return
+    state = "interrupted; re-run the same command to resume" if result.interrupted else "done"
+    out.print(f"{state}: step {result.step}, {result.skips} skipped updates, checkpoint {summary['checkpoint']}")
+    if result.validation:
+        v = result.validation
+        out.print(f"validation ({v['images']} images, EMA weights): {_elbo_text(v)}")
+
+
+@app.command("eval")
+def eval_(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    data: str = typer.Option(..., "--data", help="Data spec to evaluate on."),
+    split: str = typer.Option("test", "--split", help="train, val, test or all."),
+    iw: int = typer.Option(0, "--iw", help="Also estimate the NLL by importance weighting with K samples."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+) -> None:
+    """Negative ELBO (reconstruction + KL) with the EMA weights over a whole split."""
+    from vdvae_latents.pipeline import eval_checkpoint
+
+    result = eval_checkpoint(path, data, split=split, iw_samples=iw, batch_size=batch_size, limit=limit,
+                             seed=seed, device=device)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"{result['data']}:{result['split']} ({result['n_images']} images, step {result['step']}): "
+              f"{_elbo_text(result)}")
+    if iw:
+        unit = (f"{result['iw_nats_per_image']:.2f} nats/image" if "iw_nats_per_image" in result
+                else f"{result['iw_bits_per_dim']:.4f} bits/dim")
+        out.print(f"importance-weighted NLL (K={iw}): {unit}")
+
+
+@app.command()
+def sample(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    out_file: Path = typer.Option(..., "--out", help="PNG file for the image grid."),
+    n: int = typer.Option(16, "--n", min=1),
+    temperature: float = typer.Option(1.0, "--temperature", "-t", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Unconditional samples from the prior at a temperature, as a PNG grid."""
+    from vdvae_latents.pipeline import sample_images
+
+    result = sample_images(path, out_file, n=n, temperature=temperature, seed=seed, device=device)
+    _print_json(result) if as_json else out.print(f"wrote {result['n']} samples to {result['out']}")
+
+
+@app.command()
+def reconstruct(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    data: str = typer.Option(..., "--data", help="Images to reconstruct."),
+    out_file: Path = typer.Option(..., "--out", help="PNG file: rows of originals and reconstructions."),
+    n: int = typer.Option(16, "--n", min=1),
+    split: str = typer.Option("test", "--split"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Reconstruct images through the posterior means (originals and reconstructions, row by row)."""
+    from vdvae_latents.pipeline import reconstruct_images
+
+    result = reconstruct_images(path, data, out_file, n=n, split=split, seed=seed, device=device)
+    _print_json(result) if as_json else out.print(f"wrote {result['n']} reconstructions to {result['out']}")
+
+
+@app.command()
+def info(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Describe a run or checkpoint: preset, parameters, step, checkpoints, last metrics."""
+    from vdvae_latents.checkpoints import describe_run
+
+    result = describe_run(path)
+    if as_json:
+        _print_json(result)
+        return
+    for key, value in result.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        out.print(f"[bold]{key}[/bold]: {_fmt(value)}")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _elbo_text(r: dict) -> str:
+    if "nats_per_image" in r:
+        return (f"negative ELBO {r['nats_per_image']:.2f} nats/image (reconstruction "
+                f"{r['recon_nats_per_image']:.2f}, KL {r['kl_nats_per_image']:.2f})")
+    return (f"negative ELBO {r['bits_per_dim']:.4f} bits/dim (reconstruction {r['recon_bits_per_dim']:.4f}, "
+            f"KL {r['kl_bits_per_dim']:.4f})")
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:

@@ -228,7 +228,8 @@ def _parse_value(key: str, raw: str, like: Any) -> Any:
             raise ValueError
         if isinstance(like, list):
             kind = float if any(isinstance(v, float) for v in like) else int
-            return [kind(p) for p in raw.replace(" ", "").strip("[]()").split(",") if p]
+            values = [kind(p) for p in raw.replace(" ", "").strip("[]()").split(",") if p]
+            return values[0] if len(values) == 1 and raw.strip()[:1] not in "[(" else values  # scalar: broadcast
         if isinstance(like, int):
             return int(raw)
         if isinstance(like, float):

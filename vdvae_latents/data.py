@@ -214,6 +214,16 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             self._labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
 
+    @property
+    def images(self) -> torch.Tensor:
+        """All images as one uint8 (N, C, H, W) tensor (index it with a batch of rows)."""
+        return self._images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 (N,), -1 where unknown."""
+        return self._labels
+
     def __len__(self) -> int:
         return int(self._images.shape[0])
 

@@ -1,0 +1,28 @@
+"""Run by tests/test_training.py under torchrun: trains tiny for a few steps with DDP/gloo,
+then each rank writes a digest of the weights it holds itself, so the test can check
+that the ranks stayed in sync."""
+
+import hashlib
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch.distributed as dist
+
+from vdvae_latents.runconfig import resolve_run_config
+from vdvae_latents.training import train
+
+run_dir = Path(sys.argv[1])
+run = resolve_run_config(preset="tiny", data="digits")
+run = replace(run, train=replace(run.train, steps=4, batch_size=16, log_every=2, val_limit=32, warmup_steps=1))
+result = train(run_dir, run, quiet=True)
+rank = dist.get_rank()
+digest = {
+    "model": {k: hashlib.sha256(v.detach().cpu().numpy().tobytes()).hexdigest()
+              for k, v in result.model.state_dict().items()},
+    "ema": {k: hashlib.sha256(v.detach().cpu().numpy().tobytes()).hexdigest() for k, v in result.ema.shadow.items()},
+    "validation": result.validation,
+}
+(run_dir / f"rank{rank}.json").write_text(json.dumps(digest, sort_keys=True))
+dist.destroy_process_group()

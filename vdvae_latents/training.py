@@ -1,0 +1,488 @@
+"""Training: the optimisation loop, EMA, update skipping, checkpoints and resumption.
+
+Reproducibility is by construction: every source of randomness in step ``s`` (the
+data order of its epoch, dynamic binarisation, flips, posterior samples) comes from a
+generator seeded with ``(seed, s, rank)``. So a run that is interrupted and resumed
+from its checkpoint takes exactly the same steps as one that was not, and on the CPU
+ends with bit-identical weights.
+
+Multi-GPU (and multi-process CPU) training runs under ``torchrun``: DDP with NCCL on
+GPUs, gloo on CPUs; rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoints as ckpt
+from .batches import check_images_fit, prepare_batch
+from .data import ImageDataset, load_images
+from .errors import ConfigError
+from .runconfig import RunConfig, dump_toml, load_run_config
+from .vae import VAE
+
+CONFIG_NAME = "config.toml"
+METRICS_NAME = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- environment
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistEnv:
+    """Join the process group torchrun set up (no-op for a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, env: DistEnv) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train setting 'device' is cuda but no CUDA device is available.")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for everything random in one step on one rank."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    return g
+
+
+# ----------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of the weights (the weights used for evaluation).
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) over the n updates so far, so
+    that a short run's EMA is not stuck near the initial weights (with 0.9999 the
+    average would need ~10k updates to forget them).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
+        state = model.state_dict()
+        floats = [(self.shadow[k], v) for k, v in state.items() if v.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [b.detach() for _, b in floats], 1.0 - decay)
+        for k, v in state.items():
+            if not v.dtype.is_floating_point:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    kind = {"adamax": torch.optim.Adamax, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.optimizer]
+    return kind(model.parameters(), **kwargs)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    skips: int
+    interrupted: bool
+    checkpoint: Path | None
+    last_metrics: dict = field(default_factory=dict)
+    validation: dict | None = None
+    model: VAE | None = field(default=None, repr=False)   # the trained (raw, not EMA) model
+    ema: "EMA | None" = field(default=None, repr=False)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.signal = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.stop, self.signal = True, signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_after: int | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir``. Returns when ``run.train.steps`` are done,
+    after ``stop_after`` more steps (tests), or on SIGINT/SIGTERM — always with a checkpoint.
+    """
+    tcfg, mcfg = run.train, run.model
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory '{run_dir}' is a file, not a directory.")
+    device_type = "cuda" if (tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+    env = init_distributed(device_type)
+    device = pick_device(tcfg.device, env)
+    if tcfg.batch_size % env.world_size:
+        raise ConfigError(f"train setting 'batch_size' ({tcfg.batch_size}) must divide evenly across "
+                          f"{env.world_size} processes.")
+    local_batch = tcfg.batch_size // env.world_size
+
+    # --- data
+    train_set = load_images(run.data, split="train", seed=tcfg.seed)
+    check_images_fit(mcfg, train_set.shape, run.data)
+    dataset = ImageDataset(train_set)
+    n_images = len(dataset)
+    if n_images < tcfg.batch_size:
+        raise ConfigError(f"train setting 'batch_size' ({tcfg.batch_size}) exceeds the {n_images} training images "
+                          f"of '{run.data}'.")
+    batches_per_epoch = n_images // tcfg.batch_size  # the last partial batch of an epoch is dropped
+
+    # --- model, optimiser, EMA (same init on every rank: seeded)
+    torch.manual_seed(tcfg.seed)
+    model = VAE(mcfg)
+    ema = EMA(model, tcfg.ema_decay)
+    model.to(device)
+    ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if tcfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, tcfg)
+
+    # --- resume
+    start_step, skips = 0, 0
+    latest = ckpt.latest_checkpoint(run_dir) if run_dir.exists() else None
+    config_path = run_dir / CONFIG_NAME
+    if latest is not None or config_path.exists():
+        previous = load_run_config(config_path) if config_path.exists() else None
+        if latest is not None:
+            payload = ckpt.load_checkpoint(latest, map_location=device)
+            saved = RunConfig.from_dict({"model": payload["model_config"], "train": payload["train_config"],
+                                         "data": payload.get("data", run.data)})
+            previous = saved
+        problems = run.incompatibilities(previous) if previous is not None else []
+        if problems:
+            raise ConfigError(f"run directory '{run_dir}' holds a different run and cannot be resumed: "
+                              f"{problems[0]}.")
+        if latest is not None:
+            model.load_state_dict(payload["model"])
+            ema.load_state_dict(payload["ema"])
+            ema.updates = int(payload.get("ema_updates", 0))
+            optimizer.load_state_dict(payload["optimizer"])
+            start_step, skips = int(payload["step"]), int(payload.get("skips", 0))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(config_path, dump_toml(run.to_dict()))
+
+    net: torch.nn.Module = model
+    if env.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tcfg.compile and device.type == "cuda":
+        net = torch.compile(net)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tcfg.bf16
+                else contextlib.nullcontext())
+    logger = _MetricsLogger(run_dir, enabled=env.is_main)
+    progress = _Progress(total=tcfg.steps, start=start_step, quiet=quiet or not env.is_main)
+    window = _Window()
+    step = start_step
+    last_ckpt: Path | None = latest
+    end = tcfg.steps if stop_after is None else min(tcfg.steps, start_step + stop_after)
+    interrupted = False
+
+    with _StopFlag() as flag:
+        perm, perm_epoch = None, -1
+        while step < end:
+            epoch, offset = divmod(step, batches_per_epoch)
+            if epoch != perm_epoch:  # the epoch's order depends only on (seed, epoch)
+                perm = torch.randperm(n_images, generator=step_generator(tcfg.seed, -1 - epoch, 0))
+                perm_epoch = epoch
+            rows = perm[offset * tcfg.batch_size:(offset + 1) * tcfg.batch_size]
+            rows = rows[env.rank * local_batch:(env.rank + 1) * local_batch]
+            g = step_generator(tcfg.seed, step, env.rank)
+            images = dataset.images[rows]
+            if tcfg.flip:
+                flip = torch.rand(len(images), generator=g) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            x = prepare_batch(mcfg, images, dynamic_binarize=True, generator=g, device=device)
+            if device.type == "cuda" and tcfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = tcfg.lr_at(step)
+            with autocast:
+                out = net(x, generator=step_generator(tcfg.seed, step, env.rank, device))
+            nll, kl = out.nll.float(), out.kl_per_image.float()
+            beta = tcfg.kl_weight_at(step)
+            loss = (nll + beta * kl).mean() / mcfg.dims_per_image
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            skip = not math.isfinite(grad_norm) or (tcfg.grad_skip_threshold > 0 and grad_norm >= tcfg.grad_skip_threshold)
+            if skip:
+                skips += 1  # grads are all-reduced, so every rank takes the same decision
+            else:
+                optimizer.step()
+                ema.update(model)
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            window.add(nll=nll.mean().item(), kl=kl.mean().item(), grad_norm=grad_norm, seconds=dt,
+                       images=tcfg.batch_size)
+
+            stop_now = flag.stop
+            if env.world_size > 1:  # all ranks stop together when any rank was signalled
+                t = torch.tensor([1.0 if stop_now else 0.0], device=device)
+                dist.all_reduce(t)
+                stop_now = bool(t.item() > 0)
+
+            if step % tcfg.log_every == 0 or step == end or stop_now:
+                metrics = window.flush(step=step, lr=tcfg.lr_at(step - 1), skips=skips, dims=mcfg.dims_per_image,
+                                       binary=mcfg.output == "bernoulli", epoch=epoch)
+                logger.log(metrics)
+                progress.update(step, metrics)
+            else:
+                metrics = None
+                progress.update(step, None)
+            if on_step:
+                on_step(step, metrics)
+            if step % tcfg.checkpoint_every == 0 or step == end or stop_now:
+                last_ckpt = _save(run_dir, env, run, model, ema, optimizer, step, skips, batches_per_epoch)
+            if stop_now:
+                interrupted = True
+                break
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step != end:
+                logger.log({"step": step, "validation": validate(model, ema, run, env, device)})
+    progress.close()
+
+    validation = None
+    if not interrupted and step >= tcfg.steps and tcfg.steps > start_step:
+        validation = validate(model, ema, run, env, device)
+        logger.log({"step": step, "validation": validation})
+    logger.close()
+    return TrainResult(run_dir, step, skips, interrupted, last_ckpt, window.last, validation, model, ema)
+
+
+def _save(run_dir, env, run, model, ema, optimizer, step, skips, batches_per_epoch) -> Path | None:
+    path = None
+    if env.is_main:
+        payload = {
+            "step": step,
+            "preset": run.preset,
+            "data": run.data,
+            "model_config": run.model.to_dict(),
+            "train_config": asdict(run.train),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+            "optimizer": _to_cpu(optimizer.state_dict()),
+            "scheduler": {"kind": "warmup-cosine", "step": step},
+            "rng": {"torch": torch.get_rng_state()},
+            "data_position": {"epoch": step // batches_per_epoch, "batch": step % batches_per_epoch,
+                              "batches_per_epoch": batches_per_epoch},
+            "skips": skips,
+            "ema_updates": ema.updates,
+            "world_size": env.world_size,
+        }
+        path = ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, step), payload)
+        ckpt.prune_checkpoints(run_dir, run.train.keep_checkpoints)
+    if env.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+@torch.no_grad()
+def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.device) -> dict:
+    """Negative ELBO on the val split with the EMA weights, summed exactly over all ranks."""
+    from .evaluate import evaluate
+
+    val = load_images(run.data, split="val", seed=run.train.seed,
+                      limit=run.train.val_limit or None)
+    shard = val.images[env.rank::env.world_size]
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema.state_dict())
+    try:
+        result = evaluate(model, shard, batch_size=max(1, run.train.batch_size), seed=run.train.seed + env.rank,
+                          device=device)
+    finally:
+        model.load_state_dict(backup)
+        model.train()
+    sums = torch.tensor([result.nll_nats * result.n_images, result.kl_nats * result.n_images, result.n_images],
+                        dtype=torch.float64, device=device)
+    if env.world_size > 1:
+        dist.all_reduce(sums)
+    nll, kl, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), int(sums[2].item())
+    d = run.model.dims_per_image
+    out = {"images": n, "bits_per_dim": (nll + kl) / d / math.log(2), "recon_bits_per_dim": nll / d / math.log(2),
+           "kl_bits_per_dim": kl / d / math.log(2)}
+    if run.model.output == "bernoulli":
+        out.update(nats_per_image=nll + kl, recon_nats_per_image=nll, kl_nats_per_image=kl)
+    return out
+
+
+# ----------------------------------------------------------------------------- logging
+class _Window:
+    """Averages the per-step numbers between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+        self.last: dict = {}
+
+    def reset(self) -> None:
+        self.n, self.nll, self.kl, self.gn, self.seconds, self.images = 0, 0.0, 0.0, 0.0, 0.0, 0
+
+    def add(self, *, nll, kl, grad_norm, seconds, images) -> None:
+        self.n += 1
+        self.nll += nll
+        self.kl += kl
+        self.gn = max(self.gn, grad_norm) if math.isfinite(grad_norm) else float("nan")
+        self.seconds += seconds
+        self.images += images
+
+    def flush(self, *, step, lr, skips, dims, binary, epoch) -> dict:
+        n = max(self.n, 1)
+        nll, kl = self.nll / n, self.kl / n
+        ln2 = math.log(2)
+        m = {"step": step, "epoch": epoch, "loss": (nll + kl) / dims, "nats_per_dim": (nll + kl) / dims,
+             "bits_per_dim": (nll + kl) / dims / ln2, "recon_bits_per_dim": nll / dims / ln2,
+             "kl_bits_per_dim": kl / dims / ln2, "grad_norm": self.gn, "lr": lr, "skips": skips,
+             "images_per_s": self.images / self.seconds if self.seconds > 0 else 0.0, "time": time.time()}
+        if binary:
+            m.update(nats_per_image=nll + kl, recon_nats_per_image=nll, kl_nats_per_image=kl)
+        self.last = m
+        self.reset()
+        return m
+
+
+class _MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / METRICS_NAME, "a", encoding="utf-8")
+        try:  # TensorBoard events when tensorboard is installed; never required
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:
+            self.tb = None
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics, allow_nan=True) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            prefix = "val/" if "validation" in metrics else "train/"
+            flat = metrics.get("validation", metrics)
+            for k, v in flat.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(prefix + k, v, metrics["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class _Progress:
+    """A rich progress bar on a terminal, plain log lines otherwise, nothing with quiet."""
+
+    def __init__(self, total: int, start: int, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        if quiet:
+            return
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, metrics: dict | None) -> None:
+        if self.quiet:
+            return
+        info = None
+        if metrics is not None:
+            info = (f"loss {metrics['loss']:.4f}  {metrics['bits_per_dim']:.3f} bits/dim  "
+                    f"skips {metrics['skips']}  {metrics['images_per_s']:.0f} img/s")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+        elif info:
+            print(f"step {step}: {info}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
