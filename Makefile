@@ -2,10 +2,12 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 # CPU build by default (ships on the dev/CI machines; a plain `torch` pulls a multi-GB CUDA build).
-# On a GPU machine:  make install TORCH_SPEC=torch   (or torch==2.13.0 with your CUDA index)
+# On a GPU machine:  make install TORCH_SPEC=torch   (or a CUDA build from your index)
 TORCH_SPEC  ?= torch==2.13.0
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
+QS          ?= quickstart-out
+QS_STEPS    ?= 1500
 
 .PHONY: install quickstart test bench clean
 
@@ -20,8 +22,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Trains the CPU `tiny` preset on scikit-learn's bundled digits (no download), evaluates it,
+# writes samples and reconstructions. Re-running resumes/reuses the run in $(QS)/run.
 quickstart: $(STAMP)
-	$(BIN)/python -m examples.quickstart
+	$(BIN)/vdvl presets
+	$(BIN)/vdvl model --preset tiny --data digits
+	$(BIN)/vdvl train --preset tiny --data digits --run-dir $(QS)/run --steps $(QS_STEPS) --set train.log_every=100
+	$(BIN)/vdvl eval $(QS)/run --data digits --split test --iw 16
+	$(BIN)/vdvl sample $(QS)/run --n 64 --temperature 0.9 --out $(QS)/samples.png
+	$(BIN)/vdvl reconstruct $(QS)/run --data digits --split test --n 32 --out $(QS)/reconstructions.png
+	@echo
+	@echo "quickstart outputs in $(QS)/: run/ (config.toml, checkpoints/, metrics.jsonl), samples.png, reconstructions.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
@@ -30,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) .quickstart
+	rm -rf $(VENV) $(QS)

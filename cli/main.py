@@ -215,6 +215,8 @@ def info(
         _print_json(result)
         return
     for key, value in result.items():
+        if key in ("model_config", "train_config"):
+            continue  # long; shown with --json
         if isinstance(value, dict):
             value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
         elif isinstance(value, list):
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         # Usage errors (unknown option, bad value) come from typer's bundled click; they
         # carry exit_code 2 and a one-line format_message(). Matched by shape, not class,
         # so the CLI works with typer versions that bundle click and those that import it.
+        if type(err).__name__ == "NoArgsIsHelpError":
+            return 0  # `vdvl` alone: the help was printed, nothing went wrong
         if getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message"):
             ctx = getattr(err, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else "vdvl: "

@@ -17,7 +17,6 @@ from vdvae_latents.config import ModelConfig
 from vdvae_latents.presets import get_preset
 from vdvae_latents.vae import VAE
 
-torch.set_num_threads(2)
 
 CONFIGS = {
     "efficient-mol-gray": get_preset("tiny").config,
@@ -35,6 +34,16 @@ CONFIGS = {
                                            bottleneck=0.5, variates=2),
 }
 NAMES = list(CONFIGS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine can spin
+    for minutes. Restored afterwards so other test modules keep their setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> VAE:
