@@ -224,6 +224,65 @@ def info(
         out.print(f"[bold]{key}[/bold]: {_fmt(value)}")
 
 
+@app.command("analyze-kl")
+def analyze_kl(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    data: str = typer.Option(..., "--data", help="Data spec whose split is analysed."),
+    out_file: Path = typer.Option(..., "--out", help="ACTIVE.json to write (a .npz sidecar when large)."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="Keep the top P% by average KL: 3% or 0.03."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep dims with average KL > T nats."),
+    split: str = typer.Option("train", "--split", help="Split the statistics are computed on."),
+    granularity: str = typer.Option("variate", "--granularity", help="variate (the paper's unit) or element."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images (default: all)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: log10 KL histogram and cumulative KL share."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="Pruning sweep on the test split, e.g. 2.5,3,4,5,7,100."),
+    sweep_split: str = typer.Option("test", "--sweep-split"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Rank every latent dimension by its average KL over a split; choose and save the active set."""
+    from vdvae_latents.pipeline import analyze_checkpoint
+    from vdvae_latents.pruning import parse_sweep
+
+    sweep_values = parse_sweep(sweep) if sweep else None
+    result = analyze_checkpoint(path, data, out=out_file, keep=keep, threshold=threshold, split=split,
+                                granularity=granularity, limit=limit, plot=plot, sweep=sweep_values,
+                                sweep_split=sweep_split, batch_size=batch_size, seed=seed, device=device)
+    if as_json:
+        _print_json({k: v for k, v in result.items()})
+        return
+    rule = (f"top {result['value'] * 100:g}%" if result["rule"] == "keep" else f"average KL > {result['value']:g} nats")
+    out.print(f"{result['n_dims']:,} {result['granularity']} dimensions over {result['n_images']:,} images "
+              f"of {data}:{split}; rule: {rule}")
+    out.print(f"active: {result['n_active']:,} ({result['pct_active']:.2f}%) carrying "
+              f"{result['kl_share_active'] * 100:.2f}% of the total average KL ({result['total_avg_kl_nats']:.2f} nats); "
+              f"Burda active units (Var > 0.01): {result['n_au_active']:,}, of which {result['n_au_active_in_set']:,} "
+              f"in the set")
+    table = Table(title="active dimensions per resolution")
+    for col in ("resolution", "layers", "dims", "active", "KL nats", "AU active"):
+        table.add_column(col, justify="right")
+    for r in result["resolutions"]:
+        table.add_row(f"{r['resolution']}x{r['resolution']}", str(r["layers"]), f"{r['dims']:,}",
+                      f"{r['active']:,}", f"{r['kl_nats']:.3f}", f"{r['au_active']:,}")
+    out.print(table)
+    if "sweep" in result:
+        binary = "nats_per_image" in result["sweep"]["rows"][0]
+        unit = "nats/image" if binary else "bits/dim"
+        t = Table(title=f"pruning sweep on {data}:{result['sweep']['split']} ({result['sweep']['n_images']:,} images, "
+                        f"{unit})")
+        for col in ("% kept", "dims", "neg. ELBO", "recon", "KL", "float16 bytes", "float32 bytes"):
+            t.add_column(col, justify="right")
+        for r in result["sweep"]["rows"]:
+            e, rc, k = ((r["nats_per_image"], r["recon_nats_per_image"], r["kl_nats_per_image"]) if binary else
+                        (r["bits_per_dim"], r["recon_bits_per_dim"], r["kl_bits_per_dim"]))
+            t.add_row(f"{r['keep_pct']:g}", f"{r['n_active']:,}", f"{e:.4f}", f"{rc:.4f}", f"{k:.4f}",
+                      f"{r['encoded_bytes_float16']:,}", f"{r['encoded_bytes_float32']:,}")
+        out.print(t)
+    out.print(f"wrote {result['out']}" + (f" and {result['plot']}" if result.get("plot") else ""))
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 

@@ -91,3 +91,72 @@ def _interleave_rows(a: np.ndarray, b: np.ndarray, ncols: int) -> np.ndarray:
                 chunk = np.concatenate([chunk, np.zeros((ncols - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             rows.append(chunk)
     return np.concatenate(rows)
+
+
+def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: str | float | None = None,
+                       threshold: float | None = None, split: str = "train", granularity: str = "variate",
+                       limit: int | None = None, plot: str | Path | None = None, sweep: list[float] | None = None,
+                       sweep_split: str = "test", batch_size: int = 256, seed: int = 0, device: str = "auto",
+                       progress=None) -> dict:
+    """Rank every latent dimension by its average KL over a split and choose the active set.
+
+    Writes ``out`` (ACTIVE.json), optionally a figure and a pruning sweep on ``sweep_split``.
+    Under torchrun each process scores a shard of the split and the sums are reduced;
+    process 0 writes the outputs.
+    """
+    import torch.distributed as dist
+
+    from .checkpoints import file_sha256, resolve_checkpoint
+    from .kl_analysis import GRANULARITIES, LatentKL, build_active_set, parse_keep
+    from .pruning import plot_kl, pruning_sweep
+
+    if (keep is None) == (threshold is None):
+        raise UserError("give exactly one of --keep or --threshold.")
+    if granularity not in GRANULARITIES:
+        raise UserError(f"--granularity must be variate or element, not '{granularity}'.")
+    keep_fraction = parse_keep(keep) if keep is not None else None
+    dev = auto_device(device)
+    distributed = _maybe_init_distributed(dev)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed and dev.type == "cuda":
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    ckpt_path = resolve_checkpoint(path)
+    model, info = load_model(ckpt_path, ema=True, device=dev)
+    images = load_images(data, split=split, limit=limit)
+    check_images_fit(model.cfg, images.shape, data)
+    start = time.perf_counter()
+    stats = LatentKL(batch_size=batch_size, seed=seed + rank, device=dev).fit(
+        model, images.images[rank::world], progress=progress)
+    active = build_active_set(stats, granularity=granularity, keep=keep_fraction, threshold=threshold,
+                              data=data, split=split, checkpoint=str(ckpt_path),
+                              checkpoint_sha256=file_sha256(ckpt_path))
+    result = {"checkpoint": str(ckpt_path), "step": info["step"], "out": str(out), "seconds": 0.0,
+              **active.summary()}
+    if rank == 0:
+        if sweep:
+            test = load_images(data, split=sweep_split, limit=limit)
+            check_images_fit(model.cfg, test.shape, data)
+            rows = pruning_sweep(model, test.images, active, sweep, batch_size=batch_size, seed=seed, device=dev)
+            result["sweep"] = {"split": sweep_split, "n_images": len(test), "rows": rows}
+            active.extra["sweep"] = result["sweep"]
+        active.save(out)
+        if plot:
+            plot_kl(active, plot, title=f"{Path(str(ckpt_path)).name} on {data}:{split}")
+            result["plot"] = str(plot)
+    if distributed:
+        dist.barrier()
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _maybe_init_distributed(dev: torch.device) -> bool:
+    """Join torchrun's process group when launched with several processes."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return True
