@@ -154,8 +154,9 @@ def eval_(
     """Negative ELBO (reconstruction + KL) with the EMA weights over a whole split."""
     from vdvae_latents.pipeline import eval_checkpoint
 
-    result = eval_checkpoint(path, data, split=split, iw_samples=iw, batch_size=batch_size, limit=limit,
-                             seed=seed, device=device)
+    with _progress("eval", as_json) as tick:
+        result = eval_checkpoint(path, data, split=split, iw_samples=iw, batch_size=batch_size, limit=limit,
+                                 seed=seed, device=device, progress=tick)
     if as_json:
         _print_json(result)
         return
@@ -247,9 +248,11 @@ def analyze_kl(
     from vdvae_latents.pruning import parse_sweep
 
     sweep_values = parse_sweep(sweep) if sweep else None
-    result = analyze_checkpoint(path, data, out=out_file, keep=keep, threshold=threshold, split=split,
-                                granularity=granularity, limit=limit, plot=plot, sweep=sweep_values,
-                                sweep_split=sweep_split, batch_size=batch_size, seed=seed, device=device)
+    with _progress("analyze-kl", as_json) as tick:
+        result = analyze_checkpoint(path, data, out=out_file, keep=keep, threshold=threshold, split=split,
+                                    granularity=granularity, limit=limit, plot=plot, sweep=sweep_values,
+                                    sweep_split=sweep_split, batch_size=batch_size, seed=seed, device=device,
+                                    progress=tick)
     if as_json:
         _print_json({k: v for k, v in result.items()})
         return
@@ -281,6 +284,88 @@ def analyze_kl(
                       f"{r['encoded_bytes_float16']:,}", f"{r['encoded_bytes_float32']:,}")
         out.print(t)
     out.print(f"wrote {result['out']}" + (f" and {result['plot']}" if result.get("plot") else ""))
+
+
+@app.command()
+def encode(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    data: str = typer.Option(..., "--data", help="Data spec to encode."),
+    out_file: Path = typer.Option(..., "--out", help="STORE.zarr (default format) or STORE.h5."),
+    split: str = typer.Option("test", "--split"),
+    keep: Optional[str] = typer.Option(None, "--keep", help="Keep the top P% by average KL (ranked on the train split)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep dims with average KL > T nats."),
+    active: Optional[Path] = typer.Option(None, "--active", help="Reuse an ACTIVE.json from `vdvl analyze-kl`."),
+    stat: str = typer.Option("mean", "--stat", help="mean (deterministic), sample, or mean+std."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32."),
+    granularity: str = typer.Option("variate", "--granularity", help="With --keep/--threshold: variate or element."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    chunk_rows: int = typer.Option(1024, "--chunk-rows", min=1, help="Rows per store chunk (the resume unit)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted store (writes only missing chunks)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Write the active dimensions of every image of a split to a Zarr or HDF5 store."""
+    from vdvae_latents.encode_job import encode_to_store
+
+    with _progress("encode", quiet or as_json) as tick:
+        result = encode_to_store(path, data, out_file, split=split, keep=keep, threshold=threshold,
+                                 active_file=active, statistic=stat, dtype=dtype, batch_size=batch_size,
+                                 chunk_rows=chunk_rows, resume=resume, overwrite=overwrite,
+                                 granularity=granularity, seed=seed, device=device, progress=tick)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"{result['store']}: {result['rows']:,} rows x {result['features']:,} features "
+              f"({result['dims_kept']:,} of {result['dims_total']:,} dims, {result['kl_share_kept'] * 100:.1f}% of the KL), "
+              f"{result['statistic']}, {result['dtype']}")
+    out.print(f"size on disk {result['bytes_on_disk']:,} B; full latents {result['full_latents_bytes']:,} B "
+              f"({result['full_latents_bytes'] / max(result['bytes_on_disk'], 1):.1f}x larger); raw pixels "
+              f"{result['raw_pixel_bytes']:,} B; {result['images_per_s']:.0f} images/s")
+
+
+@app.command()
+def decode(
+    store: Path = typer.Argument(..., help="A store written by `vdvl encode`."),
+    out_file: Path = typer.Option(..., "--out", help="PNG file for the decoded images."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (default: the one recorded in the store)."),
+    rows: str = typer.Option("0:16", "--rows", help="Rows to decode, start:stop."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: pruned dims at the prior mean; "
+                                      "T > 0: a prior sample at temperature T."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Rebuild images from stored active dimensions (pruned dimensions from the prior)."""
+    from vdvae_latents.encode_job import decode_store
+
+    result = decode_store(store, out_file, ckpt=ckpt, rows=rows, temperature=temperature, seed=seed, device=device)
+    _print_json(result) if as_json else out.print(
+        f"decoded rows {result['rows'][0]}:{result['rows'][1]} of {result['store']} to {result['out']}")
+
+
+class _progress:
+    """A rich progress bar over images on a terminal (nothing otherwise); yields a tick(n) callback."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label, self.quiet, self.bar = label, quiet or not sys.stderr.isatty(), None
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn(self.label), BarColumn(), TextColumn("{task.completed} images"),
+                            TimeElapsedColumn(), console=Console(stderr=True))
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=None)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _fmt(v) -> str:

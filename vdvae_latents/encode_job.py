@@ -1,0 +1,218 @@
+"""`vdvl encode` and `vdvl decode` as library calls.
+
+encode: checkpoint + data split + active set -> a Zarr/HDF5 store of the active
+dimensions, written chunk by chunk (resumable; under torchrun, ranks write disjoint
+chunks of one Zarr store). decode: store rows -> images through the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .batches import check_images_fit, prepare_batch
+from .checkpoints import file_sha256, load_model, resolve_checkpoint
+from .data import load_images
+from .encoding import STATISTICS, Encoder
+from .errors import UserError
+from .images import save_grid, to_uint8
+from .kl_analysis import ActiveSet, LatentKL, build_active_set, parse_keep
+from .pipeline import _maybe_init_distributed, auto_device
+from .stores import StoreWriter, open_encodings, store_format
+
+DTYPES = {"float16": 2, "float32": 4}
+
+
+def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str = "test",
+                    keep: str | float | None = None, threshold: float | None = None,
+                    active_file: str | Path | None = None, statistic: str = "mean", dtype: str = "float16",
+                    batch_size: int = 256, chunk_rows: int = 1024, resume: bool = False, overwrite: bool = False,
+                    granularity: str = "variate", kl_split: str = "train", kl_limit: int | None = None,
+                    seed: int = 0, device: str = "auto", progress=None) -> dict:
+    """Encode ``data:split`` into a store at ``out``. Returns the numbers `vdvl encode` prints."""
+    rules = sum(x is not None for x in (keep, threshold, active_file))
+    if rules != 1:
+        raise UserError("give exactly one of --keep, --threshold or --active.")
+    if statistic not in STATISTICS:
+        raise UserError(f"--stat must be one of {', '.join(STATISTICS)}, not '{statistic}'.")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be float16 or float32, not '{dtype}'.")
+    if resume and overwrite:
+        raise UserError("give at most one of --resume and --overwrite.")
+    out = Path(out)
+    fmt = store_format(out)
+    dev = auto_device(device)
+    distributed = _maybe_init_distributed(dev)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed and dev.type == "cuda":
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    ckpt_path = resolve_checkpoint(path)
+    sha = file_sha256(ckpt_path)
+    model, info = load_model(ckpt_path, ema=True, device=dev)
+    images = load_images(data, split=split)
+    check_images_fit(model.cfg, images.shape, data)
+    if out.exists() and not (resume or overwrite):
+        raise UserError(f"store '{out}' exists; use --resume to finish it or --overwrite to replace it.")
+
+    # ---- the active set: reuse a saved one, or rank the dimensions on the KL split now
+    if active_file is not None:
+        active = ActiveSet.load(active_file)
+        if active.checkpoint_sha256 and active.checkpoint_sha256 != sha:
+            raise UserError(f"active set '{active_file}' was computed for another checkpoint "
+                            f"(sha256 {active.checkpoint_sha256[:12]}..., this one is {sha[:12]}...).")
+    else:
+        kl_images = load_images(data, split=kl_split, limit=kl_limit)
+        check_images_fit(model.cfg, kl_images.shape, data)
+        stats = LatentKL(batch_size=batch_size, seed=seed + rank, device=dev).fit(model, kl_images.images[rank::world])
+        active = build_active_set(stats, granularity=granularity,
+                                  keep=parse_keep(keep) if keep is not None else None, threshold=threshold,
+                                  data=data, split=kl_split, checkpoint=str(ckpt_path), checkpoint_sha256=sha)
+    encoder = Encoder(model, active, statistic=statistic)
+    summary = active.summary()
+    attrs = {
+        "checkpoint_sha256": sha, "checkpoint": str(ckpt_path), "checkpoint_step": info["step"],
+        "model_config": model.cfg.to_dict(), "data": data, "split": split, "granularity": active.granularity,
+        "selection_rule": active.rule, "selection_value": active.value, "kl_split": active.split,
+        "kl_images": active.n_images, "statistic": statistic, "dtype": dtype,
+        "n_dims_total": active.n_dims, "n_dims_kept": active.n_active,
+        "n_latent_scalars_total": active.total_scalars_per_image(), "n_features": encoder.n_features,
+        "kl_share_kept": summary["kl_share_active"], "seed": seed,
+    }
+    identity = {k: attrs[k] for k in ("checkpoint_sha256", "data", "split", "granularity", "selection_rule",
+                                      "selection_value", "statistic", "dtype", "n_features")}
+    n = len(images)
+    # ---- create (rank 0) or re-open the store
+    if rank == 0:
+        if resume and out.exists():
+            writer = StoreWriter.open(out, expect_attrs=identity)
+        else:
+            writer = StoreWriter.create(out, n_rows=n, dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
+                                        with_std=statistic == "mean+std", has_labels=images.labels is not None,
+                                        chunk_rows=chunk_rows, overwrite=overwrite)
+            if active_file is None:
+                active.save(_active_path(out))
+    if distributed:
+        dist.barrier()
+    parallel = distributed and fmt == "zarr"  # HDF5 has one writer: rank 0
+    if rank != 0:
+        writer = StoreWriter.open(out, expect_attrs=identity) if parallel else None
+    start = time.perf_counter()
+    written_rows = 0
+    if writer is not None:
+        mine = [i for i in writer.missing_chunks() if not parallel or i % world == rank]
+        labels = images.labels
+        for i in mine:
+            lo, hi = writer.chunk_range(i)
+            feats, stds = [], []
+            # Seeded per chunk so a resumed run draws exactly what an uninterrupted one would.
+            g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
+            for b in range(lo, hi, batch_size):
+                x = prepare_batch(model.cfg, images.images[b:min(hi, b + batch_size)], device=dev)
+                f, s = encoder.encode(x, generator=g)
+                feats.append(f.cpu().numpy())
+                if s is not None:
+                    stds.append(s.cpu().numpy())
+                if progress is not None:
+                    progress(len(x))
+            writer.write_chunk(i, np.concatenate(feats), features_std=np.concatenate(stds) if stds else None,
+                               labels=None if labels is None else labels[lo:hi], sample_index=np.arange(lo, hi))
+            written_rows += hi - lo
+    if distributed:
+        dist.barrier()
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        writer.finalize()
+    elif writer is not None:
+        writer.close()
+    if distributed:
+        dist.barrier()
+    item = DTYPES[dtype]
+    c, s = model.cfg.channels, model.cfg.loss_size
+    return {
+        "store": str(out), "format": fmt, "rows": n, "features": encoder.n_features, "dims_kept": active.n_active,
+        "dims_total": active.n_dims, "kl_share_kept": summary["kl_share_active"], "statistic": statistic,
+        "dtype": dtype, "bytes_on_disk": _disk_bytes(out),
+        "full_latents_bytes": n * active.total_scalars_per_image() * item,
+        "raw_pixel_bytes": n * c * s * s, "rows_written": written_rows, "seconds": seconds,
+        "images_per_s": written_rows / seconds if seconds > 0 else 0.0,
+    }
+
+
+def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None = None, rows: str = "0:16",
+                 temperature: float = 0.0, seed: int = 0, device: str = "auto") -> dict:
+    """Rebuild images from stored rows (pruned dims from the prior) and save them as a grid."""
+    if temperature < 0:
+        raise UserError(f"--temperature must be non-negative, not {temperature}.")
+    enc = open_encodings(store)
+    try:
+        attrs = enc.attrs
+        n = enc.features.shape[0]
+        lo, hi = _parse_rows(rows, n)
+        ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
+        sha = file_sha256(ckpt_path)
+        if sha != attrs.get("checkpoint_sha256"):
+            raise UserError(f"checkpoint '{ckpt_path}' is not the one store '{store}' was encoded with "
+                            "(sha256 differs).")
+        dev = auto_device(device)
+        model, _ = load_model(ckpt_path, ema=True, device=dev)
+        active = _active_from_store(enc, model)
+        encoder = Encoder(model, active, statistic="mean")
+        stored_cols = np.stack([np.asarray(enc.dims[k]) for k in ("layer", "variate", "y", "x")], 1)
+        mine = np.stack([getattr(encoder.columns, k) for k in ("layer", "variate", "y", "x")], 1)
+        if stored_cols.shape != mine.shape or not np.array_equal(stored_cols, mine):
+            raise UserError(f"store '{store}' has columns that do not match its own dims table.")
+        features = torch.from_numpy(np.asarray(enc.features[lo:hi], dtype=np.float32)).to(dev)
+        g = torch.Generator(device=dev).manual_seed(seed)
+        images = encoder.decode(features, temperature=temperature, generator=g)
+    finally:
+        enc.close()
+    bits = model.cfg.n_bits if model.cfg.output == "mol" else 8
+    written = save_grid(out, to_uint8(images, bits))
+    return {"store": str(store), "out": str(written), "rows": [lo, hi], "checkpoint": str(ckpt_path),
+            "temperature": temperature}
+
+
+def _active_from_store(enc, model) -> ActiveSet:
+    """Rebuild the active set (which dims are kept) from a store's dims table."""
+    from .kl_analysis import DimTable
+
+    shapes = model.cfg.layer_shapes()
+    layer = np.asarray(enc.dims["layer"])
+    variate = np.asarray(enc.dims["variate"])
+    y, x = np.asarray(enc.dims["y"]), np.asarray(enc.dims["x"])
+    kl = np.asarray(enc.dims["avg_kl"], dtype=np.float64)
+    # Element-level table of the stored columns is enough to rebuild the masks exactly.
+    table = DimTable(layer=layer.astype(np.int32), variate=variate.astype(np.int32), y=y.astype(np.int32),
+                     x=x.astype(np.int32), resolution=np.array([shapes[k][1] for k in layer], dtype=np.int32),
+                     avg_kl=kl, active_units=np.zeros(len(layer)))
+    return ActiveSet(granularity="element", table=table, selected=np.arange(len(layer)), rule="stored",
+                     value=float("nan"), layer_shapes=shapes, n_images=int(enc.attrs.get("kl_images", 0)))
+
+
+def _parse_rows(text: str, n: int) -> tuple[int, int]:
+    try:
+        a, _, b = str(text).partition(":")
+        lo = int(a) if a.strip() else 0
+        hi = int(b) if b.strip() else n
+    except ValueError:
+        raise UserError(f"--rows must look like 0:16, not '{text}'.") from None
+    if not 0 <= lo < hi <= n:
+        raise UserError(f"--rows {text} is out of range: the store has {n} rows.")
+    return lo, hi
+
+
+def _active_path(store: Path) -> Path:
+    return store.with_name(store.name.rsplit(".", 1)[0] + ".active.json")
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+__all__ = ["encode_to_store", "decode_store"]
