@@ -368,6 +368,71 @@ class _progress:
             self.bar.stop()
 
 
+@app.command()
+def probe(
+    store: Path = typer.Argument(..., help="A store written by `vdvl encode` (.zarr, .h5 or .hdf5)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="A .npy file with one integer label per row, or a "
+                                         "data spec whose split (the store's) has labels (default: the store's)."),
+    model_name: str = typer.Option("logreg", "--model", help="logreg, linear-svm, knn or mlp."),
+    baselines: Optional[str] = typer.Option(None, "--baselines", help="Comma list of pixels, full, random, pca, or "
+                                            "none (default: pixels,random, skipped when their inputs are missing)."),
+    test_store: Optional[Path] = typer.Option(None, "--test-store", help="The test split's store: its rows are the "
+                                              "test set (default: a seeded stratified 20% hold-out)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint for full/random (default: the store's)."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most N training rows (seeded, "
+                                            "stratified; the same rows for every feature set)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds: hold-out split, CV shuffling, random draw, MLP init."),
+    cv: int = typer.Option(3, "--cv", help="Cross-validation folds for choosing hyper-parameters."),
+    device: str = typer.Option("auto", "--device", help="Where the full latents are computed."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: test accuracy vs features and vs bytes per image."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Probe the stored features with a scikit-learn classifier, beside pixel and latent baselines.
+
+    Hyper-parameters are chosen by stratified cross-validation on the training rows only; the
+    test rows are scored once. Accuracies are mean ± std over --seeds runs.
+    """
+    from vdvae_latents.probes import plot_probe, run_probe
+
+    if plot is not None and not plot.parent.is_dir():  # fail before the fits, not after them
+        raise UserError(f"cannot write --plot {plot}: the directory {plot.parent} does not exist.")
+    # A spinner rather than _progress's image counter: the long steps here are model fits.
+    status = None if quiet or as_json or not sys.stderr.isatty() else Console(stderr=True).status("probe")
+    if status is not None:
+        status.start()
+    try:
+        report = run_probe(store, labels=labels, model=model_name, baselines=baselines, test_store=test_store,
+                           ckpt=ckpt, max_train=max_train, seeds=seeds, cv=cv, device=device,
+                           progress=status.update if status is not None else None)
+    finally:
+        if status is not None:
+            status.stop()
+    if plot is not None:
+        report["plot"] = str(plot_probe(report, plot))
+    if as_json:
+        _print_json(report)
+        return
+    split = f"test store {report['test_store']}" if report["test_store"] else "20% hold-out"
+    table = Table(title=f"{report['model']} probe on {report['store']}: {report['n_train']:,} train / "
+                        f"{report['n_test']:,} test rows ({split}), {report['n_classes']} classes, labels from "
+                        f"{report['labels']}; mean ± std over {report['seeds']} seeds")
+    for col in ("name", "features", "bytes/image", "test acc", "CV acc", "params", "fit s"):
+        table.add_column(col, justify="left" if col in ("name", "params") else "right")
+    for r in report["rows"]:
+        params = sorted({", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in r["params"]})
+        table.add_row(r["name"], f"{r['features']:,}", f"{r['bytes_per_image']:,}",
+                      f"{r['test_accuracy']:.3f} ± {r['test_accuracy_std']:.3f}",
+                      f"{r['cv_accuracy']:.3f} ± {r['cv_accuracy_std']:.3f}", " | ".join(params),
+                      f"{r['fit_seconds']:.2f}")
+    out.print(table)
+    out.print(f"majority class: {report['chance_accuracy']:.3f} test accuracy")
+    for note in report["notes"]:
+        out.print(f"note: {note}")
+    if plot is not None:
+        out.print(f"wrote {report['plot']}")
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +71,8 @@ class LatentKL:
     attributes end in ``_``.
 
     Parameters:
-        batch_size: images per forward pass (the result does not depend on it).
+        batch_size: images per forward pass (the result depends on it only through float32
+            rounding inside the network, ~1e-7 relative).
         seed: seeds the posterior samples z_<i on which each layer's KL is conditioned.
         posterior: ``"sample"`` (the ELBO's E_q, default) or ``"mean"``.
         device: where to run (default: the model's device).
@@ -320,6 +323,8 @@ class ActiveSet:
     def save(self, path: str | Path) -> Path:
         """ACTIVE.json (+ ACTIVE.npz beside it when there are many dimensions); atomic writes."""
         path = Path(path)
+        if path.suffix == ".npz":
+            raise UserError(f"--out '{path}' must be a .json file (large arrays go to a .npz beside it).")
         arrays = {**self.table.arrays(), "selected": self.selected.astype(np.int64),
                   "ranking": self.ranking.astype(np.int64)}
         meta = {
@@ -364,14 +369,22 @@ class ActiveSet:
             table = DimTable.from_arrays(arrays)
             selected = np.asarray(arrays["selected"], dtype=np.int64)
             shapes = [tuple(int(x) for x in s) for s in meta["layer_shapes"]]
-        except (KeyError, OSError, ValueError) as err:
+            fields = dict(granularity=str(meta["granularity"]), rule=str(meta["rule"]), value=float(meta["value"]),
+                          n_images=int(meta["n_images"]))
+            lengths = {len(a) for a in table.arrays().values()}
+        except (KeyError, OSError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+                zlib.error) as err:
             raise UserError(f"active-set file '{path}' is incomplete or corrupt ({err}).") from None
+        if len(lengths) != 1 or selected.ndim != 1:
+            raise UserError(f"active-set file '{path}' is incomplete or corrupt (its arrays differ in length).")
+        if fields["granularity"] not in GRANULARITIES or fields["rule"] not in ("keep", "threshold"):
+            raise UserError(f"active-set file '{path}' has an unknown granularity '{fields['granularity']}' "
+                            f"or rule '{fields['rule']}'.")
         if selected.size and (selected.min() < 0 or selected.max() >= len(table)):
             raise UserError(f"active-set file '{path}' selects dimensions that do not exist.")
         extra_keys = set(meta) - {"schema", "schema_version", "checkpoint", "checkpoint_sha256", "data", "split",
                                   "n_images", "granularity", "rule", "value", "layer_shapes", "summary", "arrays"}
-        return cls(granularity=meta["granularity"], table=table, selected=selected, rule=meta["rule"],
-                   value=float(meta["value"]), layer_shapes=shapes, n_images=int(meta["n_images"]),
+        return cls(table=table, selected=selected, layer_shapes=shapes, **fields,
                    data=meta.get("data", ""), split=meta.get("split", ""), checkpoint=meta.get("checkpoint", ""),
                    checkpoint_sha256=meta.get("checkpoint_sha256", ""), extra={k: meta[k] for k in extra_keys})
 

@@ -54,6 +54,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -222,6 +223,9 @@ class _ZarrBackend:
         # before this call is already in the file system when the flag appears.
         self.group["chunks_written"][i] = 1
 
+    def is_open(self) -> bool:
+        return True  # nothing to close: a Zarr array stays readable
+
     def close(self) -> None:
         # Zarr keeps no open file handles between calls.
         pass
@@ -329,6 +333,9 @@ class _HDF5Backend:
             os.fsync(self.file.id.get_vfd_handle())
         except (OSError, ValueError, TypeError, AttributeError):
             pass  # a driver without a plain file descriptor: flush() is the best we can do
+
+    def is_open(self) -> bool:
+        return bool(self.file.id.valid)
 
     def close(self) -> None:
         if self.file.id.valid:
@@ -702,15 +709,25 @@ class LazyArray:
     ``np.asarray``. ``raw`` is the underlying ``zarr.Array`` or ``h5py.Dataset``.
     """
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, *, name: str, path: Path, is_open: Callable[[], bool] = lambda: True) -> None:
         self.raw = raw
+        self.name = name
+        self._path = path
+        self._is_open = is_open
+
+    def _check_open(self) -> None:
+        # h5py's own error for a closed file is cryptic ("identifier is not of specified type").
+        if not self._is_open():
+            raise ValueError(f"cannot read {self.name}: the store {self._path} has been closed")
 
     @property
     def shape(self) -> tuple[int, ...]:
+        self._check_open()
         return tuple(self.raw.shape)
 
     @property
     def dtype(self) -> np.dtype:
+        self._check_open()
         return np.dtype(self.raw.dtype)
 
     @property
@@ -721,14 +738,16 @@ class LazyArray:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        self._check_open()
         return np.asarray(self.raw[key])
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        self._check_open()
         values = np.asarray(self.raw[...])
         return values if dtype is None else values.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
-        return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
+        return f"LazyArray({self.name!r}, shape={tuple(self.raw.shape)}, dtype={np.dtype(self.raw.dtype)})"
 
 
 @dataclass
@@ -807,11 +826,16 @@ def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fal
             dims = {name: np.asarray(backend.array(f"dims/{name}")[...]) for name in DIM_FIELDS}
         except Exception as exc:
             raise StoreError(f"{path} is corrupt: its dims cannot be read ({exc}).") from exc
-        optional = {name: LazyArray(backend.array(name)) if backend.has(name) else None
-                    for name in ("features_std", "labels")}
-        return Encodings(path=path, format=backend.format, attrs=layout.attrs,
-                         features=LazyArray(backend.array("features")), features_std=optional["features_std"],
-                         labels=optional["labels"], sample_index=LazyArray(backend.array("sample_index")),
+
+        def lazy(name: str) -> LazyArray | None:
+            if not backend.has(name):
+                return None
+            return LazyArray(backend.array(name), name=name, path=path, is_open=backend.is_open)
+
+        features, sample_index = lazy("features"), lazy("sample_index")
+        assert features is not None and sample_index is not None  # _read_layout checked them
+        return Encodings(path=path, format=backend.format, attrs=layout.attrs, features=features,
+                         features_std=lazy("features_std"), labels=lazy("labels"), sample_index=sample_index,
                          dims=dims, _backend=backend)
     except BaseException:
         backend.close()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Fashion-MNIST end to end on a CPU: train -> KL analysis + pruning sweep -> encode the active 3%
+# of train and test -> probe against baselines -> figures. Needs the Debian package
+# dataset-fashion-mnist (apt-get install dataset-fashion-mnist); nothing is downloaded.
+#
+#   bash examples/fashion_mnist.sh                 # OUT=fashion-out STEPS=6000 by default
+#   STEPS=20000 OUT=/tmp/fm bash examples/fashion_mnist.sh
+#
+# Re-running resumes the training run and reuses finished steps (encode is redone with --overwrite).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VDVL=${VDVL:-.venv/bin/vdvl}
+OUT=${OUT:-fashion-out}
+STEPS=${STEPS:-6000}
+KEEP=${KEEP:-3%}
+mkdir -p "$OUT"
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+log "train fashion-mnist-cpu for $STEPS steps"
+/usr/bin/time -f "train: %e s wall" $VDVL train --preset fashion-mnist-cpu --data fashion-mnist \
+    --run-dir "$OUT/run" --steps "$STEPS" --set train.log_every=200 --set train.checkpoint_every=1000
+$VDVL eval "$OUT/run" --data fashion-mnist --split test --json > "$OUT/eval_test.json"
+
+log "KL analysis on the train split, pruning sweep on the test split"
+/usr/bin/time -f "analyze-kl: %e s wall" $VDVL analyze-kl "$OUT/run" --data fashion-mnist --split train \
+    --keep "$KEEP" --out "$OUT/active.json" --plot "$OUT/kl.png" --sweep 2.5,3,4,5,7,100 --json > "$OUT/analyze.json"
+
+log "encode the active set of train and test"
+for split in train test; do
+    $VDVL encode "$OUT/run" --data fashion-mnist --split $split --active "$OUT/active.json" \
+        --out "$OUT/$split.zarr" --overwrite --json > "$OUT/encode_$split.json"
+done
+$VDVL decode "$OUT/test.zarr" --rows 0:32 --out "$OUT/decoded.png"
+$VDVL reconstruct "$OUT/run" --data fashion-mnist --split test --n 32 --out "$OUT/reconstructions.png"
+$VDVL sample "$OUT/run" --n 64 --temperature 0.9 --out "$OUT/samples.png"
+
+log "probe: logistic regression on the active dims against pixels, full latents, random dims, PCA"
+/usr/bin/time -f "probe: %e s wall" $VDVL probe "$OUT/train.zarr" --test-store "$OUT/test.zarr" \
+    --baselines pixels,full,random,pca --max-train "${MAX_TRAIN:-20000}" --plot "$OUT/probe.png" --json > "$OUT/probe.json"
+log "done: outputs in $OUT/"
