@@ -79,12 +79,11 @@ DIM_FIELDS: dict[str, np.dtype] = {
 }
 FEATURE_DTYPES = ("float16", "float32")
 
-# Attributes the store itself owns; a caller's ``attrs`` may not contradict them.
-_RESERVED_ATTRS = ("schema", "schema_version", "n_rows", "n_features", "chunk_rows", "complete")
 # HDF5 only: the root attribute listing which attributes hold JSON-encoded values.
 _JSON_KEYS_ATTR = "_json_keys"
-# HDF5 format bounds: 1.8 objects allow attributes over 64 KiB (dense storage) while avoiding
-# the 1.10+ superblock whose "file is open" flag would make every killed file need h5clear.
+# HDF5 format bounds. The low bound keeps the old superblock: the 1.10+ one carries a "file is
+# open for writing" flag that a killed writer leaves set, so every killed file would need h5clear
+# before a resume. The high bound (1.8 objects) still allows attributes over 64 KiB.
 _H5_LIBVER = ("earliest", "v108")
 _H5_COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 _ZARR_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
@@ -364,8 +363,8 @@ def _open_backend(path: Path, *, writable: bool) -> _Backend:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if fmt == "hdf5" and "lock" in reason.lower():
             raise StoreError(f"{path} is open in another process ({reason}).") from exc
-        hint = "; if a writer was killed the file may be damaged: start again with --overwrite" \
-            if fmt == "hdf5" else ""
+        hint = ("; an HDF5 file whose writer was killed can be damaged: re-create it with --overwrite"
+                if fmt == "hdf5" else "; if it is a damaged store, re-create it with --overwrite")
         kind = "Zarr group" if fmt == "zarr" else "HDF5 file"
         raise StoreError(f"{path} is not a readable {kind} ({reason}){hint}.") from exc
 
@@ -388,6 +387,10 @@ class _Layout:
         return math.ceil(self.n_rows / self.chunk_rows)
 
 
+def _corrupt(path: Path, what: str) -> StoreError:
+    return StoreError(f"{path} is corrupt: {what}; re-create it with --overwrite.")
+
+
 def _read_layout(backend: _Backend, path: Path) -> _Layout:
     """Check the schema and the shapes/dtypes of every array; StoreError on any mismatch."""
     try:
@@ -399,7 +402,7 @@ def _read_layout(backend: _Backend, path: Path) -> _Layout:
         raise StoreError(f"{path} is not a {SCHEMA_NAME} store (its schema attribute is {_short(schema)}).")
     version = attrs.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise StoreError(f"{path} is corrupt: schema_version is {_short(version)}.")
+        raise _corrupt(path, f"schema_version is {_short(version)}")
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path} uses {SCHEMA_NAME} schema version {version}, newer than the version "
                          f"{SCHEMA_VERSION} this vdvae_latents reads; upgrade vdvae_latents to read it.")
@@ -407,26 +410,30 @@ def _read_layout(backend: _Backend, path: Path) -> _Layout:
     def whole(key: str, minimum: int) -> int:
         value = attrs.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise StoreError(f"{path} is corrupt: attribute {key} is {_short(value)}.")
+            raise _corrupt(path, f"attribute {key} is {_short(value)}")
         return value
 
     n_rows, n_features, chunk_rows = whole("n_rows", 1), whole("n_features", 1), whole("chunk_rows", 1)
     if not isinstance(attrs.get("complete"), bool):
-        raise StoreError(f"{path} is corrupt: attribute complete is {_short(attrs.get('complete'))}.")
+        raise _corrupt(path, f"attribute complete is {_short(attrs.get('complete'))}")
 
     def check(name: str, shape: tuple[int, ...], dtypes: tuple[str, ...], required: bool = True) -> str | None:
-        if not backend.has(name):
+        try:
+            present = backend.has(name)
+        except Exception as exc:  # e.g. a damaged zarr.json of a child node
+            raise _corrupt(path, f"the array {name} cannot be opened ({exc})") from exc
+        if not present:
             if required:
-                raise StoreError(f"{path} is corrupt: the array {name} is missing.")
+                raise _corrupt(path, f"the array {name} is missing")
             return None
         try:
             arr = backend.array(name)
             got_shape, got_dtype = tuple(arr.shape), str(np.dtype(arr.dtype))
         except Exception as exc:
-            raise StoreError(f"{path} is corrupt: the array {name} cannot be opened ({exc}).") from exc
+            raise _corrupt(path, f"the array {name} cannot be opened ({exc})") from exc
         if got_shape != shape or got_dtype not in dtypes:
-            raise StoreError(f"{path} is corrupt: the array {name} is {got_dtype}{list(got_shape)}, "
-                             f"expected {'|'.join(dtypes)}{list(shape)}.")
+            raise _corrupt(path, f"the array {name} is {got_dtype}{list(got_shape)}, "
+                                 f"expected {'|'.join(dtypes)}{list(shape)}")
         return got_dtype
 
     dtype = check("features", (n_rows, n_features), FEATURE_DTYPES)
@@ -825,7 +832,7 @@ def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fal
         try:
             dims = {name: np.asarray(backend.array(f"dims/{name}")[...]) for name in DIM_FIELDS}
         except Exception as exc:
-            raise StoreError(f"{path} is corrupt: its dims cannot be read ({exc}).") from exc
+            raise _corrupt(path, f"its dims cannot be read ({exc})") from exc
 
         def lazy(name: str) -> LazyArray | None:
             if not backend.has(name):
