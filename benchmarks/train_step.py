@@ -130,7 +130,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", preset, batch, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+            if proc.returncode < 0:  # killed by a signal: on Linux almost always the OOM killer
+                err = f"killed by signal {-proc.returncode} (likely out of memory)"
+            else:
+                err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             row = {"preset": preset, "batch": int(batch), "error": err}
         else:
             row = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
@@ -36,8 +37,18 @@ N_FIT = 300  # images most tests fit on: enough to exercise batching (batch_size
 BATCH = 128
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to split: on a busy 2-core machine thread
+    hand-offs cost 10-20x the arithmetic (as in the other model test modules)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, one_thread):
     """A run directory holding one real tiny checkpoint (8x8x1 images, scikit-learn's digits)."""
     run = resolve_run_config(preset="tiny", data="digits")
     run = replace(run, train=replace(run.train, steps=30, batch_size=32, val_limit=16, log_every=10))
@@ -202,6 +213,16 @@ class TestComposition:
             warnings.simplefilter("ignore")
             search.fit(digits.data[:200], digits.target[:200])
         assert search.best_params_["latents__keep"] in (0.25, 1.0)
+
+    def test_dataframe_in_and_pandas_out(self, fitted, digits):
+        pytest.importorskip("pandas")
+        frame = load_digits(as_frame=True).data.iloc[:50]
+        est = clone(fitted).set_output(transform="pandas").fit(frame)
+        out = est.transform(frame)
+        assert list(out.columns) == list(est.get_feature_names_out())
+        assert list(est.feature_names_in_) == list(frame.columns)
+        plain = clone(fitted).fit(digits.data[:50])  # the same images as a bare array
+        np.testing.assert_array_equal(out.to_numpy(), plain.transform(digits.data[:50]))
 
     def test_clone_keeps_params(self, fitted):
         copy = clone(fitted)

@@ -38,5 +38,10 @@ def prepare_batch(cfg: ModelConfig, images: torch.Tensor | np.ndarray, *, dynami
     if cfg.output == "bernoulli":
         bits = binarize(images.float() / 255.0, generator=generator, fixed=not dynamic_binarize)
         images = (bits * 255).to(torch.uint8)
-        return to_model_input(images, n_bits=8, pad_to=pad_to)
-    return to_model_input(images, n_bits=cfg.n_bits, pad_to=pad_to)
+        x = to_model_input(images, n_bits=8, pad_to=pad_to)
+    else:
+        x = to_model_input(images, n_bits=cfg.n_bits, pad_to=pad_to)
+    # A fresh NCHW allocation: with one channel, a view of NHWC data has strides that torch
+    # also reads as channels-last, and convolutions then pick other kernels (outputs differ
+    # by float rounding). Copying makes results independent of the caller's memory layout.
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)

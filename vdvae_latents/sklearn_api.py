@@ -134,8 +134,8 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         self : ActiveLatents
         """
         # Cheap parameter checks first: a typo should not cost a model load.
-        keep, threshold = self._selection_rule()
         self._check_params()
+        keep, threshold = self._selection_rule()
 
         model, info = load_model(self.checkpoint, ema=True, device=self.device)
         X = self._validated_pixels(X, model.cfg, reset=True)
