@@ -3,7 +3,7 @@
 # of train and test -> probe against baselines -> figures. Needs the Debian package
 # dataset-fashion-mnist (apt-get install dataset-fashion-mnist); nothing is downloaded.
 #
-#   bash examples/fashion_mnist.sh                 # OUT=fashion-out STEPS=6000 by default
+#   bash examples/fashion_mnist.sh                 # OUT=fashion-out STEPS=5000 by default
 #   STEPS=20000 OUT=/tmp/fm bash examples/fashion_mnist.sh
 #
 # Re-running resumes the training run and reuses finished steps (encode is redone with --overwrite).
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VDVL=${VDVL:-.venv/bin/vdvl}
 OUT=${OUT:-fashion-out}
-STEPS=${STEPS:-6000}
+STEPS=${STEPS:-5000}
 KEEP=${KEEP:-3%}
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -36,5 +36,5 @@ $VDVL sample "$OUT/run" --n 64 --temperature 0.9 --out "$OUT/samples.png"
 
 log "probe: logistic regression on the active dims against pixels, full latents, random dims, PCA"
 /usr/bin/time -f "probe: %e s wall" $VDVL probe "$OUT/train.zarr" --test-store "$OUT/test.zarr" \
-    --baselines pixels,full,random,pca --max-train "${MAX_TRAIN:-20000}" --plot "$OUT/probe.png" --json > "$OUT/probe.json"
+    --baselines pixels,full,random,pca --max-train "${MAX_TRAIN:-5000}" --seeds "${SEEDS:-2}" --plot "$OUT/probe.png" --json > "$OUT/probe.json"
 log "done: outputs in $OUT/"

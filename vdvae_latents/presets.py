@@ -130,8 +130,8 @@ def _cpu_presets() -> dict[str, Preset]:
                          down_blocks=(1, 2, 2), widths=(64, 64, 32), bottleneck=(0.5, 0.5, 1.0), variates=16,
                          name="digits-cpu")
     fashion = ModelConfig(image_size=28, channels=1, n_mixtures=5, resolutions=(1, 7, 14, 28),
-                          up_blocks=(2, 4, 4, 2), down_blocks=(2, 2, 2, 2), widths=(128, 128, 64, 32),
-                          bottleneck=(0.5, 0.5, 0.5, 1.0), variates=8, name="fashion-mnist-cpu")
+                          up_blocks=(2, 4, 4, 2), down_blocks=(1, 2, 2, 1), widths=(96, 96, 48, 24),
+                          bottleneck=0.5, variates=8, name="fashion-mnist-cpu")
     return {
         "tiny": Preset("tiny", tiny, "8x8 grayscale toy model for tests and the digits quickstart", 64),
         "digits-cpu": Preset("digits-cpu", digits, "8x8 grayscale model for the digits quickstart "
