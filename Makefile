@@ -7,7 +7,7 @@ TORCH_SPEC  ?= torch==2.13.0
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 QS          ?= quickstart-out
-QS_STEPS    ?= 2000
+QS_STEPS    ?= 1500
 
 .PHONY: install quickstart test bench clean
 

@@ -4,7 +4,7 @@ train -> evaluate -> rank latent dimensions by KL -> pruning sweep -> encode the
 3% of train and test -> decode a few -> probe against pixels and random dimensions ->
 one summary table. Every step is the library call the matching `vdvl` command makes.
 
-    python examples/quickstart.py [--out quickstart-out] [--steps 2000] [--keep 3%]
+    python examples/quickstart.py [--out quickstart-out] [--steps 1500] [--keep 3%]
 
 Re-running resumes the training run and rewrites the other outputs.
 """
@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="quickstart-out")
     ap.add_argument("--preset", default="digits-cpu")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--keep", default="3%")
     args = ap.parse_args()
     out = Path(args.out)

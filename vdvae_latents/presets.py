@@ -126,8 +126,8 @@ def _cpu_presets() -> dict[str, Preset]:
     tiny = ModelConfig(image_size=8, channels=1, n_mixtures=3, resolutions=(1, 4, 8), up_blocks=(1, 2, 2),
                        down_blocks=(1, 1, 1), widths=(32, 32, 16), bottleneck=(0.5, 0.5, 1.0), variates=4,
                        name="tiny")
-    digits = ModelConfig(image_size=8, channels=1, n_mixtures=5, resolutions=(1, 4, 8), up_blocks=(2, 3, 3),
-                         down_blocks=(1, 2, 2), widths=(64, 64, 32), bottleneck=(0.5, 0.5, 1.0), variates=16,
+    digits = ModelConfig(image_size=8, channels=1, n_mixtures=5, resolutions=(1, 4, 8), up_blocks=(2, 2, 2),
+                         down_blocks=(1, 1, 1), widths=(48, 48, 24), bottleneck=(0.5, 0.5, 1.0), variates=16,
                          name="digits-cpu")
     fashion = ModelConfig(image_size=28, channels=1, n_mixtures=5, resolutions=(1, 7, 14, 28),
                           up_blocks=(2, 4, 4, 2), down_blocks=(1, 2, 2, 1), widths=(96, 96, 48, 24),
@@ -135,7 +135,7 @@ def _cpu_presets() -> dict[str, Preset]:
     return {
         "tiny": Preset("tiny", tiny, "8x8 grayscale toy model for tests and the digits quickstart", 64),
         "digits-cpu": Preset("digits-cpu", digits, "8x8 grayscale model for the digits quickstart "
-                             "(128 latent variates, so 3% keeps a few)", 64),
+                             "(96 latent variates, so 3% keeps a few)", 64),
         "fashion-mnist-cpu": Preset("fashion-mnist-cpu", fashion,
                                     "28x28 grayscale 8-bit MoL model sized for Fashion-MNIST on a 2-core CPU", 32),
     }
