@@ -49,6 +49,9 @@ def main() -> None:
     run = resolve_run_config(preset=args.preset, data=data)
     run = replace(run, train=replace(run.train, steps=args.steps, log_every=250, checkpoint_every=1000))
     trained = train(out / "run", run)
+    if trained.interrupted:
+        console.print(f"interrupted at step {trained.step}; re-run to resume")
+        raise SystemExit(130)
     ckpt = trained.checkpoint
     console.print(f"checkpoint {ckpt} ({trained.skips} skipped updates)")
 

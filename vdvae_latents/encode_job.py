@@ -50,7 +50,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if distributed and dev.type == "cuda":
         dev = torch.device("cuda", rank % torch.cuda.device_count())
-    ckpt_path = resolve_checkpoint(path)
+    # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
+    ckpt_path = resolve_checkpoint(path).absolute()
     sha = file_sha256(ckpt_path)
     model, info = load_model(ckpt_path, ema=True, device=dev)
     images = load_images(data, split=split)
@@ -185,6 +186,15 @@ def _active_from_store(enc, model) -> ActiveSet:
     variate = np.asarray(enc.dims["variate"])
     y, x = np.asarray(enc.dims["y"]), np.asarray(enc.dims["x"])
     kl = np.asarray(enc.dims["avg_kl"], dtype=np.float64)
+    # A damaged or foreign dims table must be a one-sentence refusal, not an IndexError below.
+    in_range = (layer >= 0) & (layer < len(shapes))
+    if in_range.all():
+        limits = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)[layer]
+        in_range = ((variate >= 0) & (variate < limits[:, 0]) & (y >= 0) & (y < limits[:, 1])
+                    & (x >= 0) & (x < limits[:, 2]))
+    if not in_range.all():
+        raise UserError(f"store '{enc.path}' has dims that do not exist in the latent layers of its checkpoint's "
+                        "model.")
     # Element-level table of the stored columns is enough to rebuild the masks exactly.
     table = DimTable(layer=layer.astype(np.int32), variate=variate.astype(np.int32), y=y.astype(np.int32),
                      x=x.astype(np.int32), resolution=np.array([shapes[k][1] for k in layer], dtype=np.int32),

@@ -1,0 +1,911 @@
+"""`vdvl encode` / `vdvl decode` end to end on a real (30-step, tiny-preset) digits checkpoint.
+
+Stores are written through ``cli.main.main`` (or a real ``python -m cli.main`` process) and
+checked against closed forms and independent calls: the features against the model's own
+posterior means picked out by hand, the active set against a top-k of the per-variate KL,
+the checkpoint hash against hashlib, the decoded PNG against the pruned reconstruction
+rounded by hand and cut out of the grid by its geometry, resumed stores against
+uninterrupted ones, and two torchrun ranks against one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from cli.main import main
+from vdvae_latents import stores
+from vdvae_latents.batches import prepare_batch
+from vdvae_latents.checkpoints import load_checkpoint, load_model, save_checkpoint
+from vdvae_latents.data import load_images
+from vdvae_latents.encoding import Encoder
+from vdvae_latents.kl_analysis import ActiveSet, LatentKL, build_active_set
+from vdvae_latents.runconfig import resolve_run_config
+from vdvae_latents.stores import StoreError, StoreWriter, open_encodings
+from vdvae_latents.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
+TINY_SHAPES = [(4, 1, 1), (4, 4, 4), (4, 4, 4), (4, 8, 8), (4, 8, 8)]  # (V, H, W) per latent layer
+N_VARIATES = sum(v for v, _, _ in TINY_SHAPES)            # 20
+N_SCALARS = sum(v * h * w for v, h, w in TINY_SHAPES)     # 644
+N_KEEP = math.ceil(0.25 * N_VARIATES)                     # --keep 25% -> 5 variates
+N_TEST, N_TRAIN = 180, 1437                               # digits splits
+CHUNK = 64                                                # -> 3 chunks of the test split
+ROW_ARRAYS = ("features", "features_std", "labels", "sample_index", "chunks_written")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(run_dir: Path, steps: int) -> Path:
+    run = resolve_run_config(preset="tiny", data="digits")
+    run = replace(run, train=replace(run.train, steps=steps, batch_size=32, val_limit=16, log_every=10,
+                                     device="cpu"))
+    result = train(run_dir, run, quiet=True)
+    assert result.step == steps and result.checkpoint is not None
+    return Path(result.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A 30-step checkpoint whose EMA posterior biases are randomised (so the KL of the
+    variates is far from zero and well separated, and the posterior means carry signal)."""
+    path = _train(tmp_path_factory.mktemp("enc") / "run", 30)
+    payload = load_checkpoint(path)
+    g = torch.Generator().manual_seed(1)
+    for key, value in payload["ema"].items():
+        if key.endswith("posterior_params.bias"):
+            payload["ema"][key] = value + torch.randn(value.shape, generator=g) * 0.7
+    for key in ("format", "format_version"):
+        payload.pop(key, None)
+    save_checkpoint(path, payload)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(ckpt) -> Path:
+    return ckpt.parent.parent
+
+
+@pytest.fixture(scope="module")
+def other_ckpt(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("enc-other") / "run", 2)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    m, info = load_model(ckpt, ema=True, device="cpu")
+    assert info["weights"] == "ema"
+    return m
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return load_images("digits", split="test")
+
+
+@pytest.fixture(scope="module")
+def train_set():
+    return load_images("digits", split="train")
+
+
+@pytest.fixture(scope="module")
+def kl_table(model, train_set):
+    """Per-variate average KL on the train split, as encode ranks it (batch 256, seed 0)."""
+    return LatentKL(batch_size=256, seed=0).fit(model, train_set.images)
+
+
+@pytest.fixture(scope="module")
+def kept(kl_table) -> np.ndarray:
+    """Closed form of --keep 25%: the 5 variates of largest average KL, natural order."""
+    avg = kl_table.table("variate").avg_kl
+    order = np.argsort(-avg, kind="stable")
+    assert avg[order[N_KEEP - 1]] > 1.05 * avg[order[N_KEEP]], "no clear top-5: the test would be fragile"
+    return np.sort(order[:N_KEEP])
+
+
+@pytest.fixture(scope="module")
+def active(kl_table, kept) -> ActiveSet:
+    a = build_active_set(kl_table, granularity="variate", keep=0.25)
+    np.testing.assert_array_equal(a.selected, kept)
+    return a
+
+
+def _variate_index() -> list[tuple[int, int]]:
+    """Natural-order (layer, variate) of every variate of the tiny model."""
+    return [(k, v) for k, (nv, _, _) in enumerate(TINY_SHAPES) for v in range(nv)]
+
+
+@pytest.fixture(scope="module")
+def columns(kept) -> dict[str, np.ndarray]:
+    """Closed form of the store's dims: each kept variate contributes its H*W positions, row-major."""
+    cols = {k: [] for k in ("layer", "variate", "y", "x")}
+    for layer, v in (_variate_index()[i] for i in kept):
+        _, h, w = TINY_SHAPES[layer]
+        for y in range(h):
+            for x in range(w):
+                for name, value in zip(cols, (layer, v, y, x)):
+                    cols[name].append(value)
+    return {k: np.asarray(c) for k, c in cols.items()}
+
+
+def _masks(kept) -> list:
+    """Per-layer bool (V, H, W) masks of the kept variates (None for a fully kept layer)."""
+    masks = [torch.zeros(s, dtype=torch.bool) for s in TINY_SHAPES]
+    for layer, v in (_variate_index()[i] for i in kept):
+        masks[layer][v] = True
+    return [None if m.all() else m for m in masks]
+
+
+def _by_hand(model, kept, images: np.ndarray, field: str = "q_mean") -> np.ndarray:
+    """Posterior means (or stds) of the kept variates under the pruned forward pass, chunk by chunk
+    with the encoder's batches, read straight off the model's layer outputs."""
+    out = []
+    for lo in range(0, len(images), CHUNK):
+        x = prepare_batch(model.cfg, images[lo:lo + CHUNK])
+        with torch.no_grad():
+            res = model(x, active=_masks(kept), posterior="mean", masked="mean")
+        cols = [getattr(res.layers[layer], field)[:, v].reshape(len(x), -1)
+                for layer, v in (_variate_index()[i] for i in kept)]
+        out.append(torch.cat(cols, 1).float().numpy())
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def encode(capsys, src, out: Path, *extra, split: str = "test") -> dict:
+    code, stdout, err = run_cli(capsys, "encode", src, "--data", "digits", "--split", split, "--out", out,
+                                "--chunk-rows", CHUNK, "--device", "cpu", "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def encode_quietly(src, out: Path, *extra, split: str = "test") -> dict:
+    """The same through main(), for module fixtures (no capsys there)."""
+    buf, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in ("encode", src, "--data", "digits", "--split", split, "--out", out,
+                                      "--chunk-rows", CHUNK, "--device", "cpu", "--json", *extra)])
+    assert code == 0, err.getvalue()
+    return json.loads(buf.getvalue())
+
+
+def refused(capsys, *argv) -> str:
+    """Exit 2 with exactly one plain sentence on stderr; returns it."""
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 2, (code, stdout, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("."), err
+    return lines[0]
+
+
+def raw_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a store read with zarr/h5py directly (not through vdvae_latents)."""
+    out = {}
+    if path.suffix == ".zarr":
+        g = zarr.open_group(str(path), mode="r", use_consolidated=False)
+        for name in ROW_ARRAYS:
+            if name in g:
+                out[name] = np.asarray(g[name][...])
+        for name in g["dims"].array_keys():
+            out[f"dims/{name}"] = np.asarray(g["dims"][name][...])
+    else:
+        with h5py.File(path, "r") as f:
+            for name in ROW_ARRAYS:
+                if name in f:
+                    out[name] = f[name][...]
+            for name in f["dims"]:
+                out[f"dims/{name}"] = f["dims"][name][...]
+    return out
+
+
+def attrs_of(path: Path) -> dict:
+    with open_encodings(path, allow_incomplete=True) as enc:
+        return dict(enc.attrs)
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ra, rb = raw_arrays(a), raw_arrays(b)
+    assert sorted(ra) == sorted(rb)
+    for name in ra:
+        assert ra[name].dtype == rb[name].dtype, name
+        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
+    assert attrs_of(a) == attrs_of(b)
+
+
+def chunk_flags(path: Path) -> np.ndarray:
+    return raw_arrays(path)["chunks_written"]
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under a store (or of the file itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def png_tiles(path: Path, n: int, size: int = 8) -> np.ndarray:
+    """Cut n tiles out of a grid PNG: ceil(sqrt(n)) columns, each tile upscaled to >= 32 px by
+    pixel repetition, 2 px of padding around and between tiles."""
+    grid = np.asarray(Image.open(path))
+    ncols, scale, pad = math.ceil(math.sqrt(n)), math.ceil(32 / size), 2
+    nrows, tile = math.ceil(n / ncols), size * scale
+    assert grid.shape == (nrows * (tile + pad) + pad, ncols * (tile + pad) + pad)
+    out = []
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        top, left = pad + r * (tile + pad), pad + c * (tile + pad)
+        block = grid[top:top + tile, left:left + tile]
+        assert (block == block[::scale, ::scale].repeat(scale, 0).repeat(scale, 1)).all()
+        out.append(block[::scale, ::scale])
+    return np.stack(out)
+
+
+def by_hand_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, 1, H, W) -> uint8 (N, H, W) as 8-bit pixels: round((x + 1) / 2 * 255)."""
+    v = images.double().numpy()[:, 0]
+    return np.clip(np.rint((v + 1) / 2 * 255), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- reference stores
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("refs")
+
+
+@pytest.fixture(scope="module")
+def ref_f32(run_dir, ref_dir) -> Path:
+    """Test split, --keep 25%, posterior mean, float32, Zarr."""
+    out = ref_dir / "f32.zarr"
+    encode_quietly(run_dir, out, "--keep", "25%", "--dtype", "float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_train(run_dir, ref_dir) -> Path:
+    """Train split, --keep 25%, float16, Zarr, 16-row chunks (the kill -9 test's settings)."""
+    out = ref_dir / "train.zarr"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main([str(a) for a in ("encode", run_dir, "--data", "digits", "--split", "train", "--keep", "25%",
+                                      "--out", out, "--chunk-rows", 16, "--batch-size", 16, "--device", "cpu",
+                                      "--quiet")])
+    assert code == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. numbers and contents
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encode_numbers_and_contents(capsys, fmt, tmp_path, run_dir, ckpt, model, test_set, kl_table, kept,
+                                     active, columns):
+    out = tmp_path / f"E{FORMATS[fmt]}"
+    r = encode(capsys, run_dir, out, "--keep", "25%")
+    k = len(columns["layer"])
+    assert k == sum(TINY_SHAPES[_variate_index()[i][0]][1] ** 2 for i in kept)
+    assert r["store"] == str(out) and r["format"] == fmt
+    assert (r["rows"], r["features"], r["dims_kept"], r["dims_total"]) == (N_TEST, k, N_KEEP, N_VARIATES)
+    assert r["statistic"] == "mean" and r["dtype"] == "float16"
+    assert r["rows_written"] == N_TEST and r["images_per_s"] > 0 and r["seconds"] > 0
+    assert r["bytes_on_disk"] == disk_bytes(out) > 0
+    assert r["full_latents_bytes"] == N_TEST * N_SCALARS * 2
+    assert r["raw_pixel_bytes"] == N_TEST * 8 * 8 * 1
+    avg = kl_table.table("variate").avg_kl
+    assert r["kl_share_kept"] == pytest.approx(avg[kept].sum() / avg.sum(), rel=1e-9)
+
+    expected = _by_hand(model, kept, test_set.images)
+    encoder = Encoder(model, active)
+    via_encoder = np.concatenate([encoder.encode(prepare_batch(model.cfg, test_set.images[lo:lo + CHUNK]))[0].numpy()
+                                  for lo in range(0, N_TEST, CHUNK)])
+    np.testing.assert_array_equal(via_encoder, expected)
+    assert expected.std(0).min() > 0  # every column varies over the images
+
+    raw = raw_arrays(out)
+    assert raw["features"].dtype == np.float16 and raw["features"].shape == (N_TEST, k)
+    np.testing.assert_array_equal(raw["features"], expected.astype(np.float16))
+    np.testing.assert_array_equal(raw["labels"], test_set.labels)
+    assert raw["labels"].dtype == np.int64 and raw["sample_index"].dtype == np.int64
+    np.testing.assert_array_equal(raw["sample_index"], np.arange(N_TEST))
+    np.testing.assert_array_equal(raw["chunks_written"], np.ones(3, np.uint8))
+    assert "features_std" not in raw
+    for name in ("layer", "variate", "y", "x"):
+        assert raw[f"dims/{name}"].dtype == np.int32
+        np.testing.assert_array_equal(raw[f"dims/{name}"], columns[name], err_msg=name)
+    variate_of = {lv: i for i, lv in enumerate(_variate_index())}
+    kl_of_col = avg[[variate_of[(a, b)] for a, b in zip(columns["layer"], columns["variate"])]]
+    np.testing.assert_allclose(raw["dims/avg_kl"], kl_of_col, rtol=1e-9)
+    if fmt == "zarr":
+        assert zarr.open_group(str(out), mode="r")["features"].chunks == (CHUNK, k)
+    else:
+        with h5py.File(out, "r") as f:
+            assert f["features"].chunks == (CHUNK, k)
+
+    attrs = attrs_of(out)
+    assert attrs["complete"] is True
+    assert attrs["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert Path(attrs["checkpoint"]).resolve() == ckpt.resolve() and attrs["checkpoint_step"] == 30
+    assert attrs["model_config"] == json.loads(json.dumps(model.cfg.to_dict()))
+    expected_attrs = {"schema": "vdvl-encodings", "data": "digits", "split": "test", "granularity": "variate",
+                      "selection_rule": "keep", "selection_value": 0.25, "statistic": "mean", "dtype": "float16",
+                      "kl_split": "train", "kl_images": N_TRAIN, "n_rows": N_TEST, "n_features": k,
+                      "chunk_rows": CHUNK, "n_dims_total": N_VARIATES, "n_dims_kept": N_KEEP,
+                      "n_latent_scalars_total": N_SCALARS, "seed": 0}
+    assert {key: attrs.get(key) for key in expected_attrs} == expected_attrs
+    assert attrs["kl_share_kept"] == pytest.approx(r["kl_share_kept"])
+
+    # The ranking is recorded beside the store, for reuse with --active.
+    sidecar = ActiveSet.load(tmp_path / "E.active.json")
+    np.testing.assert_array_equal(sidecar.selected, kept)
+    assert sidecar.checkpoint_sha256 == attrs["checkpoint_sha256"]
+    assert (sidecar.rule, sidecar.value, sidecar.split, sidecar.n_images) == ("keep", 0.25, "train", N_TRAIN)
+
+
+def test_zarr_and_hdf5_layouts_are_identical(capsys, tmp_path, run_dir):
+    a, b = tmp_path / "S.zarr", tmp_path / "S.h5"
+    encode(capsys, run_dir, a, "--keep", "25%", "--stat", "mean+std")
+    encode(capsys, run_dir, b, "--keep", "25%", "--stat", "mean+std")
+    ra, rb = raw_arrays(a), raw_arrays(b)
+    assert sorted(ra) == sorted(rb) == sorted(["features", "features_std", "labels", "sample_index",
+                                               "chunks_written"] + [f"dims/{n}" for n in
+                                                                    ("layer", "variate", "y", "x", "avg_kl")])
+    for name in ra:
+        assert ra[name].dtype == rb[name].dtype and ra[name].shape == rb[name].shape, name
+        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
+    assert attrs_of(a) == attrs_of(b)
+
+
+def test_threshold_rule(capsys, tmp_path, run_dir, kl_table):
+    avg = kl_table.table("variate").avg_kl
+    t = float(np.sort(avg)[-3] + np.sort(avg)[-4]) / 2  # between the 3rd and 4th largest: keeps 3
+    r = encode(capsys, run_dir, tmp_path / "T.zarr", "--threshold", repr(t))
+    assert r["dims_kept"] == 3
+    chosen = np.flatnonzero(avg > t)
+    assert r["features"] == sum(TINY_SHAPES[_variate_index()[i][0]][1] ** 2 for i in chosen)
+    attrs = attrs_of(tmp_path / "T.zarr")
+    assert attrs["selection_rule"] == "threshold" and attrs["selection_value"] == pytest.approx(t)
+
+
+# ----------------------------------------------------------------------------- 2. determinism and statistics
+
+
+def test_posterior_mean_is_deterministic(capsys, tmp_path, run_dir, ref_f32):
+    encode(capsys, run_dir, tmp_path / "again.zarr", "--keep", "25%", "--dtype", "float32")
+    a, b = raw_arrays(ref_f32)["features"], raw_arrays(tmp_path / "again.zarr")["features"]
+    assert a.dtype == np.float32
+    assert a.tobytes() == b.tobytes()
+
+
+def test_sample_statistic_is_seeded(capsys, tmp_path, run_dir, ref_f32):
+    for name, seed in (("s0a", 0), ("s0b", 0), ("s1", 1)):
+        encode(capsys, run_dir, tmp_path / f"{name}.zarr", "--keep", "25%", "--dtype", "float32",
+               "--stat", "sample", "--seed", seed)
+    s0a, s0b, s1 = (raw_arrays(tmp_path / f"{n}.zarr")["features"] for n in ("s0a", "s0b", "s1"))
+    mean = raw_arrays(ref_f32)["features"]
+    assert s0a.tobytes() == s0b.tobytes()
+    assert np.isfinite(s0a).all()
+    assert (s0a != s1).mean() > 0.99 and (s0a != mean).mean() > 0.99
+    assert attrs_of(tmp_path / "s1.zarr")["statistic"] == "sample" and attrs_of(tmp_path / "s1.zarr")["seed"] == 1
+
+
+def test_mean_plus_std(capsys, tmp_path, run_dir, model, kept, test_set, ref_f32):
+    out = tmp_path / "ms.zarr"
+    encode(capsys, run_dir, out, "--keep", "25%", "--dtype", "float32", "--stat", "mean+std")
+    raw = raw_arrays(out)
+    np.testing.assert_array_equal(raw["features"], raw_arrays(ref_f32)["features"])
+    assert raw["features_std"].shape == raw["features"].shape and raw["features_std"].dtype == np.float32
+    assert (raw["features_std"] > 0).all()
+    np.testing.assert_array_equal(raw["features_std"], _by_hand(model, kept, test_set.images, "q_std"))
+    assert attrs_of(out)["statistic"] == "mean+std"
+
+
+def test_sample_is_mean_plus_std_times_normal_noise_on_the_first_kept_layer(capsys, tmp_path, run_dir):
+    """Every layer above the first one with kept variates is fully pruned (prior means, the
+    same in both passes), so there the posterior is the same with or without sampling and
+    (sample - mean) / std must be standard normal draws."""
+    encode(capsys, run_dir, tmp_path / "ms.zarr", "--keep", "25%", "--dtype", "float32", "--stat", "mean+std")
+    encode(capsys, run_dir, tmp_path / "s.zarr", "--keep", "25%", "--dtype", "float32", "--stat", "sample")
+    ms, s = raw_arrays(tmp_path / "ms.zarr"), raw_arrays(tmp_path / "s.zarr")
+    top = ms["dims/layer"] == ms["dims/layer"].min()
+    eps = (s["features"][:, top] - ms["features"][:, top]) / ms["features_std"][:, top]
+    assert abs(eps.mean()) < 4 / math.sqrt(eps.size) + 0.05 and 0.8 < eps.std() < 1.2
+
+
+# ----------------------------------------------------------------------------- 3. decode invariant
+
+
+def test_decode_reproduces_the_pruned_reconstruction(capsys, tmp_path, run_dir, model, kept, active, test_set,
+                                                     ref_f32):
+    # Pruned reconstruction of the first chunk (the batch the encoder saw), by the model directly.
+    x = prepare_batch(model.cfg, test_set.images[:CHUNK])
+    with torch.no_grad():
+        recon = model.reconstruct(x, active=_masks(kept), posterior="mean", masked="mean", deterministic=True)[:16]
+    np.testing.assert_array_equal(Encoder(model, active).pruned_reconstruction(x)[:16].numpy(), recon.numpy())
+
+    feats = torch.from_numpy(np.asarray(raw_arrays(ref_f32)["features"][:16], dtype=np.float32))
+    decoded = Encoder(model, active).decode(feats)
+    torch.testing.assert_close(decoded, recon, rtol=0, atol=1e-6)
+    # The features matter: zeros in their place decode to other images.
+    zeros = Encoder(model, active).decode(torch.zeros_like(feats))
+    assert (by_hand_uint8(zeros) != by_hand_uint8(recon)).any()
+
+    png = tmp_path / "dec.png"
+    code, stdout, err = run_cli(capsys, "decode", ref_f32, "--out", png, "--rows", "0:16", "--device", "cpu",
+                                "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["rows"] == [0, 16] and Path(r["out"]) == png and r["temperature"] == 0
+    assert Path(r["checkpoint"]).resolve() == Path(attrs_of(ref_f32)["checkpoint"]).resolve()
+    np.testing.assert_array_equal(png_tiles(png, 16), by_hand_uint8(recon))
+
+    # Other rows: 100:109 (3 x 3 grid) against the reconstruction of chunk 1 (rows 64:128).
+    x1 = prepare_batch(model.cfg, test_set.images[CHUNK:2 * CHUNK])
+    with torch.no_grad():
+        recon1 = model.reconstruct(x1, active=_masks(kept), posterior="mean", masked="mean", deterministic=True)
+    code, _, err = run_cli(capsys, "decode", ref_f32, "--out", tmp_path / "d9.png", "--rows", "100:109",
+                           "--device", "cpu")
+    assert code == 0, err
+    np.testing.assert_array_equal(png_tiles(tmp_path / "d9.png", 9), by_hand_uint8(recon1[36:45]))
+
+
+def test_decode_at_a_temperature_samples_the_pruned_dims(capsys, tmp_path, ref_f32):
+    outs = {}
+    for name, t, seed in (("t0", "0", 0), ("a", "1.0", 0), ("b", "1.0", 0), ("c", "1.0", 1)):
+        code, _, err = run_cli(capsys, "decode", ref_f32, "--out", tmp_path / f"{name}.png", "--rows", "0:16",
+                               "--temperature", t, "--seed", seed, "--device", "cpu")
+        assert code == 0, err
+        outs[name] = png_tiles(tmp_path / f"{name}.png", 16)
+    np.testing.assert_array_equal(outs["a"], outs["b"])
+    assert (outs["a"] != outs["t0"]).any() and (outs["a"] != outs["c"]).any()
+
+
+def test_decode_with_the_same_checkpoint_given_explicitly(capsys, tmp_path, ckpt, ref_f32):
+    code, _, err = run_cli(capsys, "decode", ref_f32, "--ckpt", ckpt, "--out", tmp_path / "a.png", "--device", "cpu")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "decode", ref_f32, "--out", tmp_path / "b.png", "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_decode_finds_the_checkpoint_of_a_store_encoded_with_a_relative_path(capsys, monkeypatch, tmp_path, run_dir,
+                                                                            ckpt, ref_f32):
+    monkeypatch.chdir(run_dir.parent)
+    encode(capsys, Path(run_dir.name), Path("rel.zarr"), "--keep", "25%", "--dtype", "float32")
+    assert Path(attrs_of(run_dir.parent / "rel.zarr")["checkpoint"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # decode from somewhere else, without --ckpt
+    code, _, err = run_cli(capsys, "decode", run_dir.parent / "rel.zarr", "--out", "a.png", "--device", "cpu")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "decode", ref_f32, "--out", "b.png", "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+# ----------------------------------------------------------------------------- 4. --active
+
+
+def test_active_set_reuse(capsys, tmp_path, run_dir, kept, columns, ref_f32):
+    code, _, err = run_cli(capsys, "analyze-kl", run_dir, "--data", "digits", "--keep", "25%",
+                           "--out", tmp_path / "A.json", "--device", "cpu", "--json")
+    assert code == 0, err
+    np.testing.assert_array_equal(ActiveSet.load(tmp_path / "A.json").selected, kept)
+
+    r = encode(capsys, run_dir, tmp_path / "train.zarr", "--active", tmp_path / "A.json", split="train")
+    assert r["rows"] == N_TRAIN and r["features"] == len(columns["layer"])
+    assert not (tmp_path / "train.active.json").exists()  # nothing new to record
+    ref = raw_arrays(ref_f32)
+    got = raw_arrays(tmp_path / "train.zarr")
+    for name in ("layer", "variate", "y", "x", "avg_kl"):
+        np.testing.assert_array_equal(got[f"dims/{name}"], ref[f"dims/{name}"], err_msg=name)
+    np.testing.assert_array_equal(got["sample_index"], np.arange(N_TRAIN))
+    attrs = attrs_of(tmp_path / "train.zarr")
+    assert (attrs["split"], attrs["selection_rule"], attrs["selection_value"], attrs["kl_split"]) == \
+        ("train", "keep", 0.25, "train")
+
+    # The sidecar an encode leaves beside its store works the same way.
+    sidecar = ref_f32.with_name("f32.active.json")
+    r2 = encode(capsys, run_dir, tmp_path / "test.zarr", "--active", sidecar, "--dtype", "float32")
+    assert r2["features"] == len(columns["layer"])
+    assert_same_store(tmp_path / "test.zarr", ref_f32)
+
+
+def test_active_set_of_another_checkpoint_is_refused(capsys, tmp_path, run_dir, other_ckpt, ref_f32):
+    meta = json.loads(ref_f32.with_name("f32.active.json").read_text())
+    meta["checkpoint_sha256"] = "0" * 64
+    (tmp_path / "forged.json").write_text(json.dumps(meta))
+    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--active", tmp_path / "forged.json",
+                  "--out", tmp_path / "X.zarr", "--device", "cpu")
+    assert "checkpoint" in msg
+    assert not (tmp_path / "X.zarr").exists()
+
+    code, _, err = run_cli(capsys, "analyze-kl", other_ckpt, "--data", "digits", "--keep", "25%",
+                           "--out", tmp_path / "other.json", "--device", "cpu")
+    assert code == 0, err
+    refused(capsys, "encode", run_dir, "--data", "digits", "--active", tmp_path / "other.json",
+            "--out", tmp_path / "X.h5", "--device", "cpu")
+    assert not (tmp_path / "X.h5").exists()
+
+
+# ----------------------------------------------------------------------------- 5. resume
+
+
+class _Interrupt:
+    """Wraps StoreWriter.write_chunk: lets `after` chunks through, then raises `exc`."""
+
+    def __init__(self, monkeypatch, after: int, exc: BaseException) -> None:
+        self.calls, self.after, self.exc = 0, after, exc
+        real = StoreWriter.write_chunk
+
+        def write_chunk(writer, i, *args, **kwargs):
+            if self.calls >= self.after:
+                raise self.exc
+            self.calls += 1
+            return real(writer, i, *args, **kwargs)
+
+        monkeypatch.setattr(StoreWriter, "write_chunk", write_chunk)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resume_after_an_interrupt_matches_an_uninterrupted_run(capsys, monkeypatch, tmp_path, fmt, run_dir):
+    # stat=sample: a resumed run must also draw exactly the noise an uninterrupted one draws.
+    args = ("--keep", "25%", "--stat", "sample", "--dtype", "float32", "--seed", "3")
+    full = tmp_path / f"full{FORMATS[fmt]}"
+    encode(capsys, run_dir, full, *args)
+
+    part = tmp_path / f"part{FORMATS[fmt]}"
+    with monkeypatch.context() as m:
+        _Interrupt(m, 2, KeyboardInterrupt())
+        code, _, err = run_cli(capsys, "encode", run_dir, "--data", "digits", "--out", part, "--chunk-rows", CHUNK,
+                               "--device", "cpu", *args)
+    assert code == 130, err
+    with pytest.raises(StoreError, match="incomplete"):
+        open_encodings(part)
+    raw = raw_arrays(part)
+    np.testing.assert_array_equal(raw["chunks_written"], [1, 1, 0])
+    assert np.isnan(raw["features"][2 * CHUNK:]).all() and (raw["sample_index"][2 * CHUNK:] == -1).all()
+    assert attrs_of(part)["complete"] is False
+    # Decoding an incomplete store is refused.
+    refused(capsys, "decode", part, "--out", tmp_path / "x.png", "--device", "cpu")
+    assert not (tmp_path / "x.png").exists()
+
+    r = encode(capsys, run_dir, part, *args, "--resume")
+    assert r["rows_written"] == N_TEST - 2 * CHUNK and r["rows"] == N_TEST
+    assert_same_store(part, full)
+    assert attrs_of(part)["complete"] is True
+
+    # Resuming a complete store writes nothing and leaves its contents as they were (HDF5
+    # rewrites its metadata when `complete` is set again, so the bytes of the file may change).
+    r = encode(capsys, run_dir, part, *args, "--resume")
+    assert r["rows_written"] == 0
+    assert_same_store(part, full)
+
+
+def test_resume_after_an_unwritable_store_midway(capsys, monkeypatch, tmp_path, run_dir, ref_f32):
+    """The disk turns read-only after the first chunk: exit 2, a store that says it is incomplete."""
+    out = tmp_path / "ro.zarr"
+    real = stores._ZarrBackend.write_rows
+    calls = {"n": 0}
+
+    def write_rows(self, name, start, stop, data):
+        if start >= CHUNK:
+            raise OSError(errno.EROFS, "Read-only file system")
+        calls["n"] += 1
+        return real(self, name, start, stop, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(stores._ZarrBackend, "write_rows", write_rows)
+        refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--dtype", "float32",
+                "--out", out, "--chunk-rows", CHUNK, "--device", "cpu")
+    assert calls["n"] > 0
+    with pytest.raises(StoreError, match="incomplete"):
+        open_encodings(out)
+    np.testing.assert_array_equal(chunk_flags(out), [1, 0, 0])
+    encode(capsys, run_dir, out, "--keep", "25%", "--dtype", "float32", "--resume")
+    assert_same_store(out, ref_f32)
+
+
+def test_resume_after_kill_9(capsys, tmp_path, run_dir, ref_train):
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "cli.main", "encode", str(run_dir), "--data", "digits", "--split", "train",
+           "--keep", "25%", "--out", str(out), "--chunk-rows", "16", "--batch-size", "16", "--device", "cpu",
+           "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    n_chunks = math.ceil(N_TRAIN / 16)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (out / "zarr.json").exists():
+                try:
+                    flags = np.asarray(zarr.open_group(str(out), mode="r", use_consolidated=False)
+                                       ["chunks_written"][...])
+                except Exception:  # caught mid-creation or mid-write: look again
+                    flags = None
+                if flags is not None and 0 < flags.sum() < n_chunks:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = int(flags.sum())
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        stderr = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+    if killed_at is None:
+        assert proc.returncode == 0, stderr[-2000:]
+        pytest.skip("the encode finished before it could be killed")
+    assert proc.returncode == -signal.SIGKILL
+
+    flags = chunk_flags(out)
+    assert killed_at <= flags.sum() < n_chunks
+    with pytest.raises(StoreError, match="incomplete"):
+        open_encodings(out)
+    assert attrs_of(out)["complete"] is False
+
+    code, stdout, err = run_cli(capsys, "encode", run_dir, "--data", "digits", "--split", "train", "--keep", "25%",
+                                "--out", out, "--chunk-rows", 16, "--batch-size", 16, "--device", "cpu", "--resume",
+                                "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    sizes = np.minimum(16, N_TRAIN - 16 * np.arange(n_chunks))  # the last chunk has 13 rows
+    assert r["rows_written"] == int(sizes[flags == 0].sum())
+    assert_same_store(out, ref_train)
+
+
+# ----------------------------------------------------------------------------- 6. existing stores
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_existing_store_is_kept_without_overwrite(capsys, tmp_path, fmt, run_dir, other_ckpt):
+    out = tmp_path / f"E{FORMATS[fmt]}"
+    encode(capsys, run_dir, out, "--keep", "25%", "--stat", "mean+std")
+    before = tree_digest(out)
+    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out, "--device", "cpu")
+    assert "exists" in msg and "--overwrite" in msg
+    assert tree_digest(out) == before
+
+    # --resume on a (complete) store of another checkpoint names the mismatch.
+    msg = refused(capsys, "encode", other_ckpt, "--data", "digits", "--keep", "25%", "--stat", "mean+std",
+                  "--out", out, "--device", "cpu", "--resume")
+    assert "checkpoint_sha256" in msg
+    assert tree_digest(out) == before
+
+    # ... and on one with another statistic too.
+    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--stat", "mean",
+                  "--out", out, "--device", "cpu", "--resume")
+    assert "statistic" in msg
+    assert tree_digest(out) == before
+
+    r = encode(capsys, other_ckpt, out, "--keep", "25%", "--overwrite")
+    assert r["rows_written"] == N_TEST
+    raw = raw_arrays(out)
+    assert "features_std" not in raw
+    attrs = attrs_of(out)
+    assert attrs["complete"] is True and attrs["statistic"] == "mean"
+    assert attrs["checkpoint_sha256"] == hashlib.sha256(other_ckpt.read_bytes()).hexdigest()
+
+
+def test_resume_of_an_incomplete_store_from_another_checkpoint(capsys, monkeypatch, tmp_path, run_dir, other_ckpt):
+    out = tmp_path / "I.zarr"
+    with monkeypatch.context() as m:
+        _Interrupt(m, 1, KeyboardInterrupt())
+        code, _, _ = run_cli(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out,
+                             "--chunk-rows", CHUNK, "--device", "cpu")
+    assert code == 130
+    before = tree_digest(out)
+    msg = refused(capsys, "encode", other_ckpt, "--data", "digits", "--keep", "25%", "--out", out,
+                  "--device", "cpu", "--resume")
+    assert "checkpoint_sha256" in msg
+    assert tree_digest(out) == before
+    np.testing.assert_array_equal(chunk_flags(out), [1, 0, 0])
+
+
+def test_resume_with_other_columns_of_the_same_size_is_refused(capsys, monkeypatch, tmp_path, run_dir, ref_f32):
+    """An --active set with the same rule, value and number of columns but other variates must
+    not fill the missing chunks of a store whose dims table says otherwise."""
+    out = tmp_path / "C.zarr"
+    with monkeypatch.context() as m:
+        _Interrupt(m, 1, KeyboardInterrupt())
+        code, _, _ = run_cli(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--dtype", "float32",
+                             "--out", out, "--chunk-rows", CHUNK, "--device", "cpu")
+    assert code == 130
+    meta = json.loads((tmp_path / "C.active.json").read_text())
+    arrays = meta["arrays"]
+    sel, res = list(arrays["selected"]), arrays["resolution"]
+    # Swap one kept variate for a pruned one of the same resolution: same K, same attrs, other columns.
+    swap = next((i, j) for i in sel for j in range(N_VARIATES) if j not in sel and res[j] == res[i])
+    arrays["selected"] = sorted([s for s in sel if s != swap[0]] + [swap[1]])
+    (tmp_path / "swapped.json").write_text(json.dumps(meta))
+    before = tree_digest(out)
+    code, stdout, err = run_cli(capsys, "encode", run_dir, "--data", "digits", "--active", tmp_path / "swapped.json",
+                                "--dtype", "float32", "--out", out, "--chunk-rows", CHUNK, "--device", "cpu",
+                                "--resume", "--json")
+    mixed = code == 0 and not np.array_equal(raw_arrays(out)["features"], raw_arrays(ref_f32)["features"])
+    assert code == 2, ("resume accepted an active set with other columns" +
+                       (" and wrote a store that mixes two column sets" if mixed else ""), stdout, err)
+    assert tree_digest(out) == before
+
+
+# ----------------------------------------------------------------------------- 7. bad input
+
+
+def test_encode_bad_options(capsys, tmp_path, run_dir, ref_f32):
+    out = tmp_path / "X.zarr"
+    base = ("encode", run_dir, "--data", "digits", "--out", out, "--device", "cpu")
+    sidecar = ref_f32.with_name("f32.active.json")
+    for extra in (("--keep", "25%", "--active", sidecar), ("--keep", "25%", "--threshold", "0.1"), (),
+                  ("--keep", "25%", "--stat", "median"), ("--keep", "25%", "--dtype", "bfloat16"),
+                  ("--keep", "250%"), ("--keep", "25%", "--resume", "--overwrite"),
+                  ("--active", tmp_path / "missing.json")):
+        refused(capsys, *base, *extra)
+        assert not out.exists(), extra
+        assert not (tmp_path / "X.active.json").exists(), extra
+    refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", tmp_path / "X.npy",
+            "--device", "cpu")
+    assert not (tmp_path / "X.npy").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encode_into_a_read_only_destination(capsys, monkeypatch, tmp_path, fmt, run_dir):
+    # Running as root, chmod does not stop writes: simulate both ways a read-only place shows.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = ro / f"X{FORMATS[fmt]}"
+    real_access = os.access
+
+    with monkeypatch.context() as m:  # the directory is not writable
+        m.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK
+                  else real_access(p, mode, **kw))
+        msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out, "--device", "cpu")
+    assert "not writable" in msg
+    assert list(ro.iterdir()) == []
+
+    def erofs(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:  # the file system refuses the creation
+        if fmt == "zarr":
+            m.setattr(stores.zarr, "open_group", erofs)
+        else:
+            m.setattr(stores.h5py, "File", erofs)
+        msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out, "--device", "cpu")
+    assert "Read-only" in msg
+    assert list(ro.iterdir()) == []
+
+    # A destination directory that does not exist.
+    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", tmp_path / "no" / out.name,
+                  "--device", "cpu")
+    assert "does not exist" in msg
+
+
+def test_decode_bad_input(capsys, monkeypatch, tmp_path, run_dir, other_ckpt, ref_f32):
+    png = tmp_path / "x.png"
+    base = ("decode", ref_f32, "--device", "cpu")
+    for rows in ("500:600", "170:181", "5:5", "a:b", "-3:4"):
+        msg = refused(capsys, *base, "--out", png, "--rows", rows)
+        assert "--rows" in msg, rows
+    assert "180 rows" in refused(capsys, *base, "--out", png, "--rows", "500:600")
+    msg = refused(capsys, *base, "--out", png, "--ckpt", other_ckpt)
+    assert "sha256" in msg
+    refused(capsys, *base, "--out", tmp_path / "missing" / "x.png")
+    refused(capsys, *base, "--out", png, "--temperature", "-1")
+    refused(capsys, "decode", tmp_path / "nothing.zarr", "--out", png, "--device", "cpu")
+    assert not png.exists()
+
+    # Corrupt stores: a damaged array in a Zarr copy, an HDF5 file of garbage, a foreign Zarr group.
+    import shutil
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(ref_f32, bad)
+    (bad / "features" / "zarr.json").write_text("{ not json")
+    refused(capsys, "decode", bad, "--out", png, "--device", "cpu")
+    (tmp_path / "bad.h5").write_bytes(os.urandom(4096))
+    refused(capsys, "decode", tmp_path / "bad.h5", "--out", png, "--device", "cpu")
+    zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w", attributes={"hello": 1})
+    refused(capsys, "decode", tmp_path / "foreign.zarr", "--out", png, "--device", "cpu")
+    assert not png.exists()
+
+
+def test_decode_refuses_a_store_whose_dims_do_not_fit_its_checkpoint(capsys, tmp_path, ref_f32):
+    import shutil
+
+    def damaged(name: str, change) -> Path:
+        bad = tmp_path / f"{name}.zarr"
+        shutil.copytree(ref_f32, bad)
+        g = zarr.open_group(str(bad), mode="r+", use_consolidated=False)
+        for field, values in change(np.asarray(g["dims"]["layer"][...]), np.asarray(g["dims"]["variate"][...]),
+                                    np.asarray(g["dims"]["y"][...])).items():
+            g["dims"][field][...] = values
+        return bad
+
+    cases = {
+        "layer7": lambda layer, v, y: {"layer": np.full_like(layer, 7)},      # a layer tiny does not have
+        "variate9": lambda layer, v, y: {"variate": np.full_like(v, 9)},      # tiny layers have 4 variates
+        "y-1": lambda layer, v, y: {"y": np.full_like(y, -1)},                # the variate-granularity marker
+        "reversed": lambda layer, v, y: {"layer": layer[::-1].copy(), "variate": v[::-1].copy()},
+    }
+    for name, change in cases.items():
+        msg = refused(capsys, "decode", damaged(name, change), "--out", tmp_path / "x.png", "--device", "cpu")
+        assert "dims" in msg, (name, msg)
+        assert not (tmp_path / "x.png").exists(), name
+
+
+# ----------------------------------------------------------------------------- 8. two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_encode_equals_one_process(tmp_path, run_dir, ref_dir):
+    single = ref_dir / "single32.zarr"
+    if not single.exists():
+        encode_quietly(run_dir, single, "--keep", "25%", "--chunk-rows", "32")
+    out = tmp_path / "ddp.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "cli.main", "encode", str(run_dir), "--data", "digits",
+           "--split", "test", "--keep", "25%", "--out", str(out), "--chunk-rows", "32", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    a, b = raw_arrays(out), raw_arrays(single)
+    assert sorted(a) == sorted(b)
+    np.testing.assert_array_equal(a["chunks_written"], np.ones(math.ceil(N_TEST / 32), np.uint8))
+    for name in a:
+        if name == "dims/avg_kl":  # ranked on two shards with per-rank posterior samples
+            np.testing.assert_allclose(a[name], b[name], rtol=0.05)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    attrs_a, attrs_b = attrs_of(out), attrs_of(single)
+    assert attrs_a["complete"] is True
+    assert attrs_a["kl_share_kept"] == pytest.approx(attrs_b["kl_share_kept"], rel=0.05)
+    assert {k: v for k, v in attrs_a.items() if k != "kl_share_kept"} == \
+        {k: v for k, v in attrs_b.items() if k != "kl_share_kept"}
