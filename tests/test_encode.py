@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,7 +109,7 @@ def model(ckpt):
 
 
 @pytest.fixture(scope="module")
-def test_set():
+def digits_test():
     return load_images("digits", split="test")
 
 
@@ -321,7 +322,7 @@ def ref_train(run_dir, ref_dir) -> Path:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_encode_numbers_and_contents(capsys, fmt, tmp_path, run_dir, ckpt, model, test_set, kl_table, kept,
+def test_encode_numbers_and_contents(capsys, fmt, tmp_path, run_dir, ckpt, model, digits_test, kl_table, kept,
                                      active, columns):
     out = tmp_path / f"E{FORMATS[fmt]}"
     r = encode(capsys, run_dir, out, "--keep", "25%")
@@ -337,9 +338,9 @@ def test_encode_numbers_and_contents(capsys, fmt, tmp_path, run_dir, ckpt, model
     avg = kl_table.table("variate").avg_kl
     assert r["kl_share_kept"] == pytest.approx(avg[kept].sum() / avg.sum(), rel=1e-9)
 
-    expected = _by_hand(model, kept, test_set.images)
+    expected = _by_hand(model, kept, digits_test.images)
     encoder = Encoder(model, active)
-    via_encoder = np.concatenate([encoder.encode(prepare_batch(model.cfg, test_set.images[lo:lo + CHUNK]))[0].numpy()
+    via_encoder = np.concatenate([encoder.encode(prepare_batch(model.cfg, digits_test.images[lo:lo + CHUNK]))[0].numpy()
                                   for lo in range(0, N_TEST, CHUNK)])
     np.testing.assert_array_equal(via_encoder, expected)
     assert expected.std(0).min() > 0  # every column varies over the images
@@ -347,7 +348,7 @@ def test_encode_numbers_and_contents(capsys, fmt, tmp_path, run_dir, ckpt, model
     raw = raw_arrays(out)
     assert raw["features"].dtype == np.float16 and raw["features"].shape == (N_TEST, k)
     np.testing.assert_array_equal(raw["features"], expected.astype(np.float16))
-    np.testing.assert_array_equal(raw["labels"], test_set.labels)
+    np.testing.assert_array_equal(raw["labels"], digits_test.labels)
     assert raw["labels"].dtype == np.int64 and raw["sample_index"].dtype == np.int64
     np.testing.assert_array_equal(raw["sample_index"], np.arange(N_TEST))
     np.testing.assert_array_equal(raw["chunks_written"], np.ones(3, np.uint8))
@@ -431,14 +432,14 @@ def test_sample_statistic_is_seeded(capsys, tmp_path, run_dir, ref_f32):
     assert attrs_of(tmp_path / "s1.zarr")["statistic"] == "sample" and attrs_of(tmp_path / "s1.zarr")["seed"] == 1
 
 
-def test_mean_plus_std(capsys, tmp_path, run_dir, model, kept, test_set, ref_f32):
+def test_mean_plus_std(capsys, tmp_path, run_dir, model, kept, digits_test, ref_f32):
     out = tmp_path / "ms.zarr"
     encode(capsys, run_dir, out, "--keep", "25%", "--dtype", "float32", "--stat", "mean+std")
     raw = raw_arrays(out)
     np.testing.assert_array_equal(raw["features"], raw_arrays(ref_f32)["features"])
     assert raw["features_std"].shape == raw["features"].shape and raw["features_std"].dtype == np.float32
     assert (raw["features_std"] > 0).all()
-    np.testing.assert_array_equal(raw["features_std"], _by_hand(model, kept, test_set.images, "q_std"))
+    np.testing.assert_array_equal(raw["features_std"], _by_hand(model, kept, digits_test.images, "q_std"))
     assert attrs_of(out)["statistic"] == "mean+std"
 
 
@@ -457,10 +458,10 @@ def test_sample_is_mean_plus_std_times_normal_noise_on_the_first_kept_layer(caps
 # ----------------------------------------------------------------------------- 3. decode invariant
 
 
-def test_decode_reproduces_the_pruned_reconstruction(capsys, tmp_path, run_dir, model, kept, active, test_set,
+def test_decode_reproduces_the_pruned_reconstruction(capsys, tmp_path, run_dir, model, kept, active, digits_test,
                                                      ref_f32):
     # Pruned reconstruction of the first chunk (the batch the encoder saw), by the model directly.
-    x = prepare_batch(model.cfg, test_set.images[:CHUNK])
+    x = prepare_batch(model.cfg, digits_test.images[:CHUNK])
     with torch.no_grad():
         recon = model.reconstruct(x, active=_masks(kept), posterior="mean", masked="mean", deterministic=True)[:16]
     np.testing.assert_array_equal(Encoder(model, active).pruned_reconstruction(x)[:16].numpy(), recon.numpy())
@@ -482,7 +483,7 @@ def test_decode_reproduces_the_pruned_reconstruction(capsys, tmp_path, run_dir, 
     np.testing.assert_array_equal(png_tiles(png, 16), by_hand_uint8(recon))
 
     # Other rows: 100:109 (3 x 3 grid) against the reconstruction of chunk 1 (rows 64:128).
-    x1 = prepare_batch(model.cfg, test_set.images[CHUNK:2 * CHUNK])
+    x1 = prepare_batch(model.cfg, digits_test.images[CHUNK:2 * CHUNK])
     with torch.no_grad():
         recon1 = model.reconstruct(x1, active=_masks(kept), posterior="mean", masked="mean", deterministic=True)
     code, _, err = run_cli(capsys, "decode", ref_f32, "--out", tmp_path / "d9.png", "--rows", "100:109",
@@ -822,7 +823,7 @@ def test_encode_into_a_read_only_destination(capsys, monkeypatch, tmp_path, fmt,
     assert "does not exist" in msg
 
 
-def test_decode_bad_input(capsys, monkeypatch, tmp_path, run_dir, other_ckpt, ref_f32):
+def test_decode_bad_input(capsys, tmp_path, other_ckpt, ref_f32):
     png = tmp_path / "x.png"
     base = ("decode", ref_f32, "--device", "cpu")
     for rows in ("500:600", "170:181", "5:5", "a:b", "-3:4"):
@@ -837,8 +838,6 @@ def test_decode_bad_input(capsys, monkeypatch, tmp_path, run_dir, other_ckpt, re
     assert not png.exists()
 
     # Corrupt stores: a damaged array in a Zarr copy, an HDF5 file of garbage, a foreign Zarr group.
-    import shutil
-
     bad = tmp_path / "bad.zarr"
     shutil.copytree(ref_f32, bad)
     (bad / "features" / "zarr.json").write_text("{ not json")
@@ -851,8 +850,6 @@ def test_decode_bad_input(capsys, monkeypatch, tmp_path, run_dir, other_ckpt, re
 
 
 def test_decode_refuses_a_store_whose_dims_do_not_fit_its_checkpoint(capsys, tmp_path, ref_f32):
-    import shutil
-
     def damaged(name: str, change) -> Path:
         bad = tmp_path / f"{name}.zarr"
         shutil.copytree(ref_f32, bad)

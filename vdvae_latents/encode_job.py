@@ -82,22 +82,35 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         "n_dims_total": active.n_dims, "n_dims_kept": active.n_active,
         "n_latent_scalars_total": active.total_scalars_per_image(), "n_features": encoder.n_features,
         "kl_share_kept": summary["kl_share_active"], "seed": seed,
+        # Which latent scalars the columns are: a resumed store must continue the same ones.
+        "columns_sha256": _columns_digest(encoder.columns.arrays()),
     }
     identity = {k: attrs[k] for k in ("checkpoint_sha256", "data", "split", "granularity", "selection_rule",
-                                      "selection_value", "statistic", "dtype", "n_features")}
+                                      "selection_value", "statistic", "dtype", "n_features", "columns_sha256")}
     n = len(images)
     # ---- create (rank 0) or re-open the store
+    writer = None
+    failure: str | None = None
     if rank == 0:
-        if resume and out.exists():
-            writer = StoreWriter.open(out, expect_attrs=identity)
-        else:
-            writer = StoreWriter.create(out, n_rows=n, dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
-                                        with_std=statistic == "mean+std", has_labels=images.labels is not None,
-                                        chunk_rows=chunk_rows, overwrite=overwrite)
-            if active_file is None:
-                active.save(_active_path(out))
+        try:
+            if resume and out.exists():
+                writer = StoreWriter.open(out, expect_attrs=identity)
+            else:
+                writer = StoreWriter.create(out, n_rows=n, dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
+                                            with_std=statistic == "mean+std", has_labels=images.labels is not None,
+                                            chunk_rows=chunk_rows, overwrite=overwrite)
+                if active_file is None:
+                    active.save(_active_path(out))
+        except UserError as err:
+            if not distributed:
+                raise
+            failure = str(err)
     if distributed:
-        dist.barrier()
+        # Every rank learns whether rank 0 could set the store up, so none waits forever.
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise UserError(box[0])
     parallel = distributed and fmt == "zarr"  # HDF5 has one writer: rank 0
     if rank != 0:
         writer = StoreWriter.open(out, expect_attrs=identity) if parallel else None
@@ -201,6 +214,15 @@ def _active_from_store(enc, model) -> ActiveSet:
                      avg_kl=kl, active_units=np.zeros(len(layer)))
     return ActiveSet(granularity="element", table=table, selected=np.arange(len(layer)), rule="stored",
                      value=float("nan"), layer_shapes=shapes, n_images=int(enc.attrs.get("kl_images", 0)))
+
+
+def _columns_digest(arrays: dict[str, np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in ("layer", "variate", "y", "x"):
+        h.update(np.ascontiguousarray(arrays[key], dtype=np.int32).tobytes())
+    return h.hexdigest()
 
 
 def _parse_rows(text: str, n: int) -> tuple[int, int]:
