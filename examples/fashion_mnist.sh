@@ -14,6 +14,7 @@ OUT=${OUT:-fashion-out}
 STEPS=${STEPS:-5000}
 KEEP=${KEEP:-3%}
 mkdir -p "$OUT"
+trap 'echo "interrupted"; exit 130' INT TERM
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 log "train fashion-mnist-cpu for $STEPS steps"
