@@ -21,7 +21,7 @@ from .encoding import STATISTICS, Encoder
 from .errors import UserError
 from .images import save_grid, to_uint8
 from .kl_analysis import ActiveSet, LatentKL, build_active_set, parse_keep
-from .pipeline import _maybe_init_distributed, auto_device
+from .pipeline import auto_device, join_processes
 from .stores import StoreWriter, open_encodings, store_format
 
 DTYPES = {"float16": 2, "float32": 4}
@@ -46,10 +46,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     out = Path(out)
     fmt = store_format(out)
     dev = auto_device(device)
-    distributed = _maybe_init_distributed(dev)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if distributed and dev.type == "cuda":
-        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    dev, rank, world = join_processes(dev)
+    distributed = world > 1
     # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
     ckpt_path = resolve_checkpoint(path).absolute()
     sha = file_sha256(ckpt_path)

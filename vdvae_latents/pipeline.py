@@ -21,6 +21,19 @@ from .evaluate import evaluate
 from .images import save_grid, to_uint8
 
 
+def join_processes(dev: torch.device) -> tuple[torch.device, int, int]:
+    """Join torchrun's process group if there is one: (device for this rank, rank, world size).
+
+    The same mechanism training uses; on CUDA each rank takes its own local GPU.
+    """
+    from .training import init_distributed
+
+    env = init_distributed(dev.type)
+    if env.world_size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", env.local_rank)
+    return dev, env.rank, env.world_size
+
+
 def auto_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available.")
@@ -116,10 +129,8 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
         raise UserError(f"--granularity must be variate or element, not '{granularity}'.")
     keep_fraction = parse_keep(keep) if keep is not None else None
     dev = auto_device(device)
-    distributed = _maybe_init_distributed(dev)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if distributed and dev.type == "cuda":
-        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    dev, rank, world = join_processes(dev)
+    distributed = world > 1
     ckpt_path = resolve_checkpoint(path)
     model, info = load_model(ckpt_path, ema=True, device=dev)
     images = load_images(data, split=split, limit=limit)
@@ -147,16 +158,3 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
         dist.barrier()
     result["seconds"] = time.perf_counter() - start
     return result
-
-
-def _maybe_init_distributed(dev: torch.device) -> bool:
-    """Join torchrun's process group when launched with several processes."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return True
