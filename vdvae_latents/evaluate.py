@@ -201,7 +201,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(images, batch_size):
+        for batch in iter_batches(images, batch_size):
             if batch.shape[0] == 0:
                 continue
             _check_batch(cfg, batch)
@@ -240,7 +240,7 @@ def evaluate(
 # ------------------------------------------------------------------------- helpers
 
 
-def _batches(images, batch_size: int) -> Iterator[torch.Tensor | np.ndarray]:
+def iter_batches(images, batch_size: int) -> Iterator[torch.Tensor | np.ndarray]:
     """Yield uint8 batches (tensor NCHW or array NHWC) from any accepted input."""
     if isinstance(images, ImageSet):
         images = images.images

@@ -21,7 +21,7 @@ import json
 import math
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .batches import prepare_batch
+from .evaluate import iter_batches
 from .errors import UserError
 
 GRANULARITIES = ("variate", "element")
@@ -110,7 +111,7 @@ class LatentKL:
         was_training = model.training
         model.eval()
         try:
-            for batch in _batches(images, self.batch_size):
+            for batch in iter_batches(images, self.batch_size):
                 x = prepare_batch(model.cfg, batch, device=device)
                 out = model(x, posterior=self.posterior, generator=generator)
                 for k, layer in enumerate(out.layers):
@@ -172,18 +173,6 @@ class LatentKL:
 def _check_fitted(est: LatentKL) -> None:
     if not hasattr(est, "element_kl_"):
         raise RuntimeError("LatentKL is not fitted yet: call fit(model, images) first.")
-
-
-def _batches(images, batch_size: int) -> Iterable:
-    """Yield uint8 batches from an array/tensor (sliced) or pass an iterable through."""
-    if hasattr(images, "images") and not isinstance(images, (np.ndarray, torch.Tensor)):
-        images = images.images  # an ImageSet
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        for start in range(0, len(images), batch_size):
-            yield images[start:start + batch_size]
-    else:
-        for batch in images:
-            yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 # --------------------------------------------------------------------------- selection rules
