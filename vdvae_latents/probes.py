@@ -19,10 +19,11 @@ Protocol (one run per seed 0 .. seeds-1, identical for every feature set):
    hold-out of the store's rows (the seed changes it).
 2. Training rows: the remaining rows; with ``max_train`` a seeded stratified subsample of
    at most that many. Every feature set of one seed sees the same training and test rows.
-3. A ``Pipeline(StandardScaler, model)``; its hyper-parameters are chosen by a seeded,
-   shuffled, stratified K-fold cross-validation on the training rows only
-   (:class:`~sklearn.model_selection.GridSearchCV`), refitted on all training rows, and
-   scored once on the test rows.
+3. A ``Pipeline(StandardScaler, model)`` (logreg and linear-svm fit in the exact
+   coordinates of the training rows' span; see :mod:`.probe_protocol`); its
+   hyper-parameters are chosen by a seeded, shuffled, stratified K-fold cross-validation
+   on the training rows only (:class:`~sklearn.model_selection.GridSearchCV`), refitted on
+   all training rows, and scored once on the test rows.
 
 Each report row gives the mean and standard deviation over the seeds (sample std,
 ``ddof=1``; 0 for one seed) of the test accuracy and of the chosen hyper-parameters'
@@ -38,8 +39,6 @@ works on any store without its checkpoint or data.
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -49,8 +48,8 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .probe_protocol import MODELS, check_model, check_training_labels, probe_features
 
-MODELS = ("logreg", "linear-svm", "knn", "mlp")
 BASELINES = ("pixels", "full", "random", "pca")
 #: What `vdvl probe` runs without --baselines; these are skipped (with a note) when their
 #: checkpoint or images are not available, instead of failing.
@@ -59,123 +58,6 @@ HOLDOUT_FRACTION = 0.2
 FLOAT32_BYTES = 4
 
 Progress = Callable[[str], None]
-
-
-# ============================================================================ the protocol
-
-
-def _model_and_grid(model: str, *, seed: int, n_train: int, n_classes: int, cv: int) -> tuple[Any, dict]:
-    """A fresh estimator and its (small) grid, sized so every fit is quick on 2 cores."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.svm import LinearSVC
-
-    # The smallest training part of a CV fold: KNN cannot ask for more neighbours than it has,
-    # and MLP early stopping needs a validation slice with room for every class.
-    fold_train = n_train - math.ceil(n_train / cv)
-    if model == "logreg":
-        return LogisticRegression(max_iter=1000), {"C": [0.1, 1.0, 10.0]}
-    if model == "linear-svm":
-        return LinearSVC(max_iter=5000, random_state=seed), {"C": [0.01, 0.1, 1.0]}
-    if model == "knn":
-        ks = [k for k in (5, 15) if k <= fold_train] or [max(1, fold_train)]
-        return KNeighborsClassifier(), {"n_neighbors": ks}
-    if model == "mlp":
-        # Early stopping holds out 10% of each fit; below ~1000 rows that slice is too small and
-        # noisy (it stops far too soon), and 300 epochs of a small set are cheap anyway.
-        early = fold_train >= max(1000, 20 * n_classes)
-        return (MLPClassifier(hidden_layer_sizes=(128,), early_stopping=early, max_iter=200 if early else 300,
-                              random_state=seed), {"alpha": [1e-4, 1e-2]})
-    raise UserError(f"--model must be one of {', '.join(MODELS)}, not '{model}'.")
-
-
-def _check_model(model: str) -> str:
-    if model not in MODELS:
-        raise UserError(f"--model must be one of {', '.join(MODELS)}, not '{model}'.")
-    return model
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python numbers so reports are JSON-serialisable."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _as_matrix(x: Any, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise UserError(f"{name} must be a 2-D array of features, not shape {x.shape}.")
-    if not np.isfinite(x).all():
-        raise UserError(f"{name} contains NaN or infinite values.")
-    return x
-
-
-def check_training_labels(y_train: np.ndarray, cv: int, where: str = "the training rows") -> None:
-    """UserError unless ``y_train`` has two classes or more, each with at least ``cv`` members."""
-    classes, counts = np.unique(y_train, return_counts=True)
-    if len(classes) < 2:
-        shown = f" ({classes[0]})" if len(classes) else ""
-        raise UserError(f"{where} have only one class{shown}; a probe needs at least 2.")
-    if counts.min() < cv:
-        c = classes[np.argmin(counts)]
-        raise UserError(f"class {c} has only {counts.min()} of {where}, fewer than the {cv} cross-validation "
-                        f"folds; use a smaller --cv or more rows.")
-
-
-def probe_features(X_train: Any, y_train: Any, X_test: Any, y_test: Any, *, model: str = "logreg",
-                   seed: int = 0, cv: int = 3) -> dict:
-    """Fit and score one probe on plain arrays: the protocol every report row is made of.
-
-    Hyper-parameters are chosen by ``cv``-fold stratified cross-validation (shuffled with
-    ``seed``) on the training rows only; the test rows are used exactly once, to score the
-    refitted best pipeline.
-
-    Returns ``test_accuracy``, ``cv_accuracy`` (mean CV accuracy of the chosen
-    hyper-parameters), ``params`` (the chosen ones), ``fit_seconds`` (cross-validation
-    plus refit), ``n_train``, ``n_test``, ``n_features`` and ``convergence_warnings``.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    _check_model(model)
-    if isinstance(cv, bool) or not isinstance(cv, int | np.integer) or cv < 2:
-        raise UserError(f"--cv must be an integer of at least 2 folds, not {cv!r}.")
-    X_train, X_test = _as_matrix(X_train, "X_train"), _as_matrix(X_test, "X_test")
-    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
-    if y_train.shape != (len(X_train),) or y_test.shape != (len(X_test),):
-        raise UserError("the labels must be 1-D with one entry per row of features.")
-    if X_train.shape[1] != X_test.shape[1] or len(X_test) == 0:
-        raise UserError("the test rows must be non-empty and have the training rows' features.")
-    check_training_labels(y_train, cv)
-
-    estimator, grid = _model_and_grid(model, seed=seed, n_train=len(y_train),
-                                      n_classes=len(np.unique(y_train)), cv=cv)
-    search = GridSearchCV(Pipeline([("scale", StandardScaler()), ("model", estimator)]),
-                          {f"model__{key}": values for key, values in grid.items()},
-                          cv=StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed),
-                          scoring="accuracy", refit=True, error_score="raise")
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        # Probes at max_iter may stop short of full convergence; that is reported as a count
-        # in the row rather than as dozens of warnings on stderr.
-        warnings.simplefilter("always", ConvergenceWarning)
-        search.fit(X_train, y_train)
-    seconds = time.perf_counter() - start
-    others = [w for w in caught if not issubclass(w.category, ConvergenceWarning)]
-    for w in others:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return {
-        "test_accuracy": float(search.score(X_test, y_test)),
-        "cv_accuracy": float(search.best_score_),
-        "params": {key.removeprefix("model__"): _plain(v) for key, v in search.best_params_.items()},
-        "fit_seconds": seconds,
-        "n_train": int(len(y_train)),
-        "n_test": int(len(y_test)),
-        "n_features": int(X_train.shape[1]),
-        "convergence_warnings": len(caught) - len(others),
-    }
 
 
 # ============================================================================ row selection
@@ -554,7 +436,7 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
     """
     from .stores import open_encodings
 
-    model = _check_model(model)
+    model = check_model(model)
     for name, value, low in (("--seeds", seeds, 1), ("--cv", cv, 2), ("--max-train", max_train, 2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low):
             raise UserError(f"{name} must be an integer of at least {low}, not {value!r}.")
