@@ -374,11 +374,13 @@ def probe(
     labels: Optional[str] = typer.Option(None, "--labels", help="A .npy file with one integer label per row, or a "
                                          "data spec whose split (the store's) has labels (default: the store's)."),
     model_name: str = typer.Option("logreg", "--model", help="logreg, linear-svm, knn or mlp."),
-    baselines: Optional[str] = typer.Option(None, "--baselines", help="Comma list of pixels, full, random, pca, or "
-                                            "none (default: pixels,random, skipped when their inputs are missing)."),
+    baselines: Optional[str] = typer.Option(None, "--baselines", help="Comma list of pixels, full, random, "
+                                            "random-unpruned, pca, or none (default: pixels,random, skipped when "
+                                            "their inputs are missing)."),
     test_store: Optional[Path] = typer.Option(None, "--test-store", help="The test split's store: its rows are the "
                                               "test set (default: a seeded stratified 20% hold-out)."),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint for full/random (default: the store's)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint for full/random/random-unpruned "
+                                        "(default: the store's)."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most N training rows (seeded, "
                                             "stratified; the same rows for every feature set)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds: hold-out split, CV shuffling, random draw, MLP init."),

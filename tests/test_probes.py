@@ -294,8 +294,8 @@ def clone_store(src: Path, dst: Path, **attr_changes) -> Path:
 class TestModelBaselines:
     def test_full_and_random_from_the_checkpoint(self, encoded, capsys):
         ckpt, store = encoded
-        code, out, err = run_cli(capsys, "probe", store, "--baselines", "full,random", "--seeds", "2", "--json",
-                                 "--model", "knn")
+        code, out, err = run_cli(capsys, "probe", store, "--baselines", "full,random,random-unpruned", "--seeds",
+                                 "2", "--json", "--model", "knn")
         assert code == 0, err
         report = json.loads(out)
         rows = {r["name"]: r for r in report["rows"]}
@@ -305,7 +305,14 @@ class TestModelBaselines:
         assert rows["active"]["features"] == k and rows["active"]["bytes_per_image"] == 2 * k  # float16
         assert rows["full"]["features"] == attrs["n_latent_scalars_total"] == 644  # tiny: 4 + 2*64 + 2*256
         assert rows["full"]["bytes_per_image"] == 4 * 644
-        assert rows["random"]["features"] == k and rows["random"]["bytes_per_image"] == 4 * k
+        assert rows["random-unpruned"]["features"] == k and rows["random-unpruned"]["bytes_per_image"] == 4 * k
+        # random keeps as many variates as the store; their sizes (1, 8x8 or 16x16 scalars) vary by draw.
+        from vdvae_latents.checkpoints import load_model
+
+        shapes = load_model(ckpt, device="cpu")[0].cfg.layer_shapes()
+        expected = [probes.random_active_set(shapes, "variate", attrs["n_dims_kept"], seed).kept_scalars_per_image()
+                    for seed in (0, 1)]
+        assert rows["random"]["features_per_seed"] == expected
         for row in rows.values():
             assert 0.0 <= row["test_accuracy"] <= 1.0 and len(row["test_accuracies"]) == 2
 
@@ -329,6 +336,45 @@ class TestModelBaselines:
 
         expected, _ = Encoder(model, everything).encode(prepare_batch(model.cfg, imgs))
         np.testing.assert_allclose(full, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+    def test_random_is_the_store_encoding_of_a_random_active_set(self, encoded):
+        import torch
+
+        from vdvae_latents.batches import prepare_batch
+        from vdvae_latents.checkpoints import load_model
+        from vdvae_latents.encoding import Encoder
+
+        ckpt, store = encoded
+        model, _ = load_model(ckpt, device="cpu")
+        enc = open_encodings(store)
+        n_kept, n_total = enc.attrs["n_dims_kept"], enc.attrs["n_dims_total"]
+        drawn = [probes.random_active_set(model.cfg.layer_shapes(), "variate", n_kept, seed) for seed in range(6)]
+        assert all(a.n_active == n_kept and len(a.table) == n_total for a in drawn)
+        assert len({tuple(a.selected) for a in drawn}) > 1  # a new draw per seed, reproducible per seed
+        np.testing.assert_array_equal(drawn[0].selected, probes.random_active_set(
+            model.cfg.layer_shapes(), "variate", n_kept, 0).selected)
+        # The baseline's features are the pruned-pass posterior means of the drawn set, which
+        # is what `vdvl encode --active` with that set would store.
+        imgs = load_images("digits", split="test").images[:8]
+        parts = [probes._Part(Path(store), enc, np.zeros(8, dtype=np.int64), np.arange(8))]
+        inputs = probes._Inputs(parts, np.zeros(8, dtype=int), np.arange(8), np.arange(8))
+        got = inputs.pruned_latents(Encoder(model, drawn[0]), torch.device("cpu"), lambda m: None, "random")
+        pruned = model(prepare_batch(model.cfg, imgs), active=drawn[0].layer_masks(), posterior="mean",
+                       masked="mean")
+        masks = drawn[0].layer_masks()
+        by_hand = torch.cat([layer.q_mean[:, m] if m is not None else layer.q_mean.flatten(1)
+                             for layer, m in zip(pruned.layers, masks) if m is None or m.any()], 1)
+        np.testing.assert_allclose(got, by_hand.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+    def test_random_needs_the_store_dimension_counts(self, encoded, tmp_path, capsys):
+        _, store = encoded
+        bare = clone_store(store, tmp_path / "bare.zarr")
+        import zarr
+
+        group = zarr.open_group(str(bare), mode="r+")
+        del group.attrs["n_dims_kept"]
+        code, _, err = run_cli(capsys, "probe", bare, "--baselines", "random", "--seeds", "1", "--model", "knn")
+        assert_one_line_error(code, err, "bare.zarr")
 
     def test_missing_checkpoint_is_skipped_with_a_note(self, encoded, tmp_path, capsys):
         _, store = encoded

@@ -21,7 +21,7 @@ import json
 import math
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,28 +146,39 @@ class LatentKL:
     def table(self, granularity: str = "variate") -> DimTable:
         """Every dimension of every layer, in natural order, with its average KL and AU."""
         _check_fitted(self)
-        if granularity not in GRANULARITIES:
-            raise UserError(f"--granularity must be variate or element, not '{granularity}'.")
-        cols: dict[str, list] = {k: [] for k in ("layer", "variate", "y", "x", "resolution", "avg_kl", "active_units")}
-        for k, ((v, h, w), kl, au) in enumerate(zip(self.layer_shapes_, self.element_kl_, self.element_au_)):
-            if granularity == "variate":
-                cols["layer"].append(np.full(v, k))
-                cols["variate"].append(np.arange(v))
-                cols["y"].append(np.full(v, -1))
-                cols["x"].append(np.full(v, -1))
-                cols["resolution"].append(np.full(v, h))
-                cols["avg_kl"].append(kl.reshape(v, -1).mean(1))
-                cols["active_units"].append(au.reshape(v, -1).mean(1))
-            else:
-                vv, yy, xx = np.meshgrid(np.arange(v), np.arange(h), np.arange(w), indexing="ij")
-                cols["layer"].append(np.full(v * h * w, k))
-                cols["variate"].append(vv.ravel())
-                cols["y"].append(yy.ravel())
-                cols["x"].append(xx.ravel())
-                cols["resolution"].append(np.full(v * h * w, h))
-                cols["avg_kl"].append(kl.ravel())
-                cols["active_units"].append(au.ravel())
-        return DimTable.from_arrays({k: np.concatenate(c) for k, c in cols.items()})
+        return dimension_table(self.layer_shapes_, granularity, self.element_kl_, self.element_au_)
+
+
+def dimension_table(layer_shapes: Sequence[tuple[int, int, int]], granularity: str,
+                    element_kl: Sequence[np.ndarray] | None = None,
+                    element_au: Sequence[np.ndarray] | None = None) -> DimTable:
+    """Every dimension of layers of these (V, H, W) shapes, in natural order; avg_kl and
+    active_units from per-layer (V, H, W) element statistics (zeros when not given).
+    A variate's statistic is its elements' average over the H x W positions."""
+    if granularity not in GRANULARITIES:
+        raise UserError(f"--granularity must be variate or element, not '{granularity}'.")
+    cols: dict[str, list] = {k: [] for k in ("layer", "variate", "y", "x", "resolution", "avg_kl", "active_units")}
+    for k, (v, h, w) in enumerate(layer_shapes):
+        kl = element_kl[k] if element_kl is not None else np.zeros((v, h, w))
+        au = element_au[k] if element_au is not None else np.zeros((v, h, w))
+        if granularity == "variate":
+            cols["layer"].append(np.full(v, k))
+            cols["variate"].append(np.arange(v))
+            cols["y"].append(np.full(v, -1))
+            cols["x"].append(np.full(v, -1))
+            cols["resolution"].append(np.full(v, h))
+            cols["avg_kl"].append(kl.reshape(v, -1).mean(1))
+            cols["active_units"].append(au.reshape(v, -1).mean(1))
+        else:
+            vv, yy, xx = np.meshgrid(np.arange(v), np.arange(h), np.arange(w), indexing="ij")
+            cols["layer"].append(np.full(v * h * w, k))
+            cols["variate"].append(vv.ravel())
+            cols["y"].append(yy.ravel())
+            cols["x"].append(xx.ravel())
+            cols["resolution"].append(np.full(v * h * w, h))
+            cols["avg_kl"].append(kl.ravel())
+            cols["active_units"].append(au.ravel())
+    return DimTable.from_arrays({k: np.concatenate(c) for k, c in cols.items()})
 
 
 def _check_fitted(est: LatentKL) -> None:

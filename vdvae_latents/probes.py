@@ -3,15 +3,25 @@
 `vdvl probe` fits a scikit-learn classifier on a store's features and compares it, on
 exactly the same rows and protocol, with baselines of other sizes:
 
-========  ===================================================================  ===========
-name      features                                                             bytes/image
-========  ===================================================================  ===========
-active    the store's columns (the active latent dimensions)                   K x itemsize
-pixels    the raw pixels of the same images (flattened, / 255)                 H*W*C uint8
-full      every latent scalar: posterior means of the unpruned forward pass    float32
-random    K columns drawn at random from ``full`` (a new draw per seed)        float32
-pca       PCA of the pixels to K components, fitted on the training rows only  float32
-========  ===================================================================  ===========
+===============  ==============================================================  ===========
+name             features                                                        bytes/image
+===============  ==============================================================  ===========
+active           the store's columns (the active latent dimensions)              K x itemsize
+pixels           the raw pixels of the same images (flattened, / 255)            H*W*C uint8
+full             every latent scalar: posterior means, unpruned forward pass     float32
+random           as many dimensions as the store keeps (same granularity), drawn float32
+                 at random and encoded exactly as the store was: pruned forward
+                 pass, the rest from the prior, posterior means
+random-unpruned  K columns drawn at random from ``full``                         float32
+pca              PCA of the pixels to K components, fitted on training rows only float32
+===============  ==============================================================  ===========
+
+``random`` is the control for the pruning claim: it keeps other dimensions and prunes the
+rest, so it differs from ``active`` only in *which* dimensions the KL ranking kept.
+``random-unpruned`` is a different question: in the unpruned pass even a dimension with
+~0 KL has a posterior mean close to its prior mean, a function of the layers above it,
+so a random subset of ``full`` can carry much of the image's information. Random draws
+are new for every seed.
 
 Protocol (one run per seed 0 .. seeds-1, identical for every feature set):
 
@@ -29,8 +39,8 @@ Each report row gives the mean and standard deviation over the seeds (sample std
 ``ddof=1``; 0 for one seed) of the test accuracy and of the chosen hyper-parameters'
 CV accuracy, the hyper-parameters chosen per seed, and the mean fit time.
 
-``full`` and ``random`` need the store's checkpoint (or ``ckpt``); ``pixels``, ``pca``,
-``full`` and ``random`` need the images (the store's ``data``/``split`` attributes). A
+``full``, ``random`` and ``random-unpruned`` need the store's checkpoint (or ``ckpt``);
+all baselines need the images (the store's ``data``/``split`` attributes). A
 baseline asked for explicitly that cannot run is a :class:`UserError`; one of the
 default set (``pixels``, ``random``) is skipped with a note instead, so `vdvl probe`
 works on any store without its checkpoint or data.
@@ -50,7 +60,9 @@ import numpy as np
 from .errors import UserError
 from .probe_protocol import MODELS, check_model, check_training_labels, probe_features
 
-BASELINES = ("pixels", "full", "random", "pca")
+BASELINES = ("pixels", "full", "random", "random-unpruned", "pca")
+#: Baselines that run the model, so need the store's checkpoint.
+MODEL_BASELINES = ("full", "random", "random-unpruned")
 #: What `vdvl probe` runs without --baselines; these are skipped (with a note) when their
 #: checkpoint or images are not available, instead of failing.
 DEFAULT_BASELINES = ("pixels", "random")
@@ -280,14 +292,14 @@ class _Inputs:
         assert out is not None
         return out
 
-    def full_latents(self, model: Any, device: Any, progress: Progress, batch_size: int = 256) -> np.ndarray:
-        """Used rows' posterior means of every latent scalar, unpruned forward pass."""
+    def _encoded(self, model: Any, features_of: Callable, n_features: int, what: str, device: Any,
+                 progress: Progress, batch_size: int = 256) -> np.ndarray:
+        """Used rows' ``features_of(model-scale batch)`` -> (rows, n_features) float32."""
         import torch
 
         from .batches import check_images_fit, prepare_batch
 
-        total = sum(v * h * w for v, h, w in model.cfg.layer_shapes())
-        out = np.empty((len(self.used), total), dtype=np.float32)
+        out = np.empty((len(self.used), n_features), dtype=np.float32)
         for mask, part, rows in self._rows_by_part():
             images = self.images_of(part)
             check_images_fit(model.cfg, images.shape, str(part.attrs.get("data")))
@@ -295,13 +307,27 @@ class _Inputs:
             chunks = []
             with torch.no_grad():
                 for start in range(0, len(imgs), batch_size):
-                    progress(f"full latents: {start}/{len(imgs)} images of {part.path.name}")
+                    progress(f"{what}: {start}/{len(imgs)} images of {part.path.name}")
                     x = prepare_batch(model.cfg, imgs[start:start + batch_size], device=device)
-                    result = model(x, posterior="mean")
-                    # (B, V, H, W) flattened per layer: the natural (layer, variate, y, x) order.
-                    chunks.append(torch.cat([layer.q_mean.flatten(1) for layer in result.layers], 1).float().cpu())
+                    chunks.append(features_of(x).float().cpu())
             out[mask] = torch.cat(chunks).numpy()
         return out
+
+    def full_latents(self, model: Any, device: Any, progress: Progress) -> np.ndarray:
+        """Used rows' posterior means of every latent scalar, unpruned forward pass."""
+        import torch
+
+        def features_of(x):
+            # (B, V, H, W) flattened per layer: the natural (layer, variate, y, x) order.
+            return torch.cat([layer.q_mean.flatten(1) for layer in model(x, posterior="mean").layers], 1)
+
+        total = sum(v * h * w for v, h, w in model.cfg.layer_shapes())
+        return self._encoded(model, features_of, total, "full latents", device, progress)
+
+    def pruned_latents(self, encoder: Any, device: Any, progress: Progress, what: str) -> np.ndarray:
+        """Used rows' encodings by ``encoder`` (an :class:`~.encoding.Encoder`)."""
+        return self._encoded(encoder.model, lambda x: encoder.encode(x)[0], encoder.n_features, what, device,
+                             progress)
 
 
 # ============================================================================ feature sets
@@ -348,13 +374,49 @@ def _pca_set(pixels: np.ndarray, k: int, notes: list[str]) -> _FeatureSet:
     return fs
 
 
-def _random_set(full: np.ndarray, k: int) -> _FeatureSet:
+def _random_unpruned_set(full: np.ndarray, k: int) -> _FeatureSet:
     def arrays(split: _Split, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cols = np.sort(np.random.default_rng([split.seed, 3]).choice(full.shape[1], k, replace=False))
         return full[np.ix_(tr, cols)], full[np.ix_(te, cols)]  # no copy of the unused columns
 
-    return _FeatureSet("random", f"{k} random latent scalars (a new draw per seed)", k, "float32",
+    return _FeatureSet("random-unpruned", f"{k} random latent scalars of the unpruned pass", k, "float32",
                        k * FLOAT32_BYTES, arrays)
+
+
+def random_active_set(layer_shapes: Sequence[tuple[int, int, int]], granularity: str, n_active: int,
+                      seed: int) -> Any:
+    """An :class:`~.kl_analysis.ActiveSet` of ``n_active`` dimensions drawn uniformly (seeded)."""
+    from .kl_analysis import ActiveSet, dimension_table
+
+    table = dimension_table(layer_shapes, granularity)
+    selected = np.sort(np.random.default_rng([seed, 4]).choice(len(table), n_active, replace=False))
+    return ActiveSet(granularity=granularity, table=table, selected=selected, rule="keep",
+                     value=n_active / len(table), layer_shapes=[tuple(s) for s in layer_shapes], n_images=0)
+
+
+def _random_pruned_set(per_seed: dict[int, np.ndarray], n_dims: int, granularity: str) -> _FeatureSet:
+    fs = _FeatureSet("random", f"{n_dims} random {granularity}s kept in place of the active ones (pruned pass)",
+                     per_seed[0].shape[1], "float32", per_seed[0].shape[1] * FLOAT32_BYTES,
+                     lambda *a: (np.empty(0), np.empty(0)))
+
+    def arrays(split: _Split, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = per_seed[split.seed]
+        fs.features_per_seed.append(X.shape[1])  # variates differ in size: the count varies by draw
+        return X[tr], X[te]
+
+    fs.arrays = arrays
+    return fs
+
+
+def _store_dims(part: _Part) -> tuple[str, int, int]:
+    """(granularity, dimensions kept, dimensions in all) as the store records them."""
+    attrs = part.attrs
+    try:
+        return str(attrs["granularity"]), int(attrs["n_dims_kept"]), int(attrs["n_dims_total"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{part.path} does not record its granularity and dimension counts, so the random "
+                        f"baseline cannot draw the same number of dimensions; was it written by vdvl encode?"
+                        ) from None
 
 
 # ============================================================================ the run
@@ -386,11 +448,12 @@ def _summarise(fs: _FeatureSet, results: list[dict]) -> dict:
     acc = np.array([r["test_accuracy"] for r in results])
     cv_acc = np.array([r["cv_accuracy"] for r in results])
     ddof = 1 if len(results) > 1 else 0
-    features = fs.features_per_seed[0] if fs.features_per_seed else fs.n_features
+    per_seed = fs.features_per_seed or [fs.n_features] * len(results)
+    features = int(round(float(np.mean(per_seed))))
     bytes_per_image = fs.bytes_per_image if not fs.features_per_seed else features * FLOAT32_BYTES
     return {
-        "name": fs.name, "description": fs.description, "features": int(features), "dtype": fs.dtype,
-        "bytes_per_image": int(bytes_per_image),
+        "name": fs.name, "description": fs.description, "features": features, "dtype": fs.dtype,
+        "bytes_per_image": int(bytes_per_image), "features_per_seed": [int(f) for f in per_seed],
         "test_accuracy": float(acc.mean()), "test_accuracy_std": float(acc.std(ddof=ddof)),
         "cv_accuracy": float(cv_acc.mean()), "cv_accuracy_std": float(cv_acc.std(ddof=ddof)),
         "params": [r["params"] for r in results],
@@ -486,7 +549,7 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
 
         # ---- the checkpoint first (full, random): a wrong --ckpt fails before any slow work
         checkpoint = None
-        model_names = [n for n in wanted if n in ("full", "random")]
+        model_names = [n for n in wanted if n in MODEL_BASELINES]
         if model_names:
             checkpoint, reason = _checkpoint_for(main, ckpt, model_names, explicit)
             if checkpoint is None:
@@ -509,14 +572,25 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
 
         # ---- full latents (full, random)
         full = None
-        if any(n in wanted for n in ("full", "random")):
+        random_pruned: dict[int, np.ndarray] = {}
+        if any(n in wanted for n in MODEL_BASELINES):
             from .checkpoints import load_model
+            from .encoding import Encoder
             from .pipeline import auto_device
 
+            granularity, n_dims, n_total = _store_dims(main) if "random" in wanted else ("", 0, 0)
             dev = auto_device(device)
             say("loading the checkpoint")
             net, _ = load_model(checkpoint, ema=True, device=dev)
-            full = inputs.full_latents(net, dev, say)
+            if "full" in wanted or "random-unpruned" in wanted:
+                full = inputs.full_latents(net, dev, say)
+            if "random" in wanted:
+                if n_dims >= n_total:
+                    notes.append(f"random: the store keeps all {n_total} dimensions, so it equals active.")
+                for split in splits:
+                    drawn = random_active_set(net.cfg.layer_shapes(), granularity, min(n_dims, n_total), split.seed)
+                    random_pruned[split.seed] = inputs.pruned_latents(Encoder(net, drawn), dev, say,
+                                                                      f"random set {split.seed + 1}/{len(splits)}")
             del net
         else:
             checkpoint = None
@@ -531,9 +605,12 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
                 feature_sets.append(_fixed("full", "every latent scalar (posterior means, unpruned)", full,
                                            "float32", FLOAT32_BYTES))
             elif name == "random":
+                feature_sets.append(_random_pruned_set(random_pruned, n_dims, granularity))
+            elif name == "random-unpruned":
                 if k >= full.shape[1]:
-                    notes.append(f"random: the store keeps all {full.shape[1]} latent scalars, so it equals full.")
-                feature_sets.append(_random_set(full, min(k, full.shape[1])))
+                    notes.append(f"random-unpruned: the store keeps all {full.shape[1]} latent scalars, so it "
+                                 f"equals full.")
+                feature_sets.append(_random_unpruned_set(full, min(k, full.shape[1])))
 
         # ---- the probes
         rows = []
