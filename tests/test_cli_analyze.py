@@ -11,25 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from cli.main import main
 from vdvae_latents import load_images
 from vdvae_latents.kl_analysis import ActiveSet
 from vdvae_latents.runconfig import resolve_run_config
 from vdvae_latents.training import train
+from helpers import run_cli
 
 N_VARIATES = 20          # tiny: 5 layers x 4 variates
 N_ELEMENTS = 644         # 4*1 + 2*4*16 + 2*4*64
 TINY_LAYERS = {1: 1, 4: 2, 8: 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +36,6 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def n_train() -> int:
     return len(load_images("digits", split="train"))
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def analyze(capsys, run_dir, out: Path, *extra: str) -> dict:

@@ -15,22 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cli.main import main
 from vdvae_latents.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine can spin
-    for minutes. Restored afterwards so other test modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

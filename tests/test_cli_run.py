@@ -10,12 +10,7 @@ import pytest
 from PIL import Image
 
 from cli.main import main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")

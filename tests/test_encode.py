@@ -43,6 +43,7 @@ from vdvae_latents.kl_analysis import ActiveSet, LatentKL, build_active_set
 from vdvae_latents.runconfig import resolve_run_config
 from vdvae_latents.stores import StoreError, StoreWriter, open_encodings
 from vdvae_latents.training import train
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -56,14 +57,6 @@ ROW_ARRAYS = ("features", "features_std", "labels", "sample_index", "chunks_writ
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train(run_dir: Path, steps: int) -> Path:
@@ -181,12 +174,6 @@ def _by_hand(model, kept, images: np.ndarray, field: str = "q_mean") -> np.ndarr
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def encode(capsys, src, out: Path, *extra, split: str = "test") -> dict:

@@ -41,19 +41,6 @@ def make_model(output: str = "mol", seed: int = 0) -> VAE:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's tiny forward passes on one thread.
-
-    At this size thread hand-offs cost more than the arithmetic, and on a busy
-    2-core machine intra-op threads oversubscribe it (measured: 18x slower).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> VAE:
     return make_model()

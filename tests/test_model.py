@@ -36,16 +36,6 @@ CONFIGS = {
 NAMES = list(CONFIGS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine can spin
-    for minutes. Restored afterwards so other test modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(cfg: ModelConfig, seed: int = 0) -> VAE:
     torch.manual_seed(seed)
     return VAE(cfg)

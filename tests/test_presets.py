@@ -27,16 +27,6 @@ TABLE_3_M = {
 NAMES = list(PRESETS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine can spin
-    for minutes. Restored afterwards so other test modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def counts() -> dict[str, int]:
     """Parameter count of every preset, built once on the meta device."""

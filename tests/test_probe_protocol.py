@@ -98,3 +98,14 @@ class TestPipeline:
         result = probe_features(X, y, X_test, y_test, model="logreg", seed=0, cv=3)
         assert result["n_features"] == 400 and 0 <= result["test_accuracy"] <= 1
         assert not [w for w in recwarn if "Persisting" in str(w.message)]
+
+    def test_the_basis_is_computed_once_per_fold_not_per_grid_value(self, monkeypatch):
+        from vdvae_latents import probe_protocol
+
+        calls = []
+        fit = probe_protocol.RowSpaceProjection.fit
+        monkeypatch.setattr(probe_protocol.RowSpaceProjection, "fit",
+                            lambda self, X, y=None: calls.append(len(X)) or fit(self, X, y))
+        X, y, X_test, y_test = wide_problem(n=90, d=400)
+        probe_features(X, y, X_test, y_test, model="logreg", seed=0, cv=3)
+        assert sorted(calls) == [60, 60, 60, 90]  # 3 folds + the refit; the grid has 3 values of C

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli.main import main
 from vdvae_latents import probes
 from vdvae_latents.data import load_images
 from vdvae_latents.errors import UserError
 from vdvae_latents.probes import plot_probe, probe_features, run_probe
 from vdvae_latents.stores import StoreWriter, open_encodings
+from helpers import assert_one_line_error, run_cli
 
 
 # --------------------------------------------------------------------------- helpers
@@ -54,20 +54,6 @@ def blobs(n: int, rng: np.random.Generator, noise_columns: int = 6) -> tuple[np.
     blob = 2 * y + rng.integers(0, 2, n)
     informative = centres[blob] + rng.normal(0, 0.7, (n, 2))
     return np.hstack([informative, rng.normal(0, 1, (n, noise_columns))]).astype(np.float32), y
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, needle: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,6 @@ N_VARIATES, N_ELEMENTS = 20, 644
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return _worker.build_model()

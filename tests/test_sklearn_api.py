@@ -14,7 +14,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
@@ -35,16 +34,6 @@ from vdvae_latents.training import train
 
 N_FIT = 300  # images most tests fit on: enough to exercise batching (batch_size=128 below), quick on CPU
 BATCH = 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to split: on a busy 2-core machine thread
-    hand-offs cost 10-20x the arithmetic (as in the other model test modules)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
