@@ -91,7 +91,9 @@ def _model_and_grid(model: str, *, seed: int, n_train: int, n_classes: int, cv: 
     # and MLP early stopping needs a validation slice with room for every class.
     fold_train = n_train - math.ceil(n_train / cv)
     if model == "logreg":
-        return LogisticRegression(max_iter=1000), {"C": [0.1, 1.0, 10.0]}
+        # Four decades: on 5,000 Fashion-MNIST rows every feature set chose C = 0.1, the bottom
+        # of the earlier 0.1..10 grid, so the grid reaches one decade lower.
+        return LogisticRegression(max_iter=1000), {"C": [0.01, 0.1, 1.0, 10.0]}
     if model == "linear-svm":
         return LinearSVC(max_iter=5000, random_state=seed), {"C": [0.01, 0.1, 1.0]}
     if model == "knn":
