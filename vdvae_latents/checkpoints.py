@@ -29,7 +29,6 @@ import json
 import os
 import pickle
 import re
-import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_file
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .vae import VAE, count_parameters
@@ -122,27 +122,13 @@ def save_checkpoint(path: PathLike, payload: dict) -> Path:
     full = {**payload, "format": FORMAT_NAME, "format_version": FORMAT_VERSION}
 
     final = Path(path)
-    # The random part keeps two concurrent writers apart; the leading dot and the
-    # .tmp suffix keep list_checkpoints (and shell globs) from seeing the file.
-    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        # os.open rather than tempfile.mkstemp: mkstemp creates files with mode 0600,
-        # whereas this honours the umask like any other file the user writes.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as exc:
-        raise CheckpointError(f"Checkpoint file {final} cannot be written ({exc.strerror or exc}).") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(full, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # disk full, permissions, ...: the user can fix these
-            raise CheckpointError(f"Checkpoint file {final} cannot be written ({exc.strerror or exc}).") from exc
-        raise
+        raise CheckpointError(f"cannot write checkpoint {final} ({exc.strerror or exc}).") from exc
+    # The hidden .tmp name keeps list_checkpoints (and shell globs) from seeing a save in progress.
+    with atomic_file(final, what="checkpoint", error=CheckpointError, fsync=True) as f:
+        torch.save(full, f)
     _fsync_directory(final.parent)
     return final
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import atomic_file
 from .errors import UserError
 
 __all__ = ["to_uint8", "make_grid", "save_grid", "PAD_VALUE", "MIN_TILE_PIXELS"]
@@ -123,22 +123,8 @@ def save_grid(
         raise UserError(f"cannot write image grid {path}: the folder {folder} {what}.")
     if path.is_dir():
         raise UserError(f"cannot write image grid {path}: it is a folder.")
-    # A hidden, unique name beside the target: os.replace is only atomic within one file system.
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        # os.open with O_EXCL never clobbers another file; mode 0o666 lets the umask decide
-        # the permissions, as for any ordinary new file (mkstemp would force 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        reason = exc.strerror or str(exc)
-        raise UserError(f"cannot write image grid {path}: {reason}.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, what="image grid") as f:
+        picture.save(f, format="PNG")
     return path
 
 

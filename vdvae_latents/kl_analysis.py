@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_file, write_text
 from .batches import prepare_batch
 from .evaluate import iter_batches
 from .errors import UserError
@@ -336,16 +337,12 @@ class ActiveSet:
         }
         if self.n_dims > SIDECAR_THRESHOLD:
             sidecar = path.with_suffix(".npz")
-            tmp = sidecar.with_name(f".{sidecar.stem}.tmp.npz")
-            try:
-                np.savez_compressed(tmp, **arrays)
-                tmp.replace(sidecar)
-            except OSError as err:
-                raise UserError(f"cannot write '{sidecar}' ({err.strerror or err}).") from None
+            with atomic_file(sidecar, what="active-set arrays") as f:
+                np.savez_compressed(f, **arrays)  # a file object: numpy adds no .npz suffix
             meta["arrays"] = {"sidecar": sidecar.name}
         else:
             meta["arrays"] = {k: v.tolist() for k, v in arrays.items()}
-        _write_json_atomic(path, meta)
+        write_text(path, json.dumps(meta, indent=1) + "\n", what="active set")
         return path
 
     @classmethod
@@ -399,11 +396,3 @@ def build_active_set(stats: LatentKL, *, granularity: str = "variate", keep: flo
                      layer_shapes=stats.layer_shapes_, n_images=stats.n_images_, **meta)
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{path}' ({err.strerror or err}).") from None

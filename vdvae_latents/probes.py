@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import save_figure
 from .errors import UserError
 from .probe_protocol import MODELS, check_model, check_training_labels, probe_features
 
@@ -680,11 +681,7 @@ def plot_probe(report: dict, path: str | Path) -> Path:
     source = f"test store {Path(report['test_store']).name}" if report.get("test_store") else "20% hold-out"
     fig.suptitle(f"{report['model']} probe on {Path(report['store']).name}: {report['n_train']} training rows, "
                  f"{report['n_test']} test rows ({source}); mean ± std over {report['seeds']} seeds", fontsize=10)
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise UserError(f"cannot write --plot {path} ({exc.strerror or exc}).") from None
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["run_probe", "probe_features", "plot_probe", "check_training_labels", "MODELS", "BASELINES",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import save_figure
 from .errors import UserError
 from .evaluate import evaluate
 from .kl_analysis import ActiveSet, select_dimensions
@@ -103,13 +104,8 @@ def plot_kl(active: ActiveSet, path: str | Path, *, title: str | None = None) ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
     try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{path}' ({err.strerror or err}).") from None
+        save_figure(fig, path)
     finally:
         plt.close(fig)
     return path

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoints as ckpt
+from .atomic import write_text
 from .batches import check_images_fit, prepare_batch
 from .data import ImageDataset, load_images
 from .errors import ConfigError
@@ -221,7 +222,7 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
             start_step, skips = int(payload["step"]), int(payload.get("skips", 0))
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(config_path, dump_toml(run.to_dict()))
+        write_text(config_path, dump_toml(run.to_dict()), what="run config")
 
     net: torch.nn.Module = model
     if env.world_size > 1:
@@ -482,7 +483,3 @@ class _Progress:
             self.bar.stop()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
