@@ -108,4 +108,4 @@ class TestPipeline:
                             lambda self, X, y=None: calls.append(len(X)) or fit(self, X, y))
         X, y, X_test, y_test = wide_problem(n=90, d=400)
         probe_features(X, y, X_test, y_test, model="logreg", seed=0, cv=3)
-        assert sorted(calls) == [60, 60, 60, 90]  # 3 folds + the refit; the grid has 4 values of C
+        assert sorted(calls) == [60, 60, 60, 90]  # 3 folds + the refit; the grid has 5 values of C

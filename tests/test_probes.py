@@ -88,7 +88,7 @@ class TestProbeFeatures:
 
     def test_chosen_params_come_from_the_small_grid(self):
         X, y = blobs(90, np.random.default_rng(3))
-        assert probe_features(X[:60], y[:60], X[60:], y[60:])["params"]["C"] in (0.01, 0.1, 1.0, 10.0)
+        assert probe_features(X[:60], y[:60], X[60:], y[60:])["params"]["C"] in (0.001, 0.01, 0.1, 1.0, 10.0)
         # KNN cannot use more neighbours than a fold's training part holds (here 6 rows).
         small = probe_features(X[:9], y[:9], X[60:], y[60:], model="knn", cv=3)
         assert small["params"]["n_neighbors"] <= 6
