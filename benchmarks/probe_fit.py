@@ -38,6 +38,7 @@ def full_latents(store: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     from vdvae_latents.batches import prepare_batch
     from vdvae_latents.checkpoints import load_model
     from vdvae_latents.data import load_images
+    from vdvae_latents.probes import full_latent_means
     from vdvae_latents.stores import open_encodings
 
     with open_encodings(store) as enc:
@@ -48,7 +49,7 @@ def full_latents(store: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     with torch.no_grad():
         for start in range(0, n, 256):
             x = prepare_batch(model.cfg, data.images[start:min(n, start + 256)])
-            chunks.append(torch.cat([layer.q_mean.flatten(1) for layer in model(x, posterior="mean").layers], 1))
+            chunks.append(full_latent_means(model, x))
     return torch.cat(chunks).numpy(), data.labels[:n], f"{attrs['data']}-full-latents"
 
 

@@ -394,5 +394,3 @@ def build_active_set(stats: LatentKL, *, granularity: str = "variate", keep: flo
     rule, value = ("keep", float(keep)) if keep is not None else ("threshold", float(threshold))
     return ActiveSet(granularity=granularity, table=table, selected=selected, rule=rule, value=value,
                      layer_shapes=stats.layer_shapes_, n_images=stats.n_images_, **meta)
-
-

@@ -84,6 +84,11 @@ class RowSpaceProjection(TransformerMixin, BaseEstimator):
         return X @ self.components_.T.astype(X.dtype, copy=False)  # float32 in, float32 out
 
 
+def _fold_train_rows(n_train: int, cv: int) -> int:
+    """Rows in the smallest training part of a ``cv``-fold split of ``n_train`` rows."""
+    return n_train - math.ceil(n_train / cv)
+
+
 def _model_and_grid(model: str, *, seed: int, n_train: int, n_classes: int, cv: int) -> tuple[Any, dict]:
     """A fresh estimator and its (small) grid, sized so every fit is quick on 2 cores."""
     from sklearn.linear_model import LogisticRegression
@@ -93,7 +98,7 @@ def _model_and_grid(model: str, *, seed: int, n_train: int, n_classes: int, cv: 
 
     # The smallest training part of a CV fold: KNN cannot ask for more neighbours than it has,
     # and MLP early stopping needs a validation slice with room for every class.
-    fold_train = n_train - math.ceil(n_train / cv)
+    fold_train = _fold_train_rows(n_train, cv)
     if model == "logreg":
         # Five decades. Standardised wide features want strong regularisation: on 5,000
         # Fashion-MNIST rows every feature set chose the lowest C of a 0.1..10 grid, and then
@@ -190,7 +195,7 @@ def probe_features(X_train: Any, y_train: Any, X_test: Any, y_test: Any, *, mode
     check_training_labels(y_train, cv)
 
     # Worth caching only when the basis is computed at all: more features than fold rows.
-    wide = model in LINEAR_MODELS and X_train.shape[1] > len(y_train) - math.ceil(len(y_train) / cv)
+    wide = model in LINEAR_MODELS and X_train.shape[1] > _fold_train_rows(len(y_train), cv)
     start = time.perf_counter()
     with ExitStack() as stack, warnings.catch_warnings(record=True) as caught:
         cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="vdvl-probe-")) if wide else None

@@ -316,19 +316,21 @@ class _Inputs:
 
     def full_latents(self, model: Any, device: Any, progress: Progress) -> np.ndarray:
         """Used rows' posterior means of every latent scalar, unpruned forward pass."""
-        import torch
-
-        def features_of(x):
-            # (B, V, H, W) flattened per layer: the natural (layer, variate, y, x) order.
-            return torch.cat([layer.q_mean.flatten(1) for layer in model(x, posterior="mean").layers], 1)
-
         total = sum(v * h * w for v, h, w in model.cfg.layer_shapes())
-        return self._encoded(model, features_of, total, "full latents", device, progress)
+        return self._encoded(model, lambda x: full_latent_means(model, x), total, "full latents", device, progress)
 
     def pruned_latents(self, encoder: Any, device: Any, progress: Progress, what: str) -> np.ndarray:
         """Used rows' encodings by ``encoder`` (an :class:`~.encoding.Encoder`)."""
         return self._encoded(encoder.model, lambda x: encoder.encode(x)[0], encoder.n_features, what, device,
                              progress)
+
+
+def full_latent_means(model: Any, x: Any) -> Any:
+    """(B, all latent scalars) posterior means of the unpruned pass of model-scale ``x``, each
+    layer's (B, V, H, W) flattened in the natural (layer, variate, y, x) order."""
+    import torch
+
+    return torch.cat([layer.q_mean.flatten(1) for layer in model(x, posterior="mean").layers], 1)
 
 
 # ============================================================================ feature sets
@@ -396,17 +398,14 @@ def random_active_set(layer_shapes: Sequence[tuple[int, int, int]], granularity:
 
 
 def _random_pruned_set(per_seed: dict[int, np.ndarray], n_dims: int, granularity: str) -> _FeatureSet:
-    fs = _FeatureSet("random", f"{n_dims} random {granularity}s kept in place of the active ones (pruned pass)",
-                     per_seed[0].shape[1], "float32", per_seed[0].shape[1] * FLOAT32_BYTES,
-                     lambda *a: (np.empty(0), np.empty(0)))
-
+    """The encodings of each seed's random active set; variates differ in size, so the
+    feature count varies by draw."""
     def arrays(split: _Split, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        X = per_seed[split.seed]
-        fs.features_per_seed.append(X.shape[1])  # variates differ in size: the count varies by draw
-        return X[tr], X[te]
+        return per_seed[split.seed][tr], per_seed[split.seed][te]
 
-    fs.arrays = arrays
-    return fs
+    counts = [per_seed[seed].shape[1] for seed in sorted(per_seed)]
+    return _FeatureSet("random", f"{n_dims} random {granularity}s kept in place of the active ones (pruned pass)",
+                       counts[0], "float32", counts[0] * FLOAT32_BYTES, arrays, features_per_seed=counts)
 
 
 def _store_dims(part: _Part) -> tuple[str, int, int]:
