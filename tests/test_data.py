@@ -548,3 +548,57 @@ def test_describe_sources():
     forms = " ".join(a for a, _ in sources)
     for word in ("digits", "fashion-mnist", ".npz", ".h5", ".zarr", "CIFAR"):
         assert word in forms
+
+
+# ---------------------------------------------------------------------- provenance
+
+
+def _provenance_sources(tmp_path: Path) -> dict[str, str]:
+    """One small source of every kind, each image unique (so rows can be matched)."""
+    specs = {}
+    images = random_images(30, 4, 4, 1, seed=1)
+    np.save(tmp_path / "a.npy", images)
+    specs["npy"] = str(tmp_path / "a.npy")
+    np.savez(tmp_path / "own.npz", x_train=random_images(20, 3, 3, 1, seed=2), y_train=np.arange(20),
+             x_test=random_images(7, 3, 3, 1, seed=3), y_test=np.arange(7))
+    specs["npz-own-split"] = str(tmp_path / "own.npz")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    write_idx(idx / "train-images-idx3-ubyte", random_images(25, 3, 3, seed=4))
+    write_idx(idx / "t10k-images-idx3-ubyte", random_images(6, 3, 3, seed=5))
+    specs["idx-folder"] = str(idx)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["images"] = random_images(22, 3, 3, 3, seed=6)
+    specs["hdf5"] = f"{tmp_path / 'a.h5'}:images"
+    folder = tmp_path / "folder"
+    for k, cls in enumerate(("cat", "dog")):
+        (folder / cls).mkdir(parents=True)
+        for j, img in enumerate(random_images(12, 4, 4, 3, seed=10 + k)):
+            save_png(folder / cls / f"img{j:02d}.png", img)
+    specs["image-folder"] = str(folder)
+    return specs
+
+
+def test_source_index_joins_rows_back_to_the_source(tmp_path):
+    for kind, spec in _provenance_sources(tmp_path).items():
+        everything = load_images(spec, "all")
+        np.testing.assert_array_equal(everything.source_index, np.arange(len(everything)), err_msg=kind)
+        seen = []
+        for split in ("train", "val", "test"):
+            part = load_images(spec, split, seed=5, val_fraction=0.2, test_fraction=0.2)
+            assert part.source_index.dtype == np.int64
+            np.testing.assert_array_equal(everything.images[part.source_index], part.images, err_msg=kind)
+            seen += part.source_index.tolist()
+            limited = load_images(spec, split, seed=5, val_fraction=0.2, test_fraction=0.2, limit=2)
+            np.testing.assert_array_equal(limited.source_index, part.source_index[:2], err_msg=kind)
+        assert sorted(seen) == list(range(len(everything))), kind  # the splits cover the source once
+
+
+def test_image_folder_rows_name_their_files(tmp_path):
+    sources = _provenance_sources(tmp_path)
+    folder = sources["image-folder"]
+    part = load_images(folder, "test", seed=1, test_fraction=0.25)
+    assert part.source_names is not None and len(part.source_names) == len(part)
+    for name, image in zip(part.source_names, part.images):
+        np.testing.assert_array_equal(np.asarray(Image.open(Path(folder) / name).convert("RGB")), image)
+    assert load_images(sources["npy"]).source_names is None

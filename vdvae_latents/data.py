@@ -67,6 +67,12 @@ class ImageSet:
     ``images`` has shape (N, H, W, C) with C in {1, 3}; ``labels`` is int64 (N,) or
     None when the source has no labels. ``class_names`` is set when the labels come
     from class subfolder names (label i is ``class_names[i]``).
+
+    Provenance: ``source_index`` (int64 (N,)) is each row's position in the source's
+    own order, i.e. in the ``all`` split (the source's train part, then its test part),
+    so ``load_images(spec, "all").images[source_index[i]]`` is row ``i``.
+    ``source_names`` gives, for image folders, each row's file path relative to the
+    folder (None for array sources).
     """
 
     images: np.ndarray
@@ -74,6 +80,12 @@ class ImageSet:
     spec: str
     split: str
     class_names: tuple[str, ...] | None = None
+    source_index: np.ndarray | None = None
+    source_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_index is None:
+            self.source_index = np.arange(len(self.images), dtype=np.int64)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -89,6 +101,8 @@ class ImageSet:
 class _Part:
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray | None  # int64 (N,)
+    index: np.ndarray | None = None  # int64 (N,) positions in the source's `all` order
+    names: tuple[str, ...] | None = None  # file paths relative to an image folder
 
 
 @dataclass
@@ -126,11 +140,13 @@ def load_images(
     """
     _check_options(split, val_fraction, test_fraction, resize, limit)
     source = _read_source(spec, resize)
+    _number_rows(source)
     part = _select_split(source, split, seed, val_fraction, test_fraction)
-    images, labels = part.images, part.labels
+    images, labels, index, names = part.images, part.labels, part.index, part.names
     if limit is not None:
-        images = images[:limit]
+        images, index = images[:limit], index[:limit]
         labels = None if labels is None else labels[:limit]
+        names = None if names is None else names[:limit]
     if len(images) == 0:
         raise DataError(f"the '{split}' split of data spec '{spec}' is empty")
     if resize is not None and images.shape[1:3] != tuple(resize):
@@ -138,7 +154,7 @@ def load_images(
     # Readers may hand back views of read-only buffers; torch.from_numpy warns on those.
     if not images.flags.writeable:
         images = images.copy()
-    return ImageSet(images, labels, spec, split, source.class_names)
+    return ImageSet(images, labels, spec, split, source.class_names, index, names)
 
 
 def to_model_input(
@@ -477,7 +493,8 @@ def _read_image_folder(folder: Path, resize: tuple[int, int] | None) -> _Source:
     if any(a.shape[2] == 3 for a in arrays):
         # A folder mixing gray and colour images becomes all colour.
         arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
-    return _Source(_Part(np.stack(arrays), labels), class_names=class_names)
+    names = tuple(f.relative_to(folder).as_posix() for f in files)
+    return _Source(_Part(np.stack(arrays), labels, names=names), class_names=class_names)
 
 
 def _image_files(folder: Path, *, recursive: bool) -> list[Path]:
@@ -630,7 +647,9 @@ def _read_cifar_python_batch(path: Path) -> _Part:
 
 def _concat_parts(parts: list[_Part]) -> _Part:
     labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
-    return _Part(np.concatenate([p.images for p in parts]), labels)
+    index = None if any(p.index is None for p in parts) else np.concatenate([p.index for p in parts])
+    names = None if any(p.names is None for p in parts) else sum((p.names for p in parts), ())
+    return _Part(np.concatenate([p.images for p in parts]), labels, index, names)
 
 
 # --------------------------------------------------------------------- HDF5 / Zarr
@@ -782,6 +801,14 @@ def _check_options(
 # -------------------------------------------------------------------------- splits
 
 
+def _number_rows(source: _Source) -> None:
+    """Give every row its position in the source's own order (train part, then test)."""
+    n_train = len(source.train.images)
+    source.train.index = np.arange(n_train, dtype=np.int64)
+    if source.test is not None:
+        source.test.index = np.arange(n_train, n_train + len(source.test.images), dtype=np.int64)
+
+
 def _select_split(
     source: _Source, split: str, seed: int, val_fraction: float, test_fraction: float
 ) -> _Part:
@@ -815,7 +842,9 @@ def _take(part: _Part, indices: np.ndarray) -> _Part:
     """Rows ``indices`` of ``part``, kept in their original order."""
     indices = np.sort(indices)
     labels = None if part.labels is None else part.labels[indices]
-    return _Part(part.images[indices], labels)
+    index = None if part.index is None else part.index[indices]
+    names = None if part.names is None else tuple(part.names[i] for i in indices)
+    return _Part(part.images[indices], labels, index, names)
 
 
 # ---------------------------------------------------------------------------- misc
