@@ -8,6 +8,7 @@ errors. ``--json`` prints a machine-readable result on stdout.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -238,6 +239,9 @@ def analyze_kl(
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: log10 KL histogram and cumulative KL share."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Pruning sweep on the test split, e.g. 2.5,3,4,5,7,100."),
     sweep_split: str = typer.Option("test", "--sweep-split"),
+    units: str = typer.Option("nats", "--units", help="nats, or bits as the official code reports KL."),
+    div_stats: Optional[Path] = typer.Option(None, "--div-stats",
+                                             help="Also write the official code's div_stats.npy (bits)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
@@ -248,11 +252,18 @@ def analyze_kl(
     from vdvae_latents.pruning import parse_sweep
 
     sweep_values = parse_sweep(sweep) if sweep else None
+    if units not in ("nats", "bits"):
+        raise UserError(f"--units must be nats or bits, not '{units}'.")
     with _progress("analyze-kl", as_json) as tick:
         result = analyze_checkpoint(path, data, out=out_file, keep=keep, threshold=threshold, split=split,
                                     granularity=granularity, limit=limit, plot=plot, sweep=sweep_values,
                                     sweep_split=sweep_split, batch_size=batch_size, seed=seed, device=device,
-                                    progress=tick)
+                                    div_stats=div_stats, progress=tick)
+    per_nat = 1 / math.log(2) if units == "bits" else 1.0
+    if units == "bits":
+        result["total_avg_kl_bits"] = result["total_avg_kl_nats"] * per_nat
+        for row in result["layers"] + result["resolutions"]:
+            row["kl_bits"] = row["kl_nats"] * per_nat
     if as_json:
         _print_json({k: v for k, v in result.items()})
         return
@@ -260,30 +271,40 @@ def analyze_kl(
     out.print(f"{result['n_dims']:,} {result['granularity']} dimensions over {result['n_images']:,} images "
               f"of {data}:{split}; rule: {rule}")
     out.print(f"active: {result['n_active']:,} ({result['pct_active']:.2f}%) carrying "
-              f"{result['kl_share_active'] * 100:.2f}% of the total average KL ({result['total_avg_kl_nats']:.2f} nats); "
+              f"{result['kl_share_active'] * 100:.2f}% of the total average KL "
+              f"({result['total_avg_kl_nats'] * per_nat:.2f} {units}); "
               f"Burda active units (Var > 0.01): {result['n_au_active']:,}, of which {result['n_au_active_in_set']:,} "
               f"in the set")
     table = Table(title="active dimensions per resolution")
-    for col in ("resolution", "layers", "dims", "active", "KL nats", "AU active"):
+    for col in ("resolution", "layers", "dims", "active", f"KL {units}", "AU active"):
         table.add_column(col, justify="right")
     for r in result["resolutions"]:
         table.add_row(f"{r['resolution']}x{r['resolution']}", str(r["layers"]), f"{r['dims']:,}",
-                      f"{r['active']:,}", f"{r['kl_nats']:.3f}", f"{r['au_active']:,}")
+                      f"{r['active']:,}", f"{r['kl_nats'] * per_nat:.3f}", f"{r['au_active']:,}")
     out.print(table)
     if "sweep" in result:
         binary = "nats_per_image" in result["sweep"]["rows"][0]
         unit = "nats/image" if binary else "bits/dim"
         t = Table(title=f"pruning sweep on {data}:{result['sweep']['split']} ({result['sweep']['n_images']:,} images, "
                         f"{unit})")
-        for col in ("% kept", "dims", "neg. ELBO", "recon", "KL", "float16 bytes", "float32 bytes"):
+        for col in ("% kept", "dims", "neg. ELBO", "recon", "KL", "neg. ELBO*", "KL*", "float16 bytes",
+                    "float32 bytes"):
             t.add_column(col, justify="right")
         for r in result["sweep"]["rows"]:
-            e, rc, k = ((r["nats_per_image"], r["recon_nats_per_image"], r["kl_nats_per_image"]) if binary else
-                        (r["bits_per_dim"], r["recon_bits_per_dim"], r["kl_bits_per_dim"]))
+            e, rc, k, e_all, k_all = (
+                (r["nats_per_image"], r["recon_nats_per_image"], r["kl_nats_per_image"],
+                 r["nats_per_image_kl_all"], r["kl_all_nats_per_image"]) if binary else
+                (r["bits_per_dim"], r["recon_bits_per_dim"], r["kl_bits_per_dim"], r["bits_per_dim_kl_all"],
+                 r["kl_all_bits_per_dim"]))
             t.add_row(f"{r['keep_pct']:g}", f"{r['n_active']:,}", f"{e:.4f}", f"{rc:.4f}", f"{k:.4f}",
-                      f"{r['encoded_bytes_float16']:,}", f"{r['encoded_bytes_float32']:,}")
+                      f"{e_all:.4f}", f"{k_all:.4f}", f"{r['encoded_bytes_float16']:,}",
+                      f"{r['encoded_bytes_float32']:,}")
         out.print(t)
-    out.print(f"wrote {result['out']}" + (f" and {result['plot']}" if result.get("plot") else ""))
+        out.print("KL: pruned dimensions charged 0 (they follow the prior; a bound on -log p(x)). "
+                  "KL*: every dimension's KL(q||p) in the pruned pass, pruned ones included "
+                  "(the official code's convention, as in the paper's Table 5).")
+    written = [result["out"]] + [result[k] for k in ("div_stats", "plot") if result.get(k)]
+    out.print("wrote " + ", ".join(written))
 
 
 @app.command()

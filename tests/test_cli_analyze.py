@@ -83,6 +83,19 @@ class TestKeepVariate:
         assert "20 variate dimensions" in out and "wrote" in out and (tmp_path / "A.json").exists()
 
 
+class TestOfficialUnits:
+    def test_bits_and_the_official_div_stats_file(self, capsys, run_dir, tmp_path):
+        r = analyze(capsys, run_dir, tmp_path / "A.json", "--keep", "3%", "--limit", "32", "--units", "bits",
+                    "--div-stats", tmp_path / "div_stats.npy")
+        assert r["total_avg_kl_bits"] == pytest.approx(r["total_avg_kl_nats"] / math.log(2), rel=1e-12)
+        assert all(x["kl_bits"] == pytest.approx(x["kl_nats"] / math.log(2)) for x in r["resolutions"])
+        stats = np.load(tmp_path / "div_stats.npy")
+        a = ActiveSet.load(tmp_path / "A.json")
+        assert stats.shape == (5, 4)  # (layers, variates), as the official code stacks them
+        for layer, variate, kl in zip(a.table.layer, a.table.variate, a.table.avg_kl):
+            assert stats[layer, variate] == pytest.approx(kl / math.log(2), rel=1e-12)
+
+
 class TestGranularityAndThreshold:
     def test_element_granularity(self, capsys, run_dir, tmp_path):
         r = analyze(capsys, run_dir, tmp_path / "E.json", "--keep", "3%", "--granularity", "element")
@@ -120,6 +133,9 @@ class TestSweepAndPlot:
         assert rows[1]["kl_share_active"] == pytest.approx(1.0)
         assert rows[1]["encoded_bytes_float32"] == 180 * N_ELEMENTS * 4
         assert rows[0]["encoded_bytes_float16"] == 180 * rows[0]["kept_scalars_per_image"] * 2
+        # Official convention: the pruned dims' KL(q || p) is charged too; without pruning both agree.
+        assert rows[0]["kl_all_bits_per_dim"] > rows[0]["kl_bits_per_dim"]
+        assert rows[1]["kl_all_bits_per_dim"] == rows[1]["kl_bits_per_dim"]
         code, out, err = run_cli(capsys, "eval", run_dir, "--data", "digits", "--split", "test", "--device", "cpu",
                                  "--json")
         assert code == 0, err
@@ -159,6 +175,8 @@ class TestBadInput:
         (["--keep", "3%", "--split", "nope"], "nope"),
         (["--keep", "3%", "--data", "no-such-data-spec"], "no-such-data-spec"),
         (["--keep", "3%", "--limit", "0"], "--limit"),
+        (["--keep", "3%", "--units", "furlongs"], "--units"),
+        (["--keep", "3%", "--granularity", "element", "--div-stats", "d.npy"], "--div-stats"),
     ])
     def test_exits_2_with_one_sentence(self, capsys, run_dir, tmp_path, argv, needle):
         argv = ["--data", "digits", *argv] if "--data" not in argv else argv

@@ -271,3 +271,56 @@ class TestPlot:
         with pytest.raises(UserError) as exc:
             plot_kl(active, tmp_path / "missing" / "kl.png")
         assert "kl.png" in str(exc.value)
+
+
+# ------------------------------------------------------------------------ KL conventions
+
+
+class TestKLConventions:
+    """The sweep reports the project's KL (pruned dims charged 0) and the official one
+    (every dim's KL(q || p) in the pruned pass), checked against torch.distributions."""
+
+    def brute_force_kl_all(self, model, images, masks, *, batch_size: int, seed: int) -> float:
+        generator = torch.Generator().manual_seed(seed)
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                x = prepare_batch(model.cfg, images[start:start + batch_size])
+                out = model(x, active=masks, posterior="sample", masked="sample", temperature=1.0,
+                            generator=generator)
+                for layer in out.layers:
+                    q = torch.distributions.Normal(layer.q_mean.double(), layer.q_std.double())
+                    p = torch.distributions.Normal(layer.p_mean.double(), layer.p_std.double())
+                    total += torch.distributions.kl_divergence(q, p).sum().item()
+        return total / len(images)
+
+    def test_both_conventions_agree_without_pruning(self, model, images):
+        active = make_active("variate", np.linspace(1.0, 0.05, N_VARIATES))
+        (row,) = pruning_sweep(model, images, active, [100.0], batch_size=12, seed=2)
+        assert row["kl_all_bits_per_dim"] == row["kl_bits_per_dim"]
+        assert row["bits_per_dim_kl_all"] == row["bits_per_dim"]
+
+    def test_official_kl_charges_pruned_dims(self, model, images):
+        active = make_active("variate", np.ones(N_VARIATES), selected=[])
+        masks = active.layer_masks()
+        result = evaluate(model, images, batch_size=10, seed=4, active=masks)
+        want = self.brute_force_kl_all(model, images, masks, batch_size=10, seed=4)
+        assert result.kl_nats == 0.0 and want > 0.1
+        assert result.kl_all_nats == pytest.approx(want, rel=1e-9)
+        d = result.as_dict()
+        assert d["kl_all_bits_per_dim"] == pytest.approx(want / 64 / LN2, rel=1e-9)
+        assert d["bits_per_dim_kl_all"] == pytest.approx((result.nll_nats + want) / 64 / LN2, rel=1e-9)
+
+    def test_layer0_is_charged_in_full_whatever_is_kept(self, model, images):
+        # Layer 0's KL does not depend on any sample, so under the official convention its
+        # share is the unpruned layer-0 KL of all its variates, however few are kept.
+        kl = np.full(N_VARIATES, 0.1)
+        kl[2] = 5.0
+        active = make_active("variate", kl)
+        (row,) = pruning_sweep(model, images, active, [5.0], batch_size=24, seed=7)
+        stats = LatentKL(batch_size=24, posterior="mean").fit(model, images)
+        layer0_all = float(stats.element_kl_[0].sum())
+        kept_only = float(stats.element_kl_[0][2].sum())
+        official = row["kl_all_bits_per_dim"] * LN2 * 64
+        assert kl_nats(row) == pytest.approx(kept_only, rel=1e-9)
+        assert official > layer0_all > kept_only

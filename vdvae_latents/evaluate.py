@@ -44,7 +44,7 @@ from torch import nn
 
 from .batches import check_images_fit, prepare_batch
 from .data import ImageSet
-from .distributions import gaussian_log_prob
+from .distributions import gaussian_kl, gaussian_log_prob
 from .errors import DataError
 from .vae import VAEOutput
 
@@ -66,6 +66,11 @@ class EvalResult:
     kl_nats: float                    # mean KL(q(z|x) || p(z)), nats per image
     iw_nll_nats: float | None = None  # mean importance-weighted bound on -log p(x), nats per image
     iw_samples: int | None = None
+    # Under pruning, two KL conventions: ``kl_nats`` charges pruned dimensions 0 (they follow
+    # the prior, so the pruned pass is a valid bound: the project's convention); ``kl_all_nats``
+    # is KL(q || p) of every dimension, pruned ones included, in the same pruned pass (the
+    # official Efficient-VDVAE code's convention, the paper's Table 5). Equal without pruning.
+    kl_all_nats: float | None = None
 
     @property
     def elbo_nats(self) -> float:
@@ -93,6 +98,12 @@ class EvalResult:
         if self.binary:
             out.update(nats_per_image=self.elbo_nats, recon_nats_per_image=self.nll_nats,
                        kl_nats_per_image=self.kl_nats)
+        if self.kl_all_nats is not None:
+            out["kl_all_bits_per_dim"] = self.kl_all_nats / d / _LN2
+            out["bits_per_dim_kl_all"] = (self.nll_nats + self.kl_all_nats) / d / _LN2
+            if self.binary:
+                out["kl_all_nats_per_image"] = self.kl_all_nats
+                out["nats_per_image_kl_all"] = self.nll_nats + self.kl_all_nats
         if self.iw_nll_nats is not None:
             out["iw_bits_per_dim"] = self.iw_nll_nats / d / _LN2
             if self.binary:
@@ -197,7 +208,8 @@ def evaluate(
     forward_kwargs = dict(active=active, posterior="sample", masked=masked, temperature=temperature)
 
     n = 0
-    nll_sum = kl_sum = iw_sum = 0.0  # Python floats: float64 accumulators
+    nll_sum = kl_sum = kl_all_sum = iw_sum = 0.0  # Python floats: float64 accumulators
+    pruned = active is not None and any(a is not None for a in active)
     was_training = model.training
     model.eval()
     try:
@@ -209,6 +221,9 @@ def evaluate(
             out = model(x, generator=elbo_gen, **forward_kwargs)
             nll_sum += out.nll.to(torch.float64).sum().item()
             kl_sum += sum(layer.kl.to(torch.float64).sum() for layer in out.layers).item()
+            if pruned:
+                kl_all_sum += sum(gaussian_kl(*(t.to(torch.float64) for t in (
+                    layer.q_mean, layer.q_std, layer.p_mean, layer.p_std))).sum() for layer in out.layers).item()
             del out  # free the activations before the IW passes
             if iw_samples:
                 # K sequential passes: memory stays that of one pass; only (K, B) weights are kept.
@@ -234,6 +249,7 @@ def evaluate(
         kl_nats=kl_sum / n,
         iw_nll_nats=-iw_sum / n if iw_samples else None,
         iw_samples=iw_samples or None,
+        kl_all_nats=kl_all_sum / n if pruned else None,
     )
 
 

@@ -320,6 +320,24 @@ class ActiveSet:
             "layers": layers, "resolutions": [by_res[r] for r in sorted(by_res)],
         }
 
+    def div_stats_bits(self) -> np.ndarray:
+        """Average KL per (layer, variate) in bits: the official code's ``div_stats.npy``.
+
+        The official Efficient-VDVAE code averages each variate's KL over its H x W
+        positions and the data, divides by ln 2 and stacks the layers into an
+        (n_layers, n_variates) array, which its synthesis modes read to mask variates.
+        Needs variate granularity and the same number of variates in every layer.
+        """
+        if self.granularity != "variate":
+            raise UserError("the official div_stats layout needs --granularity variate.")
+        counts = {v for v, _, _ in self.layer_shapes}
+        if len(counts) != 1:
+            raise UserError("the official div_stats layout needs the same number of variates in every layer; "
+                            f"this model has {sorted(counts)}.")
+        out = np.zeros((len(self.layer_shapes), counts.pop()), dtype=np.float64)
+        out[self.table.layer, self.table.variate] = self.table.avg_kl / math.log(2.0)
+        return out
+
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """ACTIVE.json (+ ACTIVE.npz beside it when there are many dimensions); atomic writes."""

@@ -110,10 +110,11 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
                        threshold: float | None = None, split: str = "train", granularity: str = "variate",
                        limit: int | None = None, plot: str | Path | None = None, sweep: list[float] | None = None,
                        sweep_split: str = "test", batch_size: int = 256, seed: int = 0, device: str = "auto",
-                       progress=None) -> dict:
+                       div_stats: str | Path | None = None, progress=None) -> dict:
     """Rank every latent dimension by its average KL over a split and choose the active set.
 
-    Writes ``out`` (ACTIVE.json), optionally a figure and a pruning sweep on ``sweep_split``.
+    Writes ``out`` (ACTIVE.json), optionally a figure, a pruning sweep on ``sweep_split``
+    and ``div_stats`` (the official code's ``div_stats.npy``: (layers, variates) in bits).
     Under torchrun each process scores a shard of the split and the sums are reduced;
     process 0 writes the outputs.
     """
@@ -128,6 +129,8 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
     if granularity not in GRANULARITIES:
         raise UserError(f"--granularity must be variate or element, not '{granularity}'.")
     keep_fraction = parse_keep(keep) if keep is not None else None
+    if div_stats is not None and granularity != "variate":
+        raise UserError("--div-stats needs --granularity variate (the official file has one value per variate).")
     dev = auto_device(device)
     dev, rank, world = join_processes(dev)
     distributed = world > 1
@@ -151,6 +154,12 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
             result["sweep"] = {"split": sweep_split, "n_images": len(test), "rows": rows}
             active.extra["sweep"] = result["sweep"]
         active.save(out)
+        if div_stats:
+            from .atomic import atomic_file
+
+            with atomic_file(Path(div_stats), what="div stats file") as f:
+                np.save(f, active.div_stats_bits())
+            result["div_stats"] = str(div_stats)
         if plot:
             plot_kl(active, plot, title=f"{Path(str(ckpt_path)).name} on {data}:{split}")
             result["plot"] = str(plot)
