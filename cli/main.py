@@ -204,6 +204,30 @@ def reconstruct(
     _print_json(result) if as_json else out.print(f"wrote {result['n']} reconstructions to {result['out']}")
 
 
+@app.command("first-k")
+def first_k(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    data: str = typer.Option(..., "--data", help="Images whose first layers are kept."),
+    ks: str = typer.Option(..., "--k", help="Layer counts K, e.g. 1,5,15 (0 = unconditional, all = reconstruction)."),
+    out_file: Path = typer.Option(..., "--out", help="PNG: originals, then one row per K."),
+    n: int = typer.Option(8, "--n", min=1, help="Images (columns)."),
+    split: str = typer.Option("test", "--split"),
+    temperature: float = typer.Option(0.1, "--temperature", "-t", help="Prior temperature of the later layers."),
+    posterior: str = typer.Option("sample", "--posterior", help="sample or mean for the first K layers."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Images from the posterior of the first K latent layers and the prior for the rest (VDVAE's Figure 4)."""
+    from vdvae_latents.pipeline import first_k_images
+
+    result = first_k_images(path, data, out_file, ks=ks, n=n, split=split, temperature=temperature,
+                            posterior=posterior, seed=seed, device=device)
+    _print_json(result) if as_json else out.print(
+        f"wrote {result['n']} images x K = {', '.join(map(str, result['ks']))} "
+        f"(of {result['n_layers']} layers) to {result['out']}")
+
+
 @app.command()
 def info(
     path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),

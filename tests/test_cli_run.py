@@ -73,6 +73,15 @@ class TestRunCommands:
             with Image.open(tmp_path / name) as im:
                 assert im.mode == "L" and im.width > 32
 
+    def test_first_k_grid(self, capsys, trained_run, tmp_path):
+        code, out, err = run_cli(capsys, "first-k", str(trained_run), "--data", "digits", "--k", "0,2,5",
+                                 "--n", "4", "--out", str(tmp_path / "k.png"), "--json")
+        assert code == 0, err
+        r = json.loads(out)
+        assert r["ks"] == [0, 2, 5] and r["n_layers"] == 5 and r["n"] == 4
+        with Image.open(tmp_path / "k.png") as im:
+            assert im.mode == "L" and im.height > im.width / 4 * 3  # 4 rows (originals + 3 K) of 4 columns
+
     def test_info_json(self, capsys, trained_run):
         code, out, _ = run_cli(capsys, "info", str(trained_run), "--json")
         assert code == 0
@@ -86,6 +95,10 @@ class TestRunCommands:
         (["sample", "{run}", "--out", "{missing}/x.png"], "x.png"),
         (["reconstruct", "{run}", "--data", "digits", "--out", "{tmp}/r.png", "--n", "0"], "--n"),
         (["info", "{missing}"], "missing"),
+        (["first-k", "{run}", "--data", "digits", "--k", "6", "--out", "{tmp}/k.png"], "--k"),
+        (["first-k", "{run}", "--data", "digits", "--k", "a,b", "--out", "{tmp}/k.png"], "--k"),
+        (["first-k", "{run}", "--data", "digits", "--k", "1", "--posterior", "mode", "--out", "{tmp}/k.png"],
+         "--posterior"),
     ])
     def test_bad_input_exits_2(self, capsys, trained_run, tmp_path, argv, needle):
         subs = {"{run}": str(trained_run), "{missing}": str(tmp_path / "missing"), "{tmp}": str(tmp_path)}

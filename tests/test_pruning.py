@@ -324,3 +324,37 @@ class TestKLConventions:
         official = row["kl_all_bits_per_dim"] * LN2 * 64
         assert kl_nats(row) == pytest.approx(kept_only, rel=1e-9)
         assert official > layer0_all > kept_only
+
+
+# ------------------------------------------------------------------------ first K layers
+
+
+class TestFirstK:
+    """first_k_decodes: K = all layers is the reconstruction, K = 0 at temperature 0 the
+    prior-mean decoding, and layers below K see exactly the unpruned posterior."""
+
+    def test_all_layers_is_the_reconstruction(self, model, images):
+        from vdvae_latents.pipeline import first_k_decodes
+
+        x = prepare_batch(model.cfg, images[:6])
+        (got,) = first_k_decodes(model, x, [len(TINY_SHAPES)], posterior="mean")
+        assert torch.equal(got, model.reconstruct(x, posterior="mean"))
+
+    def test_no_layers_at_temperature_zero_is_the_prior_mean_decoding(self, model, images):
+        from vdvae_latents.pipeline import first_k_decodes
+
+        x = prepare_batch(model.cfg, images[:6])
+        (got,) = first_k_decodes(model, x, [0], temperature=0.0)
+        want = model.sample(6, temperature=0.0, deterministic_output=True)
+        assert torch.allclose(got, want, atol=1e-6)
+        assert (got == got[:1]).all()  # nothing of the image is left
+
+    def test_first_layers_follow_the_posterior(self, model, images):
+        x = prepare_batch(model.cfg, images[:6])
+        full = model(x, posterior="mean")
+        k = 3
+        masks = [None if i < k else torch.zeros(s, dtype=torch.bool) for i, s in enumerate(TINY_SHAPES)]
+        part = model(x, active=masks, posterior="mean", masked="sample", temperature=0.0)
+        for i in range(len(TINY_SHAPES)):
+            want = full.layers[i].z if i < k else part.layers[i].p_mean
+            assert torch.equal(part.layers[i].z, want), i
