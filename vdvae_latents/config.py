@@ -19,6 +19,7 @@ ARCHITECTURES = ("efficient", "vdvae")
 OUTPUTS = ("mol", "bernoulli")
 ACTIVATIONS = ("silu", "gelu")
 MOL_SCALES = ("softplus", "exp", "logstd")
+MOL_TAILS = ("exact", "pixelcnn")
 INITS = ("pytorch", "xavier")
 VDVAE_LOG_SCALE_FLOOR = -7.0  # VDVAE's lower bound on the MoL log-scale ("bounded")
 UNBOUNDED_LOG_SCALE_FLOOR = -80.0  # "unbounded": only where exp() stays a normal float32
@@ -68,6 +69,9 @@ class ModelConfig:
             ``output_beta``, the official code's 'std' base), ``"exp"`` (exp of the raw
             output, VDVAE's) or ``"logstd"`` (exp(output_beta * raw), the official
             code's 'logstd' base). None: softplus for efficient, exp for vdvae.
+        mol_tail: ``"exact"`` (vdvl's stable bin masses) or ``"pixelcnn"`` (the
+            reference codes' approximation for bins of mass below 1e-5; see
+            :func:`~vdvae_latents.likelihoods.discretized_mol_log_prob`).
         pad: pixels of padding on each side added by the data pipeline (MNIST is
             padded 28 -> 32); the likelihood is computed on the un-padded centre.
         resolutions: latent resolutions, lowest first; the last equals image_size
@@ -128,6 +132,7 @@ class ModelConfig:
     down_skip_groups: tuple[tuple[int, ...], ...] | None = None
     mol_scale: str | None = None
     mol_log_scale_floor: float | None = None
+    mol_tail: str = "exact"
     output_gain: bool = True
     init: str = "pytorch"
     name: str = field(default="custom", compare=False)
@@ -199,6 +204,8 @@ class ModelConfig:
                 raise bad(name, f"must be positive, not {getattr(self, name)}")
         if self.mol_scale is not None and self.mol_scale not in MOL_SCALES:
             raise bad("mol_scale", f"must be one of {', '.join(MOL_SCALES)}, not '{self.mol_scale}'")
+        if self.mol_tail not in MOL_TAILS:
+            raise bad("mol_tail", f"must be one of {', '.join(MOL_TAILS)}, not '{self.mol_tail}'")
         if self.mol_bounded and self.mol_log_scale_floor is not None:
             raise bad("mol_log_scale_floor", "cannot be set together with mol_bounded (which means a floor of -7)")
         if self.init not in INITS:
@@ -365,5 +372,5 @@ def _parse_value(key: str, raw: str, like: Any) -> Any:
         raise ConfigError(f"config field '{key}' cannot take the value '{raw}'.") from None
 
 
-__all__ = ["ModelConfig", "ARCHITECTURES", "OUTPUTS", "MOL_SCALES", "INITS", "VDVAE_LOG_SCALE_FLOOR",
+__all__ = ["ModelConfig", "ARCHITECTURES", "OUTPUTS", "MOL_SCALES", "MOL_TAILS", "INITS", "VDVAE_LOG_SCALE_FLOOR",
            "UNBOUNDED_LOG_SCALE_FLOOR"]

@@ -34,6 +34,7 @@ class MixtureOfLogisticsHead(nn.Module):
         self.scale_kind = cfg.mol_scale_kind
         self.beta = cfg.output_beta
         self.floor = cfg.mol_floor
+        self.tail = cfg.mol_tail
         n_coeffs = 3 if self.c == 3 else 0
         self.out = nn.Conv2d(width, self.m * (1 + 2 * self.c + n_coeffs), 1)
 
@@ -57,7 +58,8 @@ class MixtureOfLogisticsHead(nn.Module):
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) in nats per image, x in [-1, 1] (padded like the network input)."""
-        return discretized_mol_log_prob(_wide(_crop(x, self.pad)), n_bits=self.n_bits, **self.params(h))
+        return discretized_mol_log_prob(_wide(_crop(x, self.pad)), n_bits=self.n_bits, tail=self.tail,
+                                        **self.params(h))
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:

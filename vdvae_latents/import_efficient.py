@@ -200,7 +200,7 @@ def official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
     _require(output_base in ("std", "logstd"), "output_distribution_base", "is neither 'std' nor 'logstd'")
     mol = {} if binary else dict(
         n_mixtures=int(_model_value(hp, "num_output_mixtures")),
-        mol_scale="softplus" if output_base == "std" else "logstd",
+        mol_scale="softplus" if output_base == "std" else "logstd", mol_tail="pixelcnn",
         mol_log_scale_floor=float(_model_value(hp, "min_mol_logscale", "loss")),
         output_beta=float(_model_value(hp, "output_gradient_smoothing_beta")))
     try:
