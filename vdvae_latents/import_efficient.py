@@ -351,11 +351,13 @@ def load_official_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: str | Path, *,
-                           data: str = "") -> Path:
+                           data: str = "") -> dict[str, Any]:
     """Write ``run_dir`` from an official checkpoint and its ``hparams-<run>.cfg``.
 
     Both the model and the EMA weights are imported (the EMA ones become the weights
-    vdvl evaluates with, as for its own runs). Returns the checkpoint path written.
+    vdvl evaluates with, as for its own runs). Returns a summary: the run directory,
+    the checkpoint written, the step, the parameter count and the official tensors
+    that were absent and imported as zeros.
 
     Raises:
         ConfigError: the .cfg cannot be read or describes a model vdvl cannot express.
@@ -382,7 +384,9 @@ def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: 
         "zero_filled": sorted(set(filled) | set(ema_filled)),
         "hparams": _plain(hp),
     }
-    return write_imported_run(run_dir, layout.cfg, weights, ema, step=max(step, 0), source=source, data=data)
+    written = write_imported_run(run_dir, layout.cfg, weights, ema, step=max(step, 0), source=source, data=data)
+    return {"run_dir": str(run_dir), "checkpoint": str(written), "step": max(step, 0), "ema": ema is not None,
+            "parameters": sum(t.numel() for t in weights.values()), "zero_filled": source["zero_filled"]}
 
 
 def _plain(value: Any) -> Any:
