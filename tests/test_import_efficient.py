@@ -139,6 +139,9 @@ class TestConfigFromHparams:
         ("distribution_base = 'logstd'", "distribution_base"),
         ("down_latent_variates = [4] * 5 + [5]", "down_latent_variates"),
         ("up_filters = [8] * 3", "up_filters"),
+        ("up_filters = ['a'] * 6", "up_filters"),
+        ("input_conv_filters = 'eight'", "input_conv_filters"),
+        ("up_kernel_size = [(3, 1)] * 6", "up_kernel_size"),
     ])
     def test_settings_vdvl_cannot_express_name_the_key(self, edit, field):
         key = edit.split(" =")[0]
@@ -269,18 +272,12 @@ class TestCommandLine:
         assert str(ckpt) in err and err.count("\n") == 1 and "Traceback" not in err
         assert not (tmp_path / "run").exists()
 
-    def test_wrong_config_exits_2_naming_the_tensor(self, official, tmp_path, capsys):
+    @pytest.mark.parametrize("value,named", [("4", "top_down.output_conv.weight"),  # a wrong --config
+                                             ("__import__('os')", "model.num_output_mixtures")])  # code
+    def test_bad_config_exits_2_naming_the_tensor_or_value(self, official, tmp_path, capsys, value, named):
         cfg_path, ckpt, _, _ = official
-        cfg_path.write_text(TINY_CFG.replace("num_output_mixtures = 3", "num_output_mixtures = 4"))
+        cfg_path.write_text(TINY_CFG.replace("num_output_mixtures = 3", f"num_output_mixtures = {value}"))
         code, _, err = _cli(capsys, "import", "efficient-vdvae", str(ckpt), "--config", str(cfg_path),
                             "--run-dir", str(tmp_path / "run"))
         assert code == 2
-        assert "top_down.output_conv.weight" in err and err.count("\n") == 1
-
-    def test_unparseable_config_exits_2_naming_the_value(self, official, tmp_path, capsys):
-        cfg_path, ckpt, _, _ = official
-        cfg_path.write_text(TINY_CFG.replace("num_output_mixtures = 3", "num_output_mixtures = __import__('os')"))
-        code, _, err = _cli(capsys, "import", "efficient-vdvae", str(ckpt), "--config", str(cfg_path),
-                            "--run-dir", str(tmp_path / "run"))
-        assert code == 2
-        assert "model.num_output_mixtures" in err and err.count("\n") == 1
+        assert named in err and err.count("\n") == 1

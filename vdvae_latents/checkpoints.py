@@ -469,7 +469,7 @@ def describe_run(path: PathLike) -> dict[str, Any]:
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "checkpoint_path",
+    "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "read_torch_file", "load_checkpoint", "checkpoint_path",
     "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "resolve_checkpoint", "file_sha256",
     "load_model", "describe_run", "last_metrics",
 ]

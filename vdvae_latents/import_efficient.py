@@ -28,7 +28,7 @@ How the official network maps onto vdvl's:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,32 +55,49 @@ class OfficialLayout:
 
     cfg: ModelConfig
     # bottom-up block j -> (resolution index, skip group k (top-down numbering), first cell, cells)
-    down: list[tuple[int, int, int, int]] = field(default_factory=list)
+    down: list[tuple[int, int, int, int]]
     # top-down group g -> (resolution index, first latent block at that resolution, blocks)
-    up: list[tuple[int, int, int]] = field(default_factory=list)
-    strides: list[int] = field(default_factory=list)  # up_strides (bottom-up order)
-    binary: bool = False
+    up: list[tuple[int, int, int]]
+    strides: list[int]  # up_strides (bottom-up order)
+    binary: bool
 
 
-def _model_value(hp: dict, key: str, section: str = "model") -> Any:
+def _model_value(hp: dict, key: str, section: str = "model", kind: Any = None) -> Any:
+    """A setting, converted by ``kind`` (int, float, _kernel) when given; missing or mistyped ones are named."""
     try:
-        return hp[section][key]
+        value = hp[section][key]
     except KeyError:
         raise ConfigError(f"hparams file has no '{section}.{key}' setting, which the model needs.") from None
+    if kind is None:
+        return value
+    try:
+        if isinstance(value, bool) or (kind is not _kernel and not isinstance(value, (int, float))):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"hparams value '{section}.{key}' has the wrong type ({value!r}).") from None
 
 
-def _per_block(hp: dict, key: str, n: int) -> list:
+def _per_block(hp: dict, key: str, n: int, kind: Any = int) -> list:
+    """A per-block list of ``n`` numbers (or kernel sizes), converted by ``kind``."""
     value = _model_value(hp, key)
     if not isinstance(value, (list, tuple)) or len(value) != n:
         raise ConfigError(f"hparams value 'model.{key}' must be a list of {n} entries (one per block).")
-    return list(value)
+    try:
+        if kind is not _kernel and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise TypeError
+        return [kind(v) for v in value]
+    except (TypeError, ValueError, IndexError):
+        raise ConfigError(f"hparams value 'model.{key}' holds an entry of the wrong type.") from None
 
 
 def _kernel(value: Any) -> int | None:
     """A square kernel size as one int (None when it is not square)."""
     if isinstance(value, (list, tuple)):
         return int(value[0]) if len(value) == 2 and value[0] == value[1] else None
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value
 
 
 def _require(ok: bool, key: str, why: str) -> None:
@@ -98,17 +115,30 @@ def _one_per_resolution(values: dict[int, set], key: str, resolutions: list[int]
 
 
 def official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
-    """Check an official hparams dict and derive the equivalent vdvl layout."""
+    """Check an official hparams dict and derive the equivalent vdvl layout.
+
+    Raises ConfigError naming the setting vdvl cannot express (or that has a value of
+    the wrong type).
+    """
+    try:
+        return _official_layout(hp)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"hparams file has a model setting of the wrong type or length ({exc}).") from None
+
+
+def _official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
     data = hp.get("data", {})
-    target = int(_model_value(hp, "target_res", "data"))
-    channels = int(_model_value(hp, "channels", "data"))
+    target = _model_value(hp, "target_res", "data", int)
+    channels = _model_value(hp, "channels", "data", int)
     binary = data.get("dataset_source") == "binarized_mnist"
     up_strides = _model_value(hp, "up_strides")
     if not isinstance(up_strides, (list, tuple)) or not up_strides:
         raise ConfigError("hparams value 'model.up_strides' must be a non-empty list.")
     k_up = len(up_strides)
-    up_strides = [int(s) for s in up_strides]
-    down_strides = [int(s) for s in _per_block(hp, "down_strides", k_up)]
+    up_strides = _per_block(hp, "up_strides", k_up)
+    down_strides = _per_block(hp, "down_strides", k_up)
     _require(down_strides == up_strides[::-1], "down_strides", "is not up_strides reversed")
     for key in ("up_n_blocks", "down_n_blocks"):
         _require(all(b == 1 for b in _per_block(hp, key, k_up)), key, "is not 1 everywhere")
@@ -117,17 +147,17 @@ def official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
     _require(_model_value(hp, "use_1x1_conv") is True, "use_1x1_conv", "is not True")
     _require(_model_value(hp, "use_residual_distribution") is False, "use_residual_distribution", "is not False")
     _require(_model_value(hp, "distribution_base") == "std", "distribution_base", "is not 'std'")
-    _require(_kernel(_model_value(hp, "input_kernel_size")) == 1, "input_kernel_size", "is not 1x1")
-    _require(_kernel(_model_value(hp, "output_kernel_size")) == 1, "output_kernel_size", "is not 1x1")
+    _require(_model_value(hp, "input_kernel_size", kind=_kernel) == 1, "input_kernel_size", "is not 1x1")
+    _require(_model_value(hp, "output_kernel_size", kind=_kernel) == 1, "output_kernel_size", "is not 1x1")
     if binary:
         _require(target == 32 and channels == 1, "target_res", "is not 32 with one channel for binarized MNIST")
     else:
         _require(channels == 3, "channels", "is not 3 (the official mixture of logistics is RGB only)")
 
     # ---- bottom-up: walk the blocks from the image down, recording resolutions and widths
-    n_up_extra = [int(v) for v in _per_block(hp, "up_n_blocks_per_res", k_up)]
-    up_filters = [int(v) for v in _per_block(hp, "up_filters", k_up)]
-    in_up = [int(_model_value(hp, "input_conv_filters"))] + up_filters[:-1]
+    n_up_extra = _per_block(hp, "up_n_blocks_per_res", k_up)
+    up_filters = _per_block(hp, "up_filters", k_up)
+    in_up = [_model_value(hp, "input_conv_filters", kind=int)] + up_filters[:-1]
     res, res_of_block = target, []
     for j, stride in enumerate(up_strides):
         res_of_block.append(res)
@@ -140,17 +170,17 @@ def official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
     index = {r: i for i, r in enumerate(resolutions)}
 
     # ---- top-down: groups from the lowest resolution up
-    n_down_extra = [int(v) for v in _per_block(hp, "down_n_blocks_per_res", k_up)]
-    down_filters = [int(v) for v in _per_block(hp, "down_filters", k_up)]
+    n_down_extra = _per_block(hp, "down_n_blocks_per_res", k_up)
+    down_filters = _per_block(hp, "down_filters", k_up)
     in_down = [down_filters[0]] + down_filters[:-1]
     widths: dict[int, set] = {}
     bottlenecks: dict[int, set] = {}
     variates: dict[int, set] = {}
     up_groups: list[list[int]] = [[] for _ in resolutions]
-    layout = OfficialLayout(cfg=None, strides=up_strides, binary=binary)  # type: ignore[arg-type]
+    up_blocks_at: list[tuple[int, int, int]] = []
     res = resolutions[0]
-    down_ratio = _per_block(hp, "down_mid_filters_ratio", k_up)
-    down_kernel = _per_block(hp, "down_kernel_size", k_up)
+    down_ratio = _per_block(hp, "down_mid_filters_ratio", k_up, float)
+    down_kernel = _per_block(hp, "down_kernel_size", k_up, _kernel)
     down_variates = _per_block(hp, "down_latent_variates", k_up)
     for g, stride in enumerate(down_strides):
         res *= stride
@@ -158,21 +188,22 @@ def official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
         if stride == 1:
             _require(in_down[g] == down_filters[g], "down_filters", f"changes width without upsampling at block {g}")
         widths.setdefault(i, set()).add(down_filters[g])
-        bottlenecks.setdefault(i, set()).add(float(down_ratio[g]))
-        variates.setdefault(i, set()).add(int(down_variates[g]))
-        _require(_kernel(down_kernel[g]) == (3 if res > 1 else 1), "down_kernel_size",
+        bottlenecks.setdefault(i, set()).add(down_ratio[g])
+        variates.setdefault(i, set()).add(down_variates[g])
+        _require(down_kernel[g] == (3 if res > 1 else 1), "down_kernel_size",
                  f"is not 3 (1 at 1x1) at block {g}")
         size = 1 + n_down_extra[g]
-        layout.up.append((i, sum(up_groups[i]), size))
+        up_blocks_at.append((i, sum(up_groups[i]), size))
         up_groups[i].append(size)
 
     # bottom-up blocks, with their skip group numbered in top-down order at their resolution
-    up_ratio = _per_block(hp, "up_mid_filters_ratio", k_up)
-    up_kernel = _per_block(hp, "up_kernel_size", k_up)
+    up_ratio = _per_block(hp, "up_mid_filters_ratio", k_up, float)
+    up_kernel = _per_block(hp, "up_kernel_size", k_up, _kernel)
     skip_filters = _per_block(hp, "up_skip_filters", k_up)
     down_groups: list[list[int]] = [[0] * len(g) for g in up_groups]
     seen = [0] * len(resolutions)
     cells_so_far = [0] * len(resolutions)
+    down_blocks_at: list[tuple[int, int, int, int]] = []
     for j, stride in enumerate(up_strides):
         i = index[res_of_block[j]]
         k = len(up_groups[i]) - 1 - seen[i]
@@ -181,41 +212,42 @@ def official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
                               f"{resolutions[i]} different numbers of skips.")
         seen[i] += 1
         cells = n_up_extra[j] + 1
-        layout.down.append((i, k, cells_so_far[i], cells))
+        down_blocks_at.append((i, k, cells_so_far[i], cells))
         cells_so_far[i] += cells
         down_groups[i][k] = cells
         widths.setdefault(i, set()).add(in_up[j])
-        bottlenecks.setdefault(i, set()).add(float(up_ratio[j]))
+        bottlenecks.setdefault(i, set()).add(up_ratio[j])
         _require(stride > 1 or up_filters[j] == in_up[j], "up_filters", f"changes width without pooling at block {j}")
-        _require(int(skip_filters[j]) == in_up[j], "up_skip_filters",
+        _require(skip_filters[j] == in_up[j], "up_skip_filters",
                  f"differs from the block's width at block {j} (the official posterior assumes they are equal)")
-        _require(_kernel(up_kernel[j]) == (3 if res_of_block[j] > 1 else 1), "up_kernel_size",
+        _require(up_kernel[j] == (3 if res_of_block[j] > 1 else 1), "up_kernel_size",
                  f"is not 3 (1 at 1x1) at block {j}")
     if seen != [len(g) for g in up_groups]:
         raise ConfigError("hparams values 'model.up_strides' and 'model.down_strides' give the resolutions "
                           "different numbers of skips.")
 
-    width = _one_per_resolution(widths, "up_filters", resolutions)
+    width = _one_per_resolution(widths, "up_filters/down_filters", resolutions)
     output_base = _model_value(hp, "output_distribution_base")
     _require(output_base in ("std", "logstd"), "output_distribution_base", "is neither 'std' nor 'logstd'")
     mol = {} if binary else dict(
-        n_mixtures=int(_model_value(hp, "num_output_mixtures")),
+        n_mixtures=_model_value(hp, "num_output_mixtures", kind=int),
         mol_scale="softplus" if output_base == "std" else "logstd", mol_tail="pixelcnn",
-        mol_log_scale_floor=float(_model_value(hp, "min_mol_logscale", "loss")),
-        output_beta=float(_model_value(hp, "output_gradient_smoothing_beta")))
+        mol_log_scale_floor=_model_value(hp, "min_mol_logscale", "loss", float),
+        output_beta=_model_value(hp, "output_gradient_smoothing_beta", kind=float))
     try:
-        layout.cfg = ModelConfig(
-            image_size=target, channels=channels, n_bits=8 if binary else int(_model_value(hp, "num_bits", "data")),
+        cfg = ModelConfig(
+            image_size=target, channels=channels, n_bits=8 if binary else _model_value(hp, "num_bits", "data", int),
             output="bernoulli" if binary else "mol", pad=MNIST_PAD if binary else 0,
             resolutions=resolutions, up_blocks=[sum(g) for g in up_groups], down_blocks=[sum(g) for g in down_groups],
-            widths=width, skip_widths=width, bottleneck=_one_per_resolution(bottlenecks, "mid_filters_ratio", resolutions),
+            widths=width, skip_widths=width, bottleneck=_one_per_resolution(bottlenecks, "up_mid_filters_ratio/down_mid_filters_ratio",
+                                                                           resolutions),
             variates=_one_per_resolution(variates, "down_latent_variates", resolutions),
-            latent_beta=float(_model_value(hp, "gradient_smoothing_beta")),
+            latent_beta=_model_value(hp, "gradient_smoothing_beta", kind=float),
             up_skip_groups=up_groups, down_skip_groups=down_groups, output_gain=False, init="xavier",
             name=str(hp.get("run", {}).get("name", "efficient-vdvae")), **mol)
     except ConfigError as exc:
         raise ConfigError(f"hparams file describes a model vdvl cannot build: {str(exc).rstrip('.')}.") from None
-    return layout
+    return OfficialLayout(cfg, down_blocks_at, up_blocks_at, up_strides, binary)
 
 
 def config_from_hparams(hp: dict[str, dict[str, Any]]) -> ModelConfig:
