@@ -307,12 +307,12 @@ def _mol_permutation(m: int, c: int) -> torch.Tensor:
     return torch.tensor(order)
 
 
-def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *,
-                  which: str = "model") -> tuple[dict[str, torch.Tensor], list[str]]:
+def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *, which: str = "model",
+                  source: str = "the checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official state dict -> vdvl state dict; also the official names filled with zeros.
 
-    Raises CheckpointError naming the first tensor that is missing, unexpected or of
-    the wrong shape for the configuration.
+    Raises CheckpointError naming ``source`` and the first tensor that is missing,
+    unexpected or of the wrong shape for the configuration.
     """
     from .vae import VAE
 
@@ -325,8 +325,8 @@ def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *,
         state = {k[len("module."):]: v for k, v in state.items()}
     unexpected = sorted(set(state) - set(keys.values()))
     if unexpected:
-        raise CheckpointError(f"the checkpoint's {which} weights hold tensor '{unexpected[0]}', which the "
-                              "--config model does not have (is it the run's hparams file?).")
+        raise CheckpointError(f"{source} has {which} tensor '{unexpected[0]}', which the --config model "
+                              "does not have (is the .cfg the run's own?).")
     out, filled = {}, []
     for name, official in keys.items():
         tensor = state.get(official)
@@ -334,17 +334,18 @@ def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *,
             tensor = torch.zeros(expected[name].shape)  # created by the official code's first forward pass
             filled.append(official)
         if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"the checkpoint's {which} weights lack tensor '{official}', which the "
-                                  "--config model needs (is it the run's hparams file?).")
+            raise CheckpointError(f"{source} lacks {which} tensor '{official}', which the --config model "
+                                  "needs (is the .cfg the run's own?).")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"the checkpoint's {which} tensor '{official}' has shape {tuple(tensor.shape)} but "
-                                  f"the --config model needs {tuple(expected[name].shape)} (is it the run's hparams file?).")
+            raise CheckpointError(f"{source} has {which} tensor '{official}' of shape {tuple(tensor.shape)}, but the "
+                                  f"--config model needs {tuple(expected[name].shape)} (is the .cfg the run's own?).")
         out[name] = tensor
-    _to_vdvl_head(out, layout)
+    _to_vdvl_conventions(out, layout)
     return out, filled
 
 
-def _to_vdvl_head(state: dict[str, torch.Tensor], layout: OfficialLayout) -> None:
+def _to_vdvl_conventions(state: dict[str, torch.Tensor], layout: OfficialLayout) -> None:
+    """In place: the binary input change folded into the input conv, or the MoL channels reordered."""
     cfg = layout.cfg
     if layout.binary:
         # official input x01 = (x + 1) / 2: W x01 + b = (W / 2) x + (b + sum(W) / 2), exact for a 1x1 conv
@@ -400,11 +401,14 @@ def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: 
     hp = read_hparams(config)
     layout = official_layout(hp)
     payload = load_official_checkpoint(checkpoint)
-    weights, filled = convert_state(payload["model_state_dict"], layout)
+    where = f"Checkpoint file {checkpoint}"
+    weights, filled = convert_state(payload["model_state_dict"], layout, source=where)
     ema_state = payload.get("ema_model_state_dict")
-    ema, ema_filled = (None, []) if not isinstance(ema_state, dict) else convert_state(ema_state, layout, which="EMA")
+    ema, ema_filled = ((None, []) if not isinstance(ema_state, dict)
+                       else convert_state(ema_state, layout, which="EMA", source=where))
     step = payload.get("global_step", 0)
-    step = int(step.item() if isinstance(step, torch.Tensor) else step) if isinstance(step, (int, torch.Tensor)) else 0
+    step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+    step = max(int(step), 0) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
     keys = official_to_vdvl_keys(layout)
     source = {
         "kind": SOURCE_KIND,
@@ -416,8 +420,8 @@ def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: 
         "zero_filled": sorted(set(filled) | set(ema_filled)),
         "hparams": _plain(hp),
     }
-    written = write_imported_run(run_dir, layout.cfg, weights, ema, step=max(step, 0), source=source, data=data)
-    return {"run_dir": str(run_dir), "checkpoint": str(written), "step": max(step, 0), "ema": ema is not None,
+    written = write_imported_run(run_dir, layout.cfg, weights, ema, step=step, source=source, data=data)
+    return {"run_dir": str(run_dir), "checkpoint": str(written), "step": step, "ema": ema is not None,
             "parameters": sum(t.numel() for t in weights.values()), "zero_filled": source["zero_filled"]}
 
 
