@@ -26,6 +26,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# `vdvl import <kind> ...`: models trained by other code bases become ordinary run directories.
+import_app = typer.Typer(help="Turn checkpoints of other code bases into vdvl run directories.",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import")
 # Wide enough for the tables when piped (rich falls back to 80 columns off a terminal).
 out = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -138,6 +142,21 @@ def train(
     if result.validation:
         v = result.validation
         out.print(f"validation ({v['images']} images, EMA weights): {_elbo_text(v)}")
+
+
+@import_app.command("efficient-vdvae")
+def import_efficient_vdvae(
+    checkpoint: Path = typer.Argument(..., help="The official code's checkpoints-<run> file."),
+    config: Path = typer.Option(..., "--config", help="The run's hparams-<run>.cfg (parsed, never evaluated)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="New run directory to write."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Import an official Efficient-VDVAE checkpoint (model and EMA weights) as a vdvl run."""
+    from vdvae_latents.import_efficient import import_efficient_vdvae as run_import
+
+    result = run_import(checkpoint, config, run_dir)
+    _print_json(result) if as_json else out.print(
+        f"imported step {result['step']} ({result['parameters']:,} parameters) into {result['run_dir']}")
 
 
 @app.command("eval")

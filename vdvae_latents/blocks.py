@@ -1,7 +1,8 @@
 """Building blocks of the (Efficient-)VDVAE: residual cells, pooling, top-down blocks.
 
 Naming follows the paper: the bottom-up path (inference only) turns the image into
-one skip activation per resolution; the top-down path starts from a trainable state
+skip activations (one per resolution, or one per encoder block as in the official
+configs; see ``ModelConfig.up_skip_groups``); the top-down path starts from a trainable state
 at the lowest resolution and, block by block, draws a latent layer z_i and adds it
 into the residual stream.
 """
@@ -22,10 +23,17 @@ def activation_fn(name: str):
     return F.silu if name == "silu" else F.gelu
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, *, scale: float = 1.0, stride: int = 1) -> nn.Conv2d:
-    """A 'same' convolution with zero bias and weights optionally scaled at init."""
+def conv(in_ch: int, out_ch: int, kernel: int, *, scale: float = 1.0, stride: int = 1,
+         init: str = "pytorch") -> nn.Conv2d:
+    """A 'same' convolution with zero bias and weights optionally scaled at init.
+
+    ``init="xavier"`` draws the weights Xavier-uniform (the official Efficient-VDVAE
+    code's convolutions) instead of PyTorch's default, before the scaling.
+    """
     layer = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=(kernel // 2 if stride == 1 else 0))
     with torch.no_grad():
+        if init == "xavier":
+            nn.init.xavier_uniform_(layer.weight)
         layer.bias.zero_()
         if scale != 1.0:
             layer.weight.mul_(scale)
@@ -39,20 +47,22 @@ class ResidualCell(nn.Module):
     1x1, since there are no neighbours to look at. ``last_scale`` multiplies the last
     conv's initial weights (sqrt(1/L) keeps the residual stream's variance from
     growing with depth); ``zero_last`` zero-initialises it (VDVAE's prior output).
+    With ``init="xavier"`` (the official code's) the first 1x1 keeps PyTorch's default
+    initialisation, bias included, and the other three are Xavier-uniform.
     """
 
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, *, resolution: int, activation: str,
-                 residual: bool, last_scale: float = 1.0, zero_last: bool = False) -> None:
+                 residual: bool, last_scale: float = 1.0, zero_last: bool = False, init: str = "pytorch") -> None:
         super().__init__()
         if residual and in_ch != out_ch:
             raise ValueError("a residual cell needs equal input and output widths")
         k = 3 if resolution > 1 else 1
         self.residual = residual
         self.act = activation_fn(activation)
-        self.c1 = conv(in_ch, mid_ch, 1)
-        self.c2 = conv(mid_ch, mid_ch, k)
-        self.c3 = conv(mid_ch, mid_ch, k)
-        self.c4 = conv(mid_ch, out_ch, 1, scale=0.0 if zero_last else last_scale)
+        self.c1 = nn.Conv2d(in_ch, mid_ch, 1) if init == "xavier" else conv(in_ch, mid_ch, 1)
+        self.c2 = conv(mid_ch, mid_ch, k, init=init)
+        self.c3 = conv(mid_ch, mid_ch, k, init=init)
+        self.c4 = conv(mid_ch, out_ch, 1, scale=0.0 if zero_last else last_scale, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c1(self.act(x))
@@ -65,9 +75,9 @@ class ResidualCell(nn.Module):
 class StridedPool(nn.Module):
     """Efficient-VDVAE's trainable pool: strided conv + LeakyReLU(0.1); may change width."""
 
-    def __init__(self, in_ch: int, out_ch: int, factor: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, factor: int, init: str = "pytorch") -> None:
         super().__init__()
-        self.conv = conv(in_ch, out_ch, factor, stride=factor)
+        self.conv = conv(in_ch, out_ch, factor, stride=factor, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.conv(x), 0.1)
@@ -90,9 +100,9 @@ class AvgPoolCell(nn.Module):
 class Unpool(nn.Module):
     """Efficient-VDVAE's unpool: 1x1 conv + LeakyReLU(0.1) + nearest upsampling."""
 
-    def __init__(self, in_ch: int, out_ch: int, factor: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, factor: int, init: str = "pytorch") -> None:
         super().__init__()
-        self.conv = conv(in_ch, out_ch, 1)
+        self.conv = conv(in_ch, out_ch, 1, init=init)
         self.factor = factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,20 +144,21 @@ class TopDownBlock(nn.Module):
     """Prior net on the state, posterior net on [state, skip], z projection, residual cell."""
 
     def __init__(self, width: int, skip_width: int, variates: int, resolution: int, *, mid: int,
-                 n_layers: int, architecture: str, activation: str, latent_beta: float) -> None:
+                 n_layers: int, architecture: str, activation: str, latent_beta: float,
+                 init: str = "pytorch") -> None:
         super().__init__()
         self.variates = variates
         self.efficient = architecture == "efficient"
         self.latent_beta = latent_beta
         scale = math.sqrt(1.0 / n_layers)
-        common = dict(resolution=resolution, activation=activation)
+        common = dict(resolution=resolution, activation=activation, init=init)
         if self.efficient:
             # Efficient-VDVAE: the prior cell emits [residual (width), features (width)] and a
             # 1x1 latent layer maps features to (mean, std); likewise for the posterior.
             self.prior = ResidualCell(width, mid, 2 * width, residual=False, **common)
-            self.prior_params = conv(width, 2 * variates, 1)
+            self.prior_params = conv(width, 2 * variates, 1, init=init)
             self.posterior = ResidualCell(width + skip_width, mid, width, residual=False, **common)
-            self.posterior_params = conv(width, 2 * variates, 1)
+            self.posterior_params = conv(width, 2 * variates, 1, init=init)
         else:
             # VDVAE: the prior cell emits [mean, log-std, residual] directly, zero-initialised.
             self.prior = ResidualCell(width, mid, 2 * variates + width, residual=False, zero_last=True, **common)
@@ -155,7 +166,7 @@ class TopDownBlock(nn.Module):
             self.posterior = ResidualCell(width + skip_width, mid, 2 * variates, residual=False, **common)
             self.posterior_params = None
         # Scaling the z projection by sqrt(1/L) is what keeps training from diverging at step 1.
-        self.z_proj = conv(variates, width, 1, scale=scale)
+        self.z_proj = conv(variates, width, 1, scale=scale, init=init)
         self.cell = ResidualCell(width, mid, width, residual=True, last_scale=scale, **common)
 
     def prior_stats(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

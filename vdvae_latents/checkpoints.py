@@ -154,18 +154,12 @@ def _fsync_directory(directory: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "cpu", *,
-                    mmap: bool = False) -> dict:
-    """Load and validate a checkpoint written by :func:`save_checkpoint`.
+def read_torch_file(path: PathLike, map_location: str | torch.device | None = "cpu", *, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into one CheckpointError.
 
-    Uses ``torch.load(weights_only=True)``: a file that would need arbitrary code to
-    unpickle is refused, never executed. With ``mmap=True`` tensors are memory-mapped
-    instead of read (cheap inspection of large files).
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, corrupt or truncated, holds
-            objects the safe loader refuses, is not a vdvl checkpoint, or has a newer
-            format version than this package understands.
+    A file that would need arbitrary code to unpickle is refused, never executed; a
+    missing, unreadable, truncated or foreign file gets a sentence that names it.
+    Also reads files written by other code bases (it checks nothing about the content).
     """
     p = Path(path)
     if not p.exists():
@@ -191,6 +185,24 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "c
             f"Checkpoint file {p} is not a readable PyTorch file (it may be truncated or corrupt)."
         ) from exc
 
+    return payload
+
+
+def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "cpu", *,
+                    mmap: bool = False) -> dict:
+    """Load and validate a checkpoint written by :func:`save_checkpoint`.
+
+    Uses ``torch.load(weights_only=True)``: a file that would need arbitrary code to
+    unpickle is refused, never executed. With ``mmap=True`` tensors are memory-mapped
+    instead of read (cheap inspection of large files).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, corrupt or truncated, holds
+            objects the safe loader refuses, is not a vdvl checkpoint, or has a newer
+            format version than this package understands.
+    """
+    p = Path(path)
+    payload = read_torch_file(p, map_location=map_location, mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"Checkpoint file {p} is not a vdvl checkpoint (it lacks the '{FORMAT_NAME}' marker).")
     version = payload.get("format_version")
@@ -457,7 +469,7 @@ def describe_run(path: PathLike) -> dict[str, Any]:
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "checkpoint_path",
+    "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "read_torch_file", "load_checkpoint", "checkpoint_path",
     "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "resolve_checkpoint", "file_sha256",
     "load_model", "describe_run", "last_metrics",
 ]

@@ -8,6 +8,7 @@ CIFAR-10 C1 model has ``resolutions=(1, 4, 8, 16, 32)`` and
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -17,7 +18,24 @@ from .errors import ConfigError
 ARCHITECTURES = ("efficient", "vdvae")
 OUTPUTS = ("mol", "bernoulli")
 ACTIVATIONS = ("silu", "gelu")
+MOL_SCALES = ("softplus", "exp", "logstd")
+MOL_TAILS = ("exact", "pixelcnn")
+INITS = ("pytorch", "xavier")
 VDVAE_LOG_SCALE_FLOOR = -7.0  # VDVAE's lower bound on the MoL log-scale ("bounded")
+UNBOUNDED_LOG_SCALE_FLOOR = -80.0  # "unbounded": only where exp() stays a normal float32
+
+
+def _as_groups(value: Any, n: int, name: str) -> tuple[tuple[int, ...], ...] | None:
+    """Normalise a per-resolution list of group sizes (lists of ints) to nested tuples."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != n or not all(isinstance(g, (list, tuple)) for g in value):
+        raise ConfigError(f"config field '{name}' must list the group sizes of each of the {n} resolutions "
+                          f"(a list of {n} lists of integers).")
+    try:
+        return tuple(tuple(int(v) for v in g) for g in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{name}' must hold integers only.") from None
 
 
 def _as_tuple(value: Any, n: int, name: str, kind: type) -> tuple:
@@ -44,6 +62,16 @@ class ModelConfig:
         n_mixtures: number of logistic components (MoL only).
         mol_bounded: floor the MoL log-scale at -7 as VDVAE does; ``False`` is the
             paper's unbounded variant.
+        mol_log_scale_floor: an explicit floor for the MoL log-scale (the official
+            code's ``min_mol_logscale``: -14 for its 5-bit models, -250 = none); None
+            takes the floor that ``mol_bounded`` chooses. Not together with mol_bounded.
+        mol_scale: how the MoL scales are parametrised: ``"softplus"`` (softplus with
+            ``output_beta``, the official code's 'std' base), ``"exp"`` (exp of the raw
+            output, VDVAE's) or ``"logstd"`` (exp(output_beta * raw), the official
+            code's 'logstd' base). None: softplus for efficient, exp for vdvae.
+        mol_tail: ``"exact"`` (vdvl's stable bin masses) or ``"pixelcnn"`` (the
+            reference codes' approximation for bins of mass below 1e-5; see
+            :func:`~vdvae_latents.likelihoods.discretized_mol_log_prob`).
         pad: pixels of padding on each side added by the data pipeline (MNIST is
             padded 28 -> 32); the likelihood is computed on the un-padded centre.
         resolutions: latent resolutions, lowest first; the last equals image_size
@@ -53,6 +81,15 @@ class ModelConfig:
         widths: channels of the residual stream per resolution (constant for vdvae).
         skip_widths: width of the bottom-up skip handed to the posterior branch,
             per resolution (efficient only; defaults to ``widths``).
+        up_skip_groups, down_skip_groups: the skip layout (efficient only). None (both):
+            one skip per resolution, read by all of its top-down blocks. Otherwise, per
+            resolution, ``up_skip_groups[i]`` lists how many consecutive top-down blocks
+            read each skip (top-down order; sums to ``up_blocks[i]``) and
+            ``down_skip_groups[i]`` how many bottom-up residual cells run before each of
+            those skips is projected (same order, sums to ``down_blocks[i]``). The
+            bottom-up path runs the groups last to first, so the deepest skip feeds the
+            first top-down group: the official configs' layout, where every encoder
+            block has its own skip, is all-ones groups (plus the blocks that re-use one).
         bottleneck: middle width of the residual cells as a fraction of their width
             (one value or one per resolution; C1 uses 1.0 at 32x32, 0.5 at 16x16).
         variates: latent channels per layer (one value or one per resolution).
@@ -63,6 +100,14 @@ class ModelConfig:
             skip projections, softplus std) or ``"vdvae"`` (average pool, constant
             width, exp(log sigma), bounded MoL, zero-initialised prior output).
         activation: ``"silu"`` (Efficient-VDVAE code) or ``"gelu"`` (VDVAE).
+        output_gain: a trainable per-channel gain and bias on the last top-down state
+            before the output head (VDVAE has them; the official Efficient-VDVAE code
+            does not).
+        init: ``"pytorch"`` (PyTorch's default weights, zero biases) or ``"xavier"``
+            (efficient only; the official code's: Xavier-uniform weights and zero biases
+            for every conv but each residual cell's first 1x1, which keeps PyTorch's
+            default, and a Kaiming-uniform initial state). The sqrt(1/L) scalings apply
+            on top of either.
     """
 
     image_size: int = 32
@@ -83,6 +128,13 @@ class ModelConfig:
     output_beta: float = math.log(2.0)
     architecture: str = "efficient"
     activation: str = "silu"
+    up_skip_groups: tuple[tuple[int, ...], ...] | None = None
+    down_skip_groups: tuple[tuple[int, ...], ...] | None = None
+    mol_scale: str | None = None
+    mol_log_scale_floor: float | None = None
+    mol_tail: str = "exact"
+    output_gain: bool = True
+    init: str = "pytorch"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -97,7 +149,12 @@ class ModelConfig:
         skip = self.widths if self.skip_widths is None else self.skip_widths
         set_(self, "skip_widths", _as_tuple(skip, n, "skip_widths", int))
         set_(self, "bottleneck", _as_tuple(self.bottleneck, n, "bottleneck", float))
+        for name in ("up_skip_groups", "down_skip_groups"):
+            set_(self, name, _as_groups(getattr(self, name), n, name))
+        if self.mol_log_scale_floor is not None:
+            set_(self, "mol_log_scale_floor", float(self.mol_log_scale_floor))
         self._validate()
+        self._validate_skip_layout()
 
     # ----------------------------------------------------------------- validation
     def _validate(self) -> None:
@@ -145,11 +202,72 @@ class ModelConfig:
         for name in ("latent_beta", "output_beta"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be positive, not {getattr(self, name)}")
+        if self.mol_scale is not None and self.mol_scale not in MOL_SCALES:
+            raise bad("mol_scale", f"must be one of {', '.join(MOL_SCALES)}, not '{self.mol_scale}'")
+        if self.mol_tail not in MOL_TAILS:
+            raise bad("mol_tail", f"must be one of {', '.join(MOL_TAILS)}, not '{self.mol_tail}'")
+        if self.mol_bounded and self.mol_log_scale_floor is not None:
+            raise bad("mol_log_scale_floor", "cannot be set together with mol_bounded (which means a floor of -7)")
+        if self.init not in INITS:
+            raise bad("init", f"must be one of {', '.join(INITS)}, not '{self.init}'")
+        if self.init != "pytorch" and self.architecture != "efficient":
+            raise bad("init", f"'{self.init}' is the official Efficient-VDVAE scheme; it needs architecture efficient")
         if self.output == "bernoulli" and self.n_bits != 8:
             # Binary data has no bit depth; keep the field at its default to avoid confusion.
             raise bad("n_bits", "must stay 8 with the bernoulli output (binary data has no bit depth)")
 
+    def _validate_skip_layout(self) -> None:
+        up, down = self.up_skip_groups, self.down_skip_groups
+        if up is None and down is None:
+            return
+        if up is None or down is None:
+            missing = "up_skip_groups" if up is None else "down_skip_groups"
+            raise ConfigError(f"config field '{missing}' must be given too: a skip layout needs both group lists.")
+        if self.architecture != "efficient":
+            raise ConfigError("config field 'up_skip_groups' needs architecture efficient (VDVAE has one skip per resolution).")
+        for i, (res, ups, downs) in enumerate(zip(self.resolutions, up, down)):
+            where = f"at resolution {res}"
+            if len(ups) != len(downs):
+                raise ConfigError(f"config fields 'up_skip_groups' and 'down_skip_groups' have {len(ups)} and "
+                                  f"{len(downs)} groups {where}; every skip needs both.")
+            if not ups:
+                raise ConfigError(f"config field 'up_skip_groups' has no group {where}.")
+            if any(b < 1 for b in ups) or any(c < 0 for c in downs):
+                raise ConfigError(f"config field 'up_skip_groups' needs at least one top-down block per group and "
+                                  f"'down_skip_groups' non-negative cell counts {where}.")
+            if sum(ups) != self.up_blocks[i]:
+                raise ConfigError(f"config field 'up_skip_groups' sums to {sum(ups)} {where} but up_blocks has "
+                                  f"{self.up_blocks[i]}.")
+            if sum(downs) != self.down_blocks[i]:
+                raise ConfigError(f"config field 'down_skip_groups' sums to {sum(downs)} {where} but down_blocks has "
+                                  f"{self.down_blocks[i]}.")
+
     # ----------------------------------------------------------------- derived
+    def skip_groups(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(top-down blocks per skip, bottom-up cells per skip) at resolution index ``i``."""
+        if self.up_skip_groups is None:
+            return (self.up_blocks[i],), (self.down_blocks[i],)
+        return self.up_skip_groups[i], self.down_skip_groups[i]  # type: ignore[index]
+
+    @property
+    def n_skips(self) -> int:
+        """Number of bottom-up skips handed to the top-down path."""
+        return sum(len(self.skip_groups(i)[0]) for i in range(len(self.resolutions)))
+
+    @property
+    def mol_scale_kind(self) -> str:
+        """The MoL scale parametrisation in effect (resolves ``mol_scale=None``)."""
+        if self.mol_scale is not None:
+            return self.mol_scale
+        return "exp" if self.architecture == "vdvae" else "softplus"
+
+    @property
+    def mol_floor(self) -> float:
+        """The lower bound on the MoL log-scale in effect."""
+        if self.mol_log_scale_floor is not None:
+            return self.mol_log_scale_floor
+        return VDVAE_LOG_SCALE_FLOOR if self.mol_bounded else UNBOUNDED_LOG_SCALE_FLOOR
+
     @property
     def n_layers(self) -> int:
         """Number of latent layers L (top-down blocks)."""
@@ -191,7 +309,7 @@ class ModelConfig:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            out[f.name] = [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
         return out
 
     @classmethod
@@ -217,8 +335,23 @@ class ModelConfig:
         return self.replace(**changes)
 
 
+# Fields that may be None: how to parse a --set value for them ("none" resets them).
+_OPTIONAL_KINDS: dict[str, Any] = {"up_skip_groups": "groups", "down_skip_groups": "groups",
+                                   "mol_log_scale_floor": float, "mol_scale": str}
+
+
 def _parse_value(key: str, raw: str, like: Any) -> Any:
     """Parse a ``--set`` value using the current value's type as the guide."""
+    kind = _OPTIONAL_KINDS.get(key)
+    if kind is not None:
+        if raw.strip().lower() == "none":
+            return None
+        if kind == "groups":
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                raise ConfigError(f"config field '{key}' takes a JSON list of lists, such as [[1, 1], [2]].") from None
+        like = kind(0) if kind is float else ""
     try:
         if isinstance(like, bool):
             if raw.lower() in ("true", "1", "yes"):
@@ -239,4 +372,5 @@ def _parse_value(key: str, raw: str, like: Any) -> Any:
         raise ConfigError(f"config field '{key}' cannot take the value '{raw}'.") from None
 
 
-__all__ = ["ModelConfig", "ARCHITECTURES", "OUTPUTS", "VDVAE_LOG_SCALE_FLOOR"]
+__all__ = ["ModelConfig", "ARCHITECTURES", "OUTPUTS", "MOL_SCALES", "MOL_TAILS", "INITS", "VDVAE_LOG_SCALE_FLOOR",
+           "UNBOUNDED_LOG_SCALE_FLOOR"]

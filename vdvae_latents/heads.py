@@ -13,12 +13,14 @@ import math
 import torch
 from torch import nn
 
-from .config import VDVAE_LOG_SCALE_FLOOR, ModelConfig
+from .config import ModelConfig
 from .distributions import softplus_std
 from .likelihoods import bernoulli_log_prob, discretized_mol_log_prob, sample_bernoulli, sample_mol
 
-# Without a bound the log-scale is only kept where exp() stays a normal float32.
-_UNBOUNDED_LOG_SCALE_FLOOR = -80.0
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision activations (autocast); float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _crop(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -29,22 +31,25 @@ class MixtureOfLogisticsHead(nn.Module):
     def __init__(self, cfg: ModelConfig, width: int) -> None:
         super().__init__()
         self.m, self.c, self.n_bits, self.pad = cfg.n_mixtures, cfg.channels, cfg.n_bits, cfg.pad
-        self.exp_scale = cfg.architecture == "vdvae"
+        self.scale_kind = cfg.mol_scale_kind
         self.beta = cfg.output_beta
-        self.floor = VDVAE_LOG_SCALE_FLOOR if cfg.mol_bounded else _UNBOUNDED_LOG_SCALE_FLOOR
+        self.floor = cfg.mol_floor
+        self.tail = cfg.mol_tail
         n_coeffs = 3 if self.c == 3 else 0
         self.out = nn.Conv2d(width, self.m * (1 + 2 * self.c + n_coeffs), 1)
 
     def params(self, h: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Split the conv output into the mixture parameters (cropped to the scored region)."""
-        raw = _crop(self.out(h), self.pad).float()
+        raw = _wide(_crop(self.out(h), self.pad))
         b, _, hh, ww = raw.shape
         m, c = self.m, self.c
         logits = raw[:, :m]
         means = raw[:, m:m + m * c].reshape(b, m, c, hh, ww)
         scale_raw = raw[:, m + m * c:m + 2 * m * c].reshape(b, m, c, hh, ww)
-        if self.exp_scale:
+        if self.scale_kind == "exp":
             scales = torch.exp(scale_raw.clamp(min=self.floor))
+        elif self.scale_kind == "logstd":
+            scales = torch.exp(self.beta * scale_raw.clamp(min=self.floor))
         else:
             scales = softplus_std(scale_raw, self.beta)
             scales = scales.clamp(min=math.exp(self.floor))
@@ -53,7 +58,8 @@ class MixtureOfLogisticsHead(nn.Module):
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) in nats per image, x in [-1, 1] (padded like the network input)."""
-        return discretized_mol_log_prob(_crop(x, self.pad).float(), n_bits=self.n_bits, **self.params(h))
+        return discretized_mol_log_prob(_wide(_crop(x, self.pad)), n_bits=self.n_bits, tail=self.tail,
+                                        **self.params(h))
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -70,15 +76,21 @@ class BernoulliHead(nn.Module):
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x holds binary pixels as -1/1 (the network's input scale); scored as 0/1."""
-        target = (_crop(x, self.pad).float() > 0).float()
-        return bernoulli_log_prob(target, _crop(self.out(h), self.pad).float())
+        logits = _wide(_crop(self.out(h), self.pad))
+        target = (_crop(x, self.pad) > 0).to(logits.dtype)
+        return bernoulli_log_prob(target, logits)
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        bits = sample_bernoulli(_crop(self.out(h), self.pad).float(), deterministic=deterministic,
+        bits = sample_bernoulli(_wide(_crop(self.out(h), self.pad)), deterministic=deterministic,
                                 generator=generator)
         return bits * 2 - 1
 
 
 def make_head(cfg: ModelConfig, width: int) -> nn.Module:
-    return BernoulliHead(cfg, width) if cfg.output == "bernoulli" else MixtureOfLogisticsHead(cfg, width)
+    head = BernoulliHead(cfg, width) if cfg.output == "bernoulli" else MixtureOfLogisticsHead(cfg, width)
+    if cfg.init == "xavier":  # the official code's output conv
+        with torch.no_grad():
+            nn.init.xavier_uniform_(head.out.weight)
+            head.out.bias.zero_()
+    return head

@@ -64,6 +64,7 @@ def discretized_mol_log_prob(
     scales: torch.Tensor,
     coeffs: torch.Tensor | None = None,
     n_bits: int = 8,
+    tail: str = "exact",
 ) -> torch.Tensor:
     """Log-likelihood (nats) of images under a discretized mixture of logistics.
 
@@ -77,6 +78,11 @@ def discretized_mol_log_prob(
             ``+ c1 * x_r + c2 * x_g`` using the true pixel values. ``None`` means the
             channels are independent given the component (any C is then allowed).
         n_bits: bit depth of the grid (>= 1).
+        tail: ``"exact"`` (below) or ``"pixelcnn"``: the inner bins as PixelCNN++ and
+            both reference implementations compute them, ``log(max(cdf difference,
+            1e-12))`` and, where that difference is at most 1e-5, the density at the
+            bin centre times the bin width instead. Imported models use it so that
+            their NLL agrees with the reference code to rounding.
 
     Returns:
         (B,) tensor: for each image, the sum over pixels of
@@ -122,6 +128,11 @@ def discretized_mol_log_prob(
     log_sf_lower = torch.where(is_bottom, 0.0, F.logsigmoid(-lower))
     log_gap = torch.where(is_bottom | is_top, 0.0, _log1mexp(width))
     log_p_channels = log_cdf_upper + log_sf_lower + log_gap  # (B, M, C, H, W)
+    if tail == "pixelcnn":
+        inner = _pixelcnn_inner_bins(upper, lower, centred * inv_scale, scales, top)
+        log_p_channels = torch.where(is_bottom | is_top, log_p_channels, inner)
+    elif tail != "exact":
+        raise ValueError(f"tail must be 'exact' or 'pixelcnn', not {tail!r}")
 
     log_p_components = log_p_channels.sum(dim=2) + F.log_softmax(logit_weights, dim=1)
     log_p_pixels = torch.logsumexp(log_p_components, dim=1)  # (B, H, W)
@@ -253,6 +264,14 @@ def _working_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
         if t is not None:
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def _pixelcnn_inner_bins(upper: torch.Tensor, lower: torch.Tensor, middle: torch.Tensor, scales: torch.Tensor,
+                         top: int) -> torch.Tensor:
+    """Log mass of inner bins as PixelCNN++ computes it (see ``tail`` above)."""
+    cdf_delta = torch.sigmoid(upper) - torch.sigmoid(lower)
+    log_pdf_mid = middle - torch.log(scales) - 2.0 * F.softplus(middle)
+    return torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid - math.log(top / 2.0))
 
 
 def _log1mexp(d: torch.Tensor) -> torch.Tensor:

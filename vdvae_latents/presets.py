@@ -1,13 +1,14 @@
 """Named model configurations.
 
 Paper presets are named ``<dataset>-<config>``: ``c1`` (widths that grow toward the low
-resolutions), ``c2`` (the same layout at a constant width; the paper: "C1 is only
-different from C2 in the use of incremental filter width") and ``vdvae`` (the original
-architecture, for the datasets where the paper's Table 3 has a VDVAE column).
+resolutions), ``c2`` (a constant width; the paper: "C1 is only different from C2 in the
+use of incremental filter width") and ``vdvae`` (the original architecture, for the
+datasets where the paper's Table 3 has a VDVAE column).
 
-Sources: layers per resolution from Table 6; widths, bottlenecks, variates and
-bottom-up depths from the public Efficient-VDVAE example configs (C1) and the public
-VDVAE hyper-parameters. Parameter counts are checked against Table 3 by the tests.
+Sources: the c1/c2 presets are the official Efficient-VDVAE example configs (``egs/``),
+with their per-block skips, output scale, betas and initialisation, so official
+checkpoints of them import tensor for tensor; the vdvae presets follow the public VDVAE
+hyper-parameters. The tests check exact parameter counts and Table 3 within 15%.
 Per-resolution tuples run from the lowest resolution to the highest.
 """
 
@@ -37,16 +38,28 @@ class Preset:
     lr: float = 1e-3
 
 
-def _c1(image_size, channels, n_bits, res, up, down, widths, bottleneck, variates, **kw) -> ModelConfig:
-    return ModelConfig(image_size=image_size, channels=channels, n_bits=n_bits, resolutions=res,
-                       up_blocks=up, down_blocks=down, widths=widths, bottleneck=bottleneck,
-                       variates=variates, **kw)
+OFFICIAL_BETA = 0.6931472  # the official .cfg files' gradient smoothing beta (ln 2 to 7 digits)
+Groups = list[int | tuple[int, dict[int, int]]]
 
 
-def _c2_from(c1: ModelConfig, width: int, bottleneck: float = 0.25) -> ModelConfig:
-    """C2: the C1 layout at one constant width and bottleneck (VDVAE's 0.25)."""
-    n = len(c1.resolutions)
-    return c1.replace(widths=[width] * n, skip_widths=[width] * n, bottleneck=[bottleneck] * n)
+def _groups(spec: int | tuple[int, dict[int, int]]) -> list[int]:
+    """``n`` skip groups of one block (or cell) each; ``(n, {k: size})`` widens group k."""
+    n, wider = spec if isinstance(spec, tuple) else (spec, {})
+    return [wider.get(k, 1) for k in range(n)]
+
+
+def _official(image_size: int, res: tuple[int, ...], widths, bottleneck, variates: int, up: Groups, down: Groups, *,
+              n_bits: int = 8, beta: float = OFFICIAL_BETA, output_beta: float = OFFICIAL_BETA,
+              mol_scale: str = "softplus", floor: float = -250.0, bernoulli: bool = False) -> ModelConfig:
+    """An official egs config: one skip per encoder block (``up``/``down`` per resolution, see
+    ``ModelConfig.up_skip_groups``), no output gain, the official initialisation and output scale."""
+    up_groups, down_groups = [_groups(g) for g in up], [_groups(g) for g in down]
+    output = dict(channels=1, output="bernoulli", pad=2) if bernoulli else dict(
+        channels=3, mol_scale=mol_scale, mol_log_scale_floor=floor, output_beta=output_beta)
+    return ModelConfig(image_size=image_size, n_bits=n_bits, resolutions=res, up_blocks=[sum(g) for g in up_groups],
+                       down_blocks=[sum(g) for g in down_groups], widths=widths, skip_widths=widths,
+                       bottleneck=bottleneck, variates=variates, latent_beta=beta, up_skip_groups=up_groups,
+                       down_skip_groups=down_groups, output_gain=False, init="xavier", **output)
 
 
 def _vdvae(image_size, channels, n_bits, res, up, down, width, variates) -> ModelConfig:
@@ -61,64 +74,85 @@ def _paper_presets() -> dict[str, Preset]:
     def add(name: str, cfg: ModelConfig, desc: str, batch: int, lr: float = 1e-3) -> None:
         p[name] = Preset(name, cfg.replace(name=name), desc, batch, lr)
 
-    # ---- CIFAR-10, 32x32x3, 8-bit
+    # The c1/c2 presets are the official egs configs (Rayhane-mamah/Efficient-VDVAE/egs/*.cfg)
+    # tensor for tensor: c1 the incremental-width config (`*_C1`; for datasets without one, the
+    # only incremental-width config: `compact`, or `baseline` for MNIST and 1024x1024), c2 the
+    # constant-width `baseline` (Table 3's C2: exactly its count for ImageNet 64 and FFHQ 256;
+    # for CIFAR-10 and ImageNet 32 no released config has Table 3's 51M / 156M).
     r5 = (1, 4, 8, 16, 32)
-    c1 = _c1(32, 3, 8, r5, (3, 4, 7, 11, 22), (3, 4, 7, 7, 12), (384, 384, 192, 96, 48),
-             (0.25, 0.25, 0.25, 0.5, 1.0), 16)
-    add("cifar10-c1", c1, "CIFAR-10 C1: 47 latent layers, widths 384 -> 48", 16)
-    add("cifar10-c2", _c2_from(c1, 384), "CIFAR-10 C2: C1 layout at width 384", 16)
+    r6 = (1, 4, 8, 16, 32, 64)
+    r8 = (1, 4, 8, 16, 32, 64, 128, 256)
+    r10 = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+    # ---- CIFAR-10, 32x32x3, 8-bit
+    up, down = [3, 4, 7, (7, {1: 5}), (12, {1: 11})], [3, 4, 7, 7, 12]
+    add("cifar10-c1", _official(32, r5, (384, 384, 192, 96, 48), (0.25, 0.25, 0.25, 0.5, 1.0), 16, up, down),
+        "CIFAR-10 C1 (egs/cifar10_C1.cfg): 47 latent layers, widths 384 -> 48", 16)
+    add("cifar10-c2", _official(32, r5, 384, 0.25, 32, up, down),
+        "CIFAR-10 C2 (egs/cifar10_baseline.cfg): 47 latent layers at width 384", 16)
     add("cifar10-vdvae", _vdvae(32, 3, 8, r5, (1, 3, 6, 11, 22), (3, 3, 6, 6, 11), 384, 16),
         "CIFAR-10 original VDVAE (43 layers, width 384)", 32, 2e-4)
 
     # ---- ImageNet 32x32
-    c1 = _c1(32, 3, 8, r5, (6, 7, 19, 25, 16), (6, 7, 9, 10, 16), (512, 512, 256, 128, 64),
-             (0.25, 0.25, 0.25, 0.5, 1.0), 48)
-    add("imagenet32-c1", c1, "ImageNet 32x32 C1: 73 latent layers, widths 512 -> 64", 64)
-    add("imagenet32-c2", _c2_from(c1, 512), "ImageNet 32x32 C2: C1 layout at width 512", 64)
+    up, down = [6, 7, (9, {0: 11}), (10, {0: 16}), 16], [6, 7, 9, 10, 16]
+    add("imagenet32-c1", _official(32, r5, (512, 512, 256, 128, 64), (0.25, 0.25, 0.25, 0.5, 1.0), 48, up, down,
+                                   mol_scale="logstd", output_beta=1.0),
+        "ImageNet 32x32 C1 (egs/imagenet32_C1.cfg): 73 latent layers, widths 512 -> 64", 64)
+    add("imagenet32-c2", _official(32, r5, 512, 0.25, 32, up, down),
+        "ImageNet 32x32 C2 (egs/imagenet32_baseline.cfg): 73 latent layers at width 512", 64)
     add("imagenet32-vdvae", _vdvae(32, 3, 8, r5, (2, 5, 10, 20, 41), (6, 6, 8, 9, 15), 512, 16),
         "ImageNet 32x32 original VDVAE (78 layers, width 512)", 256, 1.5e-4)
 
-    # ---- ImageNet 64x64 (and CelebA 64x64 with the same layout)
-    r6 = (1, 4, 8, 16, 32, 64)
-    c1 = _c1(64, 3, 8, r6, (6, 7, 19, 25, 16, 11), (6, 7, 9, 10, 16, 5), (512, 512, 256, 256, 64, 64),
-             (0.25, 0.25, 0.25, 0.25, 0.5, 1.0), 64)
-    add("imagenet64-c1", c1, "ImageNet 64x64 C1: 84 latent layers, widths 512 -> 64", 32)
-    add("imagenet64-c2", _c2_from(c1, 512), "ImageNet 64x64 C2: C1 layout at width 512", 32)
+    # ---- ImageNet 64x64
+    up, down = [6, 7, (9, {0: 11}), (10, {0: 16}), 16, (5, {0: 7})], [6, 7, 9, 10, 16, 5]
+    add("imagenet64-c1", _official(64, r6, (512, 512, 256, 256, 64, 64), (0.25, 0.25, 0.25, 0.25, 0.5, 1.0), 64,
+                                   up, down, mol_scale="logstd", output_beta=1.0),
+        "ImageNet 64x64 C1 (egs/imagenet64_C1.cfg): 84 latent layers, widths 512 -> 64", 32)
+    add("imagenet64-c2", _official(64, r6, 512, 0.25, 32, up, down),
+        "ImageNet 64x64 C2 (egs/imagenet64_baseline.cfg): 84 latent layers at width 512", 32)
     add("imagenet64-vdvae", _vdvae(64, 3, 8, r6, (2, 4, 8, 16, 32, 13), (5, 7, 8, 9, 20, 11), 512, 16),
         "ImageNet 64x64 original VDVAE (75 layers, width 512)", 128, 1.5e-4)
-    add("celeba64-c1", c1, "CelebA 64x64 C1 (ImageNet 64 C1 layout)", 32)
-    add("celeba64-c2", _c2_from(c1, 512), "CelebA 64x64 C2 (ImageNet 64 C2 layout)", 32)
 
-    # ---- FFHQ / CelebA-HQ 256x256 (Table 3's FFHQ row is 5-bit)
-    r8 = (1, 4, 8, 16, 32, 64, 128, 256)
-    up8 = (2, 4, 5, 10, 22, 14, 8, 1)
-    c1_256 = _c1(256, 3, 5, r8, up8, (4, 6, 6, 8, 18, 13, 9, 4), (512, 512, 512, 256, 256, 128, 128, 128),
-                 (0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.5, 1.0), 32)
-    add("ffhq256-c1", c1_256, "FFHQ 256x256 (5-bit) C1: 66 latent layers, widths 512 -> 128", 16)
-    add("ffhq256-c2", _c2_from(c1_256, 512), "FFHQ 256x256 (5-bit) C2: C1 layout at width 512", 16)
-    add("ffhq256-vdvae", _vdvae(256, 3, 5, r8, up8, (4, 5, 5, 7, 17, 12, 8, 3), 512, 16),
+    # ---- CelebA 64x64
+    up, down = [2, 4, 7, (7, {0: 5}), (9, {0: 8}), (12, {0: 11})], [2, 4, 7, 7, 9, 12]
+    add("celeba64-c1", _official(64, r6, (512, 512, 256, 128, 64, 32), (0.25, 0.25, 0.25, 0.25, 0.5, 1.0), 32,
+                                 up, down),
+        "CelebA 64x64 incremental widths (egs/celebA64_compact.cfg): 62 latent layers, widths 512 -> 32", 32)
+    add("celeba64-c2", _official(64, r6, 512, 0.25, 32, up, down),
+        "CelebA 64x64 (egs/celebA64_baseline.cfg): 62 latent layers at width 512", 32)
+
+    # ---- FFHQ 256x256, 5-bit (Table 3's FFHQ row)
+    up = [2, 4, 5, (8, {0: 3}), (18, {0: 5}), (13, {0: 2}), 8, 1]
+    down = [(2, {1: 3}), (4, {3: 3}), (5, {4: 2}), 8, 18, 13, (8, {7: 2}), (1, {0: 4})]
+    add("ffhq256-c1", _official(256, r8, (512, 512, 512, 256, 256, 128, 128, 128), (0.25,) * 6 + (0.5, 1.0), 32,
+                                up, down, n_bits=5, mol_scale="logstd", output_beta=1.0, floor=-14.0),
+        "FFHQ 256x256 (5-bit) C1 (egs/ffhq256_5bits_C1.cfg): 66 latent layers, widths 512 -> 128", 16)
+    add("ffhq256-c2", _official(256, r8, 512, 0.25, 32, up, down, n_bits=5, floor=-14.0),
+        "FFHQ 256x256 (5-bit) C2 (egs/ffhq256_5bits_baseline.cfg): 66 latent layers at width 512", 16)
+    add("ffhq256-vdvae", _vdvae(256, 3, 5, r8, (2, 4, 5, 10, 22, 14, 8, 1), (4, 5, 5, 7, 17, 12, 8, 3), 512, 16),
         "FFHQ 256x256 (5-bit) original VDVAE (66 layers, width 512)", 32, 1.5e-4)
-    c1_hq = c1_256.replace(n_bits=8)
-    add("celebahq256-c1", c1_hq, "CelebA-HQ 256x256 (8-bit) C1 (FFHQ 256 layout)", 16)
-    add("celebahq256-c2", _c2_from(c1_hq, 512), "CelebA-HQ 256x256 (8-bit) C2 (FFHQ 256 layout)", 16)
 
-    # ---- 1024x1024 (layers per resolution follow VDVAE's FFHQ-1024 decoder)
-    r10 = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-    c1_1k = _c1(1024, 3, 8, r10, (2, 4, 5, 10, 21, 15, 8, 3, 1, 1), (4, 5, 6, 8, 15, 11, 8, 6, 4, 2),
-                (512, 512, 512, 256, 256, 128, 128, 64, 32, 16),
-                (0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.5, 1.0, 1.0, 1.0), 32)
-    for ds in ("ffhq1024", "celebahq1024"):
-        add(f"{ds}-c1", c1_1k, f"{ds} (8-bit) C1: 70 latent layers, widths 512 -> 16", 8)
-        add(f"{ds}-c2", _c2_from(c1_1k, 128), f"{ds} (8-bit) C2: C1 layout at constant width 128 "
-            "(a constant 512 would not fit in memory at 1024x1024)", 8)
+    # ---- CelebA-HQ 256x256, 8-bit
+    up = [2, 4, 5, (8, {0: 3}), (12, {0: 5}), 13, 13, 6]
+    down = [(2, {1: 3}), (4, {3: 3}), (5, {4: 2}), 8, 12, 13, 13, 6]
+    add("celebahq256-c1", _official(256, r8, (512, 512, 512, 512, 256, 128, 64, 32), (0.25,) * 6 + (0.5, 1.0), 64,
+                                    up, down),
+        "CelebA-HQ 256x256 (8-bit) incremental widths (egs/celebAHQ256_8bits_compact.cfg): 69 latent layers", 16)
+    add("celebahq256-c2", _official(256, r8, 512, 0.25, 64, up, down),
+        "CelebA-HQ 256x256 (8-bit) (egs/celebAHQ256_8bits_baseline.cfg): 69 latent layers at width 512", 16)
+
+    # ---- 1024x1024: one released config (incremental widths), the same for FFHQ and CelebA-HQ
+    up = [2, 4, 5, 8, 12, (7, {0: 7}), (5, {0: 9}), (3, {0: 4}), (2, {0: 4}), (1, {0: 4})]
+    down = [2, 4, 5, 8, 12, 7, 5, 3, 2, 1]
+    hq = _official(1024, r10, (512, 512, 512, 512, 256, 128, 64, 32, 16, 8), (0.25,) * 7 + (0.5, 1.0, 1.0), 64,
+                   up, down, beta=0.4, output_beta=0.4)
+    for ds, cfg_file in (("ffhq1024", "ffhq1024_baseline"), ("celebahq1024", "celebAHQ1024_baseline")):
+        add(f"{ds}-c1", hq, f"{ds} (8-bit) (egs/{cfg_file}.cfg): 72 latent layers, widths 512 -> 8", 8)
 
     # ---- Binarized MNIST: padded 28 -> 32, Bernoulli, scored on the 28x28 crop
-    mnist = ModelConfig(image_size=32, channels=1, output="bernoulli", pad=2, resolutions=r5,
-                        up_blocks=(5, 5, 10, 2, 1), down_blocks=(5, 5, 10, 2, 1),
-                        widths=(512, 256, 128, 64, 32), bottleneck=1.0, variates=32)
-    add("mnist-c1", mnist, "Binarized MNIST C1: 23 latent layers, widths 512 -> 32, Bernoulli", 32)
-    add("mnist-c2", _c2_from(mnist, 128, bottleneck=0.5),
-        "Binarized MNIST C2: C1 layout at constant width 128, bottleneck 0.5", 32)
+    add("mnist-c1", _official(32, r5, (512, 256, 128, 64, 32), 1.0, 32, [5, 5, 10, 2, 1], [5, 5, 10, 2, 1],
+                              bernoulli=True),
+        "Binarized MNIST (egs/binarized_mnist_baseline.cfg): 23 latent layers, widths 512 -> 32, Bernoulli", 32)
     return p
 
 

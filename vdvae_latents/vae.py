@@ -88,23 +88,28 @@ class VAE(nn.Module):
         down_scale = math.sqrt(1.0 / (cfg.n_layers if efficient else n_down))
 
         # ---- bottom-up: index i follows cfg order (lowest resolution first)
-        self.input_conv = conv(cfg.channels, widths[-1], 1 if efficient else 3)
+        init = cfg.init
+        self.input_conv = conv(cfg.channels, widths[-1], 1 if efficient else 3, init=init)
         self.down_cells = nn.ModuleList()
         self.skip_proj = nn.ModuleList()
         self.pools = nn.ModuleList()
         for i in range(n):
             w, mid = widths[i], cfg.mid_width(i)
             self.down_cells.append(nn.Sequential(*[
-                ResidualCell(w, mid, w, resolution=res[i], activation=act, residual=True, last_scale=down_scale)
+                ResidualCell(w, mid, w, resolution=res[i], activation=act, residual=True, last_scale=down_scale,
+                             init=init)
                 for _ in range(cfg.down_blocks[i])]))
-            if efficient:
-                self.skip_proj.append(conv(w, cfg.skip_widths[i], 1))
-            else:
+            if not efficient:
                 self.skip_proj.append(nn.Identity())
+            elif cfg.up_skip_groups is None:
+                self.skip_proj.append(conv(w, cfg.skip_widths[i], 1, init=init))
+            else:  # one projection per skip group: skip_proj.{i}.{k}
+                self.skip_proj.append(nn.ModuleList(
+                    [conv(w, cfg.skip_widths[i], 1, init=init) for _ in cfg.skip_groups(i)[0]]))
             if i == 0:
                 self.pools.append(nn.Identity())  # nothing below the lowest resolution
             elif efficient:
-                self.pools.append(StridedPool(w, widths[i - 1], res[i] // res[i - 1]))
+                self.pools.append(StridedPool(w, widths[i - 1], res[i] // res[i - 1], init=init))
             else:
                 self.pools.append(AvgPoolCell(w, mid, res[i] // res[i - 1], resolution=res[i],
                                               activation=act, last_scale=down_scale))
@@ -112,6 +117,8 @@ class VAE(nn.Module):
         # ---- top-down
         skip_widths = cfg.skip_widths if efficient else widths
         self.initial_state = nn.Parameter(torch.zeros(1, widths[0], res[0], res[0]))
+        if init == "xavier":  # the official code's initial state (its `trainable_h`)
+            nn.init.kaiming_uniform_(self.initial_state, nonlinearity="linear")
         self.unpools = nn.ModuleList()
         # A trainable state added after each upsampling (Efficient-VDVAE's unpool bias; VDVAE's
         # bias_xs, which VDVAE leaves out above 64x64 to save memory).
@@ -119,29 +126,47 @@ class VAE(nn.Module):
         for i in range(n):
             factor = res[i] // res[i - 1] if i else 1
             if efficient:
-                self.unpools.append(Unpool(widths[i - 1], widths[i], factor) if i else nn.Identity())
+                self.unpools.append(Unpool(widths[i - 1], widths[i], factor, init=init) if i else nn.Identity())
             has_bias = i > 0 and (efficient or res[i] <= VDVAE_NO_BIAS_ABOVE)
             self.register_parameter(f"res_bias_{i}", nn.Parameter(torch.zeros(1, widths[i], res[i], res[i])) if has_bias else None)
             self.up_blocks.append(nn.ModuleList([
                 TopDownBlock(widths[i], skip_widths[i], cfg.variates[i], res[i], mid=cfg.mid_width(i),
                              n_layers=cfg.n_layers, architecture=cfg.architecture, activation=act,
-                             latent_beta=cfg.latent_beta)
+                             latent_beta=cfg.latent_beta, init=init)
                 for _ in range(cfg.up_blocks[i])]))
-        self.final_gain = nn.Parameter(torch.ones(1, widths[-1], 1, 1))
-        self.final_bias = nn.Parameter(torch.zeros(1, widths[-1], 1, 1))
+        if cfg.output_gain:
+            self.final_gain = nn.Parameter(torch.ones(1, widths[-1], 1, 1))
+            self.final_bias = nn.Parameter(torch.zeros(1, widths[-1], 1, 1))
+        else:
+            self.final_gain = self.final_bias = None
         self.head = make_head(cfg, widths[-1])
+        # Which skip (index into bottom_up()'s list) each latent layer reads, top-down order.
+        self.skip_of_layer = skip_of_layer(cfg)
 
     # ------------------------------------------------------------------ paths
     def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """One skip activation per resolution (cfg order: lowest first)."""
+        """The skip activations, in the order the top-down path reads them (lowest first)."""
         self._check_input(x)
+        cfg = self.cfg
         h = self.input_conv(x)
-        skips: list[torch.Tensor] = [None] * len(self.cfg.resolutions)  # type: ignore[list-item]
-        for i in reversed(range(len(self.cfg.resolutions))):
-            h = self.down_cells[i](h)
-            skips[i] = self.skip_proj[i](h)
+        per_res: list[list[torch.Tensor]] = [[] for _ in cfg.resolutions]
+        for i in reversed(range(len(cfg.resolutions))):
+            cells, projections = self.down_cells[i], self.skip_proj[i]
+            if not isinstance(projections, nn.ModuleList):
+                h = cells(h)
+                per_res[i] = [projections(h)]
+            else:
+                # Groups run last to first: the skip taken nearest the image feeds the
+                # resolution's last top-down group (the skips mirror the top-down order).
+                start = 0
+                down_groups = cfg.skip_groups(i)[1]
+                for k in reversed(range(len(down_groups))):
+                    for cell in cells[start:start + down_groups[k]]:
+                        h = cell(h)
+                    start += down_groups[k]
+                    per_res[i].insert(0, projections[k](h))
             h = self.pools[i](h)
-        return skips
+        return [skip for skips in per_res for skip in skips]
 
     def top_down(self, skips: list[torch.Tensor] | None, batch: int, plans: list[LayerPlan]) -> tuple[torch.Tensor, list[LayerResult]]:
         """Run the generative path; with ``skips`` the posterior is available."""
@@ -160,10 +185,13 @@ class VAE(nn.Module):
                 if bias is not None:
                     state = state + bias
             for block in blocks:
-                state, result = block(state, None if skips is None else skips[i], plans[k])
+                skip = None if skips is None else skips[self.skip_of_layer[k]]
+                state, result = block(state, skip, plans[k])
                 results.append(result)
                 k += 1
-        return state * self.final_gain + self.final_bias, results
+        if self.final_gain is not None:
+            state = state * self.final_gain + self.final_bias
+        return state, results
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: torch.Tensor, *, active: Sequence[Mask] | None = None, posterior: str = "sample",
@@ -242,6 +270,17 @@ class VAE(nn.Module):
         c, s = self.cfg.channels, self.cfg.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(f"model expects images of shape (B, {c}, {s}, {s}), got {tuple(x.shape)}")
+
+
+def skip_of_layer(cfg: ModelConfig) -> list[int]:
+    """For each latent layer (top-down order), the index of the skip it reads."""
+    out: list[int] = []
+    skip = 0
+    for i in range(len(cfg.resolutions)):
+        for size in cfg.skip_groups(i)[0]:
+            out += [skip] * size
+            skip += 1
+    return out
 
 
 def count_parameters(cfg: ModelConfig) -> int:
