@@ -129,11 +129,18 @@ class LazyImages:
         return self.subset(slice(rank, None, world_size))
 
     def batches(self, batch_size: int, *, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
-        """Consecutive batches as uint8 NCHW tensors, read ahead by ``workers`` processes."""
-        from .loading import BatchLoader, consecutive
+        """Consecutive batches (:class:`~.loading.Batch`: uint8 NCHW images, labels, positions),
+        read ahead by ``workers`` processes; re-iterable."""
+        from .loading import consecutive
 
-        return BatchLoader(self, consecutive(len(self), batch_size), workers=workers, pin_memory=pin_memory,
+        return self.loader(consecutive(len(self), batch_size), workers=workers, pin_memory=pin_memory,
                            prefetch=prefetch)
+
+    def loader(self, batches, *, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
+        """Batches at the positions ``batches`` lists (an iterable of int arrays), as :meth:`batches` does."""
+        from .loading import BatchLoader
+
+        return BatchLoader(self, batches, workers=workers, pin_memory=pin_memory, prefetch=prefetch)
 
     def load(self) -> ImageSet:
         """Read every row into memory."""
