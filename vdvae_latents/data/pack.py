@@ -28,6 +28,7 @@ Blocks are decoded by ``workers`` processes and written in order by the main pro
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -48,8 +49,7 @@ PACK_SCHEMA = "vdvl-packed-images"
 PACK_VERSION = 1
 _CHUNK_BYTES = 512 << 10
 _BLOCK_BYTES = 32 << 20
-_IDENTITY = ("schema", "schema_version", "source", "resize", "shape", "n_rows", "rows_sha256", "chunk_rows",
-             "block_rows")
+_IDENTITY = ("schema", "schema_version", "source", "resize", "shape", "n_rows", "rows_sha256")
 
 
 def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] | None = None, workers: int = 0,
@@ -85,8 +85,9 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
     chunk_rows = _power_of_two_rows(_CHUNK_BYTES // (h * w * c))
     if block_rows is None:
         block_rows = chunk_rows * max(1, _BLOCK_BYTES // (chunk_rows * h * w * c))
-    elif block_rows < 1 or block_rows % chunk_rows:
-        raise UserError(f"block_rows must be a positive multiple of the chunk size {chunk_rows}, not {block_rows}.")
+    elif block_rows < 1:
+        raise UserError(f"block_rows must be positive, not {block_rows}.")
+    chunk_rows = math.gcd(chunk_rows, block_rows)  # a block is whole chunks, so no chunk is written twice
     names = reader.names(images.source_index) if reader.has_names else None
     attrs = {"schema": PACK_SCHEMA, "schema_version": PACK_VERSION, "source": _source_text(source),
              "resize": None if resize is None else list(resize), "shape": [reader.n_rows, h, w, c],
@@ -97,11 +98,12 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
 
     if resume:
         group = _reopen(out, attrs)
+        chunk_rows, block_rows = group.attrs["chunk_rows"], group.attrs["block_rows"]  # the store's, not today's defaults
     else:
         if out.exists():
             _remove_store(out)
         group = _create(out, attrs, names, reader.labels)
-    n_blocks = len(group["blocks_written"])
+    n_blocks = group["blocks_written"].shape[0]
     missing = [b for b, done in enumerate(group["blocks_written"][...]) if not done]
     start, written = time.perf_counter(), 0
     if missing:
