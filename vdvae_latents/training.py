@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoints as ckpt
 from .atomic import write_text
 from .batches import check_images_fit, prepare_batch
-from .data import TrainLoader, open_images, resolve_workers
+from .data import LazyImages, TrainLoader, open_images, resolve_workers
 from .errors import ConfigError
 from .runconfig import RunConfig, dump_toml, load_run_config
 from .vae import VAE
@@ -304,12 +304,12 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
                 interrupted = True
                 break
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step != end:
-                logger.log({"step": step, "validation": validate(model, ema, run, env, device)})
+                logger.log({"step": step, "validation": validate(model, ema, run, env, device, train_set)})
     progress.close()
 
     validation = None
     if not interrupted and step >= tcfg.steps and tcfg.steps > start_step:
-        validation = validate(model, ema, run, env, device)
+        validation = validate(model, ema, run, env, device, train_set)
         logger.log({"step": step, "validation": validation})
     logger.close()
     return TrainResult(run_dir, step, skips, interrupted, last_ckpt, window.last, validation, model, ema)
@@ -352,11 +352,14 @@ def _to_cpu(obj):
 
 
 @torch.no_grad()
-def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.device) -> dict:
-    """Negative ELBO on the val split with the EMA weights, summed exactly over all ranks."""
+def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.device,
+             train_set: LazyImages | None = None) -> dict:
+    """Negative ELBO on the val split with the EMA weights, summed exactly over all ranks
+    (``train_set``: the run's train split, whose reader the val split shares)."""
     from .evaluate import evaluate
 
-    val = open_images(run.data, split="val", seed=run.train.seed, limit=run.train.val_limit or None)
+    val_options = dict(split="val", seed=run.train.seed, limit=run.train.val_limit or None)
+    val = open_images(run.data, **val_options) if train_set is None else train_set.split_as(**val_options)
     shard = val.shard(env.rank, env.world_size).batches(max(1, run.train.batch_size), pin_memory=device.type == "cuda")
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema.state_dict())

@@ -384,7 +384,11 @@ class ZarrReader(_StoreArrayReader):
             self.image_name = None
             self._setup(root, None, str(path))
             return
-        packed = image_name is None and _packed_layout(root, path)
+        # A packed store is read as packed (names, skipped rows, own split) when its images are
+        # asked for, and refused while incomplete whatever is asked for.
+        packed = _packed_layout(root, path)
+        if image_name not in (None, "images"):
+            packed = None
         if image_name is None:
             image_name, label_name = "images", ("labels" if "labels" in root else None)
 

@@ -124,6 +124,12 @@ class LazyImages:
         rows = self.source_index[_as_positions(positions, len(self))]
         return LazyImages(self.reader, rows, self.spec, self.split, self.resize)
 
+    def split_as(self, split: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 limit: int | None = None) -> LazyImages:
+        """Another split of the same source (as :func:`open_images` would choose it), sharing this
+        one's reader: an image folder's headers are not read again."""
+        return _split_of(self.reader, self.spec, split, seed, val_fraction, test_fraction, self.resize, limit)
+
     def shard(self, rank: int, world_size: int) -> LazyImages:
         """Process ``rank``'s share under torchrun: every ``world_size``-th row from ``rank``."""
         return self.subset(slice(rank, None, world_size))
@@ -181,8 +187,13 @@ def open_images(
     ``resize`` is (H, W); images are resized with Pillow (bicubic, antialiased).
     ``limit`` keeps the first N images of the split.
     """
+    _check_options(split, val_fraction, test_fraction, resize, limit)  # before any file is opened
+    return _split_of(open_reader(spec, resize), spec, split, seed, val_fraction, test_fraction, resize, limit)
+
+
+def _split_of(reader: Reader, spec: str, split: str, seed: int, val_fraction: float, test_fraction: float,
+              resize: tuple[int, int] | None, limit: int | None) -> LazyImages:
     _check_options(split, val_fraction, test_fraction, resize, limit)
-    reader = open_reader(spec, resize)
     rows = split_rows(reader.n_rows, reader.n_train, split, seed, val_fraction, test_fraction)
     if limit is not None:
         rows = rows[:limit]
