@@ -341,7 +341,8 @@ def pack(
     out_file: Path = typer.Option(..., "--out", help="DATA.zarr to write (then use --data DATA.zarr)."),
     resize: Optional[int] = typer.Option(None, "--resize", min=1, help="Resize every image to S x S "
                                          "(needed when the images differ in size)."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Processes decoding images (0: none)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Processes decoding images "
+                                          "(default: one per core, at most 8; 0: decode in this process)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count unreadable files instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted pack (writes only missing blocks)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),

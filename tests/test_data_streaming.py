@@ -169,6 +169,18 @@ def test_downsampled_imagenet_files(sources, tmp_path, monkeypatch):
     assert len(load_images(str(tmp_path / "i4.zarr"), "test")) == 3
 
 
+def test_views_of_a_split_share_its_reader(sources):
+    spec = sources["image folder"][0]
+    train = open_images(spec, "train", seed=4)
+    for split in ("val", "test", "all"):
+        other = train.split_as(split, seed=4, limit=5)
+        assert other.reader is train.reader  # the folder's headers are not read again
+        np.testing.assert_array_equal(other.source_index, open_images(spec, split, seed=4, limit=5).source_index)
+    shard = train.shard(1, 3)
+    np.testing.assert_array_equal(shard.read(), train.read()[1::3])
+    np.testing.assert_array_equal(train.subset(slice(2, 6)).labels, train.labels[2:6])
+
+
 def test_truncated_npy_names_the_file(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((10, 4, 4), np.uint8))
     raw = (tmp_path / "x.npy").read_bytes()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -52,7 +53,8 @@ _BLOCK_BYTES = 32 << 20
 _IDENTITY = ("schema", "schema_version", "source", "resize", "shape", "n_rows", "rows_sha256")
 
 
-def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] | None = None, workers: int = 0,
+def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] | None = None,
+                workers: int | None = None,
                 skip_bad: bool = False, resume: bool = False, overwrite: bool = False,
                 block_rows: int | None = None, progress: Callable[[int], None] | None = None,
                 on_block: Callable[[int], None] | None = None) -> dict:
@@ -61,14 +63,17 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
     ``resize`` (S or (H, W)) resizes every image (required for an image folder of mixed
     sizes); ``skip_bad`` skips unreadable image files and counts them instead of stopping
     at the first; ``resume`` finishes an interrupted pack with the same arguments;
-    ``overwrite`` replaces ``out``. ``block_rows`` is the unit of writing and resuming
-    (default ~32 MiB of pixels). Returns the numbers ``vdvl pack`` prints.
+    ``overwrite`` replaces ``out``. ``workers`` decode in parallel (default: one per core, at
+    most 8). ``block_rows`` is the unit of writing and resuming (default ~32 MiB of pixels).
+    Returns the numbers ``vdvl pack`` prints.
     """
     out = Path(out)
     if out.suffix.lower() != ".zarr":
         raise UserError(f"--out {out} must be a .zarr path (the packed store is a Zarr group).")
     if resume and overwrite:
         raise UserError("give at most one of --resume and --overwrite.")
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
     if workers < 0:
         raise UserError(f"--workers must be >= 0, not {workers}.")
     if isinstance(resize, int):
