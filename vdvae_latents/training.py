@@ -4,8 +4,9 @@ Reproducibility is by construction: every source of randomness in step ``s`` com
 from a generator seeded with ``(seed, s, rank)`` (dynamic binarisation, flips, posterior
 samples) or, for the data order, ``(seed, epoch)`` (:class:`~vdvae_latents.data.TrainOrder`,
 which the streaming :class:`~vdvae_latents.data.TrainLoader` follows whatever its number
-of worker processes). So a run that is interrupted and resumed from its checkpoint takes exactly the same steps as one that was not, and on the CPU
-ends with bit-identical weights.
+of worker processes). So a run that is interrupted and resumed from its checkpoint
+takes exactly the same steps as one that was not, and on the CPU ends with
+bit-identical weights.
 
 Multi-GPU (and multi-process CPU) training runs under ``torchrun``: DDP with NCCL on
 GPUs, gloo on CPUs; rank 0 writes the run directory.
