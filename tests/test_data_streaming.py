@@ -23,7 +23,7 @@ from PIL import Image
 from vdvae_latents import checkpoints as ckpt
 from vdvae_latents.data import TrainOrder, load_images, open_images, pack_images
 from vdvae_latents.data import array_files
-from vdvae_latents.errors import DataError
+from vdvae_latents.errors import ConfigError, DataError
 from vdvae_latents.runconfig import resolve_run_config
 from vdvae_latents.training import train
 
@@ -211,7 +211,9 @@ def test_train_order_is_a_function_of_the_step():
     for step in (9, 10, 11, 12, 13):
         np.testing.assert_array_equal(resumed.rows(step), order.rows(step))
     assert not np.array_equal(order.rows(6), order.rows(0))  # each epoch reshuffles
-    assert order.position(9) == {"epoch": 1, "batch": 3, "batches_per_epoch": 6}
+    assert order.position(9) == {"epoch": 1, "batch": 3, "batches_per_epoch": 6, "images": 50}
+    assert order.resume_problems(order.position(9)) == []
+    assert "images" in TrainOrder(51, batch_size=8, seed=3).resume_problems(order.position(9))[0]
     halves = [TrainOrder(50, 8, 3, rank=r, world_size=2).rows(4) for r in (0, 1)]
     np.testing.assert_array_equal(np.concatenate(halves), order.rows(4))
 
@@ -223,14 +225,19 @@ def streaming_run(spec: str):
 
 
 def test_train_resumes_after_sigkill_mid_epoch_in_the_same_order(tmp_path):
-    images = pixels(44, 8, 8, 1, seed=4)  # 35 train images: 4 batches of 8 per epoch
+    images = pixels(44, 8, 8, 1, seed=4)  # 36 train images: 4 batches of 8 per epoch
     np.save(tmp_path / "d.npy", images)
     spec = str(tmp_path / "d.npy")
     train(tmp_path / "whole", streaming_run(spec), quiet=True)
     run_until_killed(tmp_path, "train", str(tmp_path / "cut"), spec, "8")
     latest = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "cut"))
-    assert latest["step"] == 6 and latest["data_position"] == {"epoch": 1, "batch": 2, "batches_per_epoch": 4}
+    assert latest["step"] == 6
+    assert latest["data_position"] == {"epoch": 1, "batch": 2, "batches_per_epoch": 4, "images": 36}
     train(tmp_path / "cut", streaming_run(spec), quiet=True)  # resumes mid-epoch 1
+    np.save(tmp_path / "d.npy", images[:40])  # the data changed: the order cannot continue
+    with pytest.raises(ConfigError, match="data changed"):
+        train(tmp_path / "cut", replace(streaming_run(spec), train=replace(streaming_run(spec).train, steps=20)),
+              quiet=True)
     whole = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "whole"))
     cut = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "cut"))
     for part in ("model", "ema"):

@@ -215,6 +215,8 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
                                          "data": payload.get("data", run.data)})
             previous = saved
         problems = run.incompatibilities(previous) if previous is not None else []
+        if latest is not None:
+            problems += loader.resume_problems(payload.get("data_position"))  # the data order must continue
         if problems:
             raise ConfigError(f"run directory '{run_dir}' holds a different run and cannot be resumed: "
                               f"{problems[0]}.")

@@ -191,7 +191,16 @@ class TrainOrder:
     def position(self, step: int) -> dict[str, int]:
         """Where step ``step`` reads: the checkpoint's ``data_position``."""
         epoch, batch = divmod(step, self.batches_per_epoch)
-        return {"epoch": epoch, "batch": batch, "batches_per_epoch": self.batches_per_epoch}
+        return {"epoch": epoch, "batch": batch, "batches_per_epoch": self.batches_per_epoch, "images": self.n}
+
+    def resume_problems(self, saved: dict | None) -> list[str]:
+        """Why a checkpoint's ``data_position`` cannot be continued by this order (empty: it can)."""
+        saved = saved or {}
+        for key, now in (("images", self.n), ("batches_per_epoch", self.batches_per_epoch)):
+            if key in saved and saved[key] != now:
+                return [f"its training split had {saved[key]} {key.replace('_', ' ')} and now has {now} "
+                        "(the data changed, so the data order cannot continue)"]
+        return []
 
 
 class _Steps:
@@ -223,6 +232,9 @@ class TrainLoader:
 
     def position(self, step: int) -> dict[str, int]:
         return self.order.position(step)
+
+    def resume_problems(self, saved: dict | None) -> list[str]:
+        return self.order.resume_problems(saved)
 
     def steps(self, start: int, end: int) -> BatchLoader:
         """Batches for steps ``start`` .. ``end - 1``, in order."""
