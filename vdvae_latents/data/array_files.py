@@ -134,12 +134,14 @@ class _ZipStream:
     """Rows of a compressed .npz member read front to back (restarted when asked to go back)."""
 
     def __init__(self, part: _Part) -> None:
-        self.part, self.file, self.cursor = part, None, 0
+        self.part, self.archive, self.file, self.cursor = part, None, None, 0
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         if self.file is None or lo < self.cursor:
-            archive = zipfile.ZipFile(self.part.path)
-            self.file = archive.open(self.part.member + ".npy")
+            if self.archive is not None:
+                self.archive.close()
+            self.archive = zipfile.ZipFile(self.part.path)
+            self.file = self.archive.open(self.part.member + ".npy")
             _npy_header(self.file)
             self.cursor = 0
         skip = (lo - self.cursor) * self.part.row_bytes
