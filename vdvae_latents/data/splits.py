@@ -202,19 +202,10 @@ def _split_of(reader: Reader, spec: str, split: str, seed: int, val_fraction: fl
     return LazyImages(reader, rows, spec, split, resize)
 
 
-def load_images(
-    spec: str,
-    split: str = "train",
-    *,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    resize: tuple[int, int] | None = None,
-    limit: int | None = None,
-) -> ImageSet:
-    """:func:`open_images`, read into memory: only the split's rows (and only ``limit`` of them) are read."""
-    return open_images(spec, split, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                       resize=resize, limit=limit).load()
+def load_images(spec: str, split: str = "train", **options) -> ImageSet:
+    """:func:`open_images` (same ``seed``, ``val_fraction``, ``test_fraction``, ``resize`` and
+    ``limit`` options) read into memory: only the split's rows, and only ``limit`` of them, are read."""
+    return open_images(spec, split, **options).load()
 
 
 def split_rows(n_rows: int, n_train: int | None, split: str, seed: int, val_fraction: float,
