@@ -113,6 +113,8 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes "
+                                          "(default: 0 on CPU or for in-memory data, up to 8 on CUDA)."),
     set_: list[str] = typer.Option([], "--set", help="Override: model_field=value or train.setting=value."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the final result as JSON."),
@@ -128,7 +130,7 @@ def train(
     run = resolve_run_config(
         preset=preset, config_file=config, data=data, overrides=_parse_sets(set_),
         train_overrides={"steps": steps, "batch_size": batch_size, "lr": lr, "device": device,
-                         "checkpoint_every": checkpoint_every})
+                         "checkpoint_every": checkpoint_every, "num_workers": workers})
     result = train_run(run_dir, run, quiet=quiet or as_json)
     summary = {"run_dir": str(result.run_dir), "step": result.step, "skips": result.skips,
                "interrupted": result.interrupted,
@@ -169,6 +171,8 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes "
+                                          "(default: 0 on CPU or for in-memory data, up to 8 on CUDA)."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ) -> None:
     """Negative ELBO (reconstruction + KL) with the EMA weights over a whole split."""
@@ -176,7 +180,7 @@ def eval_(
 
     with _progress("eval", as_json) as tick:
         result = eval_checkpoint(path, data, split=split, iw_samples=iw, batch_size=batch_size, limit=limit,
-                                 seed=seed, device=device, progress=tick)
+                                 seed=seed, device=device, workers=workers, progress=tick)
     if as_json:
         _print_json(result)
         return
@@ -288,6 +292,8 @@ def analyze_kl(
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes "
+                                          "(default: 0 on CPU or for in-memory data, up to 8 on CUDA)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Rank every latent dimension by its average KL over a split; choose and save the active set."""
@@ -301,7 +307,7 @@ def analyze_kl(
         result = analyze_checkpoint(path, data, out=out_file, keep=keep, threshold=threshold, split=split,
                                     granularity=granularity, limit=limit, plot=plot, sweep=sweep_values,
                                     sweep_split=sweep_split, batch_size=batch_size, seed=seed, device=device,
-                                    div_stats=div_stats, progress=tick)
+                                    div_stats=div_stats, workers=workers, progress=tick)
     per_nat = 1 / math.log(2) if units == "bits" else 1.0
     if units == "bits":
         result["total_avg_kl_bits"] = result["total_avg_kl_nats"] * per_nat
@@ -368,6 +374,8 @@ def encode(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes "
+                                          "(default: 0 on CPU or for in-memory data, up to 8 on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -378,7 +386,8 @@ def encode(
         result = encode_to_store(path, data, out_file, split=split, keep=keep, threshold=threshold,
                                  active_file=active, statistic=stat, dtype=dtype, batch_size=batch_size,
                                  chunk_rows=chunk_rows, resume=resume, overwrite=overwrite,
-                                 granularity=granularity, seed=seed, device=device, progress=tick)
+                                 granularity=granularity, seed=seed, device=device, workers=workers,
+                                 progress=tick)
     if as_json:
         _print_json(result)
         return
@@ -388,6 +397,43 @@ def encode(
     out.print(f"size on disk {result['bytes_on_disk']:,} B; full latents {result['full_latents_bytes']:,} B "
               f"({result['full_latents_bytes'] / max(result['bytes_on_disk'], 1):.1f}x larger); raw pixels "
               f"{result['raw_pixel_bytes']:,} B; {result['images_per_s']:.0f} images/s")
+
+
+@app.command()
+def pack(
+    source: str = typer.Argument(..., help="Data spec to pack: an image folder, downsampled-ImageNet files, ..."),
+    out_file: Path = typer.Option(..., "--out", help="DATA.zarr to write (then use --data DATA.zarr)."),
+    resize: Optional[int] = typer.Option(None, "--resize", min=1, help="Resize every image to S x S "
+                                         "(needed when the images differ in size)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Processes decoding images "
+                                          "(default: one per core, at most 8; 0: decode in this process)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count unreadable files instead of stopping."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted pack (writes only missing blocks)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Pack a data source into one chunked, compressed uint8 Zarr store with labels and file names.
+
+    Epochs then read chunks instead of decoding files; an interrupted pack is refused by every
+    command until `--resume` finishes it.
+    """
+    from vdvae_latents.data import pack_images
+
+    with _progress("pack", quiet or as_json) as tick:
+        result = pack_images(source, out_file, resize=resize, workers=workers, skip_bad=skip_bad, resume=resume,
+                             overwrite=overwrite, progress=tick)
+    if as_json:
+        _print_json(result)
+        return
+    n, h, w, c = result["shape"]
+    out.print(f"{result['store']}: {n:,} images of {h}x{w}x{c}"
+              + (", labels" if result["labels"] else "") + (", file names" if result["names"] else "")
+              + (f", own split at row {result['n_train']:,}" if result["n_train"] is not None else "")
+              + f"; {result['bytes_on_disk']:,} B on disk ({result['raw_bytes']:,} B of pixels), "
+              f"{result['images_per_s']:.0f} images/s")
+    if result["skipped"]:
+        out.print(f"skipped {result['skipped']:,} unreadable files, e.g. {', '.join(result['skipped_files'][:3])}")
 
 
 @app.command()

@@ -4,7 +4,7 @@ Data flows one way: data -> model -> (train | KL stats -> active set -> store ->
 """
 
 from .config import ModelConfig
-from .data import ImageDataset, ImageSet, load_images
+from .data import ImageDataset, ImageSet, LazyImages, load_images, open_images
 from .errors import CheckpointError, ConfigError, DataError, UserError
 from .presets import PRESETS, get_preset, preset_names
 from .vae import VAE, VAEOutput, count_parameters
@@ -29,6 +29,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelConfig", "VAE", "VAEOutput", "count_parameters", "PRESETS", "get_preset", "preset_names",
-    "ImageSet", "ImageDataset", "load_images", "UserError", "ConfigError", "DataError", "CheckpointError",
+    "ImageSet", "ImageDataset", "LazyImages", "load_images", "open_images", "UserError", "ConfigError", "DataError", "CheckpointError",
     "open_encodings", "ActiveLatents",
 ]

@@ -16,12 +16,12 @@ import torch.distributed as dist
 
 from .batches import check_images_fit, prepare_batch
 from .checkpoints import file_sha256, load_model, resolve_checkpoint
-from .data import load_images
+from .data import open_images, resolve_workers
 from .encoding import STATISTICS, Encoder
 from .errors import UserError
 from .images import save_grid, to_uint8
 from .kl_analysis import ActiveSet, LatentKL, build_active_set, parse_keep
-from .pipeline import auto_device, join_processes
+from .pipeline import auto_device, join_processes, stream
 from .stores import StoreWriter, open_encodings, store_format
 
 DTYPES = {"float16": 2, "float32": 4}
@@ -32,8 +32,9 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
                     active_file: str | Path | None = None, statistic: str = "mean", dtype: str = "float16",
                     batch_size: int = 256, chunk_rows: int = 1024, resume: bool = False, overwrite: bool = False,
                     granularity: str = "variate", kl_split: str = "train", kl_limit: int | None = None,
-                    seed: int = 0, device: str = "auto", progress=None) -> dict:
-    """Encode ``data:split`` into a store at ``out``. Returns the numbers `vdvl encode` prints."""
+                    seed: int = 0, device: str = "auto", workers: int | None = None, progress=None) -> dict:
+    """Encode ``data:split`` into a store at ``out`` (streamed: under torchrun each rank reads only
+    the rows of its chunks). Returns the numbers `vdvl encode` prints."""
     rules = sum(x is not None for x in (keep, threshold, active_file))
     if rules != 1:
         raise UserError("give exactly one of --keep, --threshold or --active.")
@@ -52,7 +53,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     ckpt_path = resolve_checkpoint(path).absolute()
     sha = file_sha256(ckpt_path)
     model, info = load_model(ckpt_path, ema=True, device=dev)
-    images = load_images(data, split=split)
+    images = open_images(data, split=split)
     check_images_fit(model.cfg, images.shape, data)
     if out.exists() and not (resume or overwrite):
         raise UserError(f"store '{out}' exists; use --resume to finish it or --overwrite to replace it.")
@@ -64,9 +65,10 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
             raise UserError(f"active set '{active_file}' was computed for another checkpoint "
                             f"(sha256 {active.checkpoint_sha256[:12]}..., this one is {sha[:12]}...).")
     else:
-        kl_images = load_images(data, split=kl_split, limit=kl_limit)
+        kl_images = open_images(data, split=kl_split, limit=kl_limit)
         check_images_fit(model.cfg, kl_images.shape, data)
-        stats = LatentKL(batch_size=batch_size, seed=seed + rank, device=dev).fit(model, kl_images.images[rank::world])
+        stats = LatentKL(batch_size=batch_size, seed=seed + rank, device=dev).fit(
+            model, stream(kl_images.shard(rank, world), batch_size, workers, dev, world))
         active = build_active_set(stats, granularity=granularity,
                                   keep=parse_keep(keep) if keep is not None else None, threshold=threshold,
                                   data=data, split=kl_split, checkpoint=str(ckpt_path), checkpoint_sha256=sha)
@@ -117,13 +119,19 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     if writer is not None:
         mine = [i for i in writer.missing_chunks() if not parallel or i % world == rank]
         labels = images.labels
+        # One loader over every batch of this rank's chunks, in the order they are encoded.
+        order = [np.arange(b, min(hi, b + batch_size)) for lo, hi in map(writer.chunk_range, mine)
+                 for b in range(lo, hi, batch_size)]
+        loader = images.loader(order, workers=resolve_workers(workers, images, dev.type, world),
+                               pin_memory=dev.type == "cuda")
+        batches = iter(loader)  # a generator: close() (or garbage collection) stops its workers
         for i in mine:
             lo, hi = writer.chunk_range(i)
             feats, stds = [], []
             # Seeded per chunk so a resumed run draws exactly what an uninterrupted one would.
             g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
             for b in range(lo, hi, batch_size):
-                x = prepare_batch(model.cfg, images.images[b:min(hi, b + batch_size)], device=dev)
+                x = prepare_batch(model.cfg, next(batches).images, device=dev)
                 f, s = encoder.encode(x, generator=g)
                 feats.append(f.cpu().numpy())
                 if s is not None:
@@ -133,6 +141,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
             writer.write_chunk(i, np.concatenate(feats), features_std=np.concatenate(stds) if stds else None,
                                labels=None if labels is None else labels[lo:hi], sample_index=np.arange(lo, hi))
             written_rows += hi - lo
+        batches.close()
     if distributed:
         dist.barrier()
     seconds = time.perf_counter() - start

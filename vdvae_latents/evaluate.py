@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .batches import check_images_fit, prepare_batch
-from .data import ImageSet
+from .data import ImageSet, LazyImages
 from .distributions import gaussian_kl, gaussian_log_prob
 from .errors import DataError
 from .vae import VAEOutput
@@ -176,8 +176,9 @@ def evaluate(
         model: a :class:`~vdvae_latents.vae.VAE`; put in eval mode for the run and
             returned to its previous mode afterwards.
         images: uint8 pixels as a tensor (N, C, H, W), an array (N, H, W, C), an
-            :class:`~vdvae_latents.data.ImageSet`, or an iterable of such batches
-            (e.g. a DataLoader over an :class:`~vdvae_latents.data.ImageDataset`;
+            :class:`~vdvae_latents.data.ImageSet`, a lazy
+            :class:`~vdvae_latents.data.LazyImages` (read ``batch_size`` at a time), or an
+            iterable of such batches (e.g. ``LazyImages.batches(...)`` or a DataLoader;
             tuples/lists such as ``(images, labels)`` use their first element). An
             iterable is taken batch by batch as it comes; ``batch_size`` then has no
             effect.
@@ -258,6 +259,8 @@ def evaluate(
 
 def iter_batches(images, batch_size: int) -> Iterator[torch.Tensor | np.ndarray]:
     """Yield uint8 batches (tensor NCHW or array NHWC) from any accepted input."""
+    if isinstance(images, LazyImages):  # read batch by batch in this process
+        images = images.batches(batch_size)
     if isinstance(images, ImageSet):
         images = images.images
     if isinstance(images, (torch.Tensor, np.ndarray)):

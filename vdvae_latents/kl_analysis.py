@@ -95,7 +95,7 @@ class LatentKL:
 
     @torch.no_grad()
     def fit(self, model, images, *, progress: Callable[[int], None] | None = None) -> "LatentKL":
-        """Accumulate over ``images`` (uint8 NHWC array, NCHW tensor, or an iterable of batches).
+        """Accumulate over ``images`` (uint8 NHWC array, NCHW tensor, LazyImages, or an iterable of batches).
 
         Under ``torch.distributed`` each process passes its own shard; the float64 sums
         are all-reduced so every process ends with the result over all shards.

@@ -16,7 +16,7 @@ import torch
 
 from .batches import check_images_fit, prepare_batch
 from .checkpoints import load_model
-from .data import load_images
+from .data import open_images, resolve_workers
 from .errors import UserError
 from .evaluate import evaluate
 from .images import save_grid, to_uint8
@@ -41,18 +41,24 @@ def auto_device(name: str = "auto") -> torch.device:
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
+def stream(images, batch_size: int, workers: int | None, dev: torch.device, world_size: int = 1):
+    """Batches of a lazy split for a job on ``dev``: ``workers`` processes (None: the default), pinned on CUDA."""
+    return images.batches(batch_size, workers=resolve_workers(workers, images, dev.type, world_size),
+                          pin_memory=dev.type == "cuda")
+
+
 def eval_checkpoint(path: str | Path, data: str, *, split: str = "test", iw_samples: int = 0,
                     batch_size: int = 256, limit: int | None = None, seed: int = 0, device: str = "auto",
-                    progress=None) -> dict:
-    """Negative ELBO (EMA weights) over a whole split, with an optional IW-NLL estimate."""
+                    workers: int | None = None, progress=None) -> dict:
+    """Negative ELBO (EMA weights) over a whole split, with an optional IW-NLL estimate (streamed)."""
     if iw_samples < 0:
         raise UserError(f"--iw must be a non-negative number of samples, not {iw_samples}.")
     dev = auto_device(device)
     model, info = load_model(path, ema=True, device=dev)
-    images = load_images(data, split=split, limit=limit)
+    images = open_images(data, split=split, limit=limit)
     check_images_fit(model.cfg, images.shape, data)
     start = time.perf_counter()
-    result = evaluate(model, images.images, batch_size=batch_size, seed=seed, iw_samples=iw_samples,
+    result = evaluate(model, stream(images, batch_size, workers, dev), seed=seed, iw_samples=iw_samples,
                       device=dev, progress=progress)
     out = {"checkpoint": str(info["path"]), "step": info["step"], "data": data, "split": split,
            "seconds": time.perf_counter() - start, **result.as_dict()}
@@ -81,9 +87,9 @@ def reconstruct_images(path: str | Path, data: str, out: str | Path, *, n: int =
         raise UserError(f"--n must be at least 1, not {n}.")
     dev = auto_device(device)
     model, info = load_model(path, ema=True, device=dev)
-    images = load_images(data, split=split, limit=n)
+    images = open_images(data, split=split, limit=n)  # reads only these n images
     check_images_fit(model.cfg, images.shape, data)
-    x = prepare_batch(model.cfg, images.images, device=dev)
+    x = prepare_batch(model.cfg, images.read(), device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     recon = model.reconstruct(x, posterior="mean", generator=g)
     bits = model.cfg.n_bits if model.cfg.output == "mol" else 8
@@ -143,9 +149,9 @@ def first_k_images(path: str | Path, data: str, out: str | Path, *, ks: str | Se
     shapes = model.cfg.layer_shapes()
     ks = parse_layer_counts(ks, len(shapes)) if isinstance(ks, str) else parse_layer_counts(
         ",".join(str(k) for k in ks), len(shapes))
-    images = load_images(data, split=split, limit=n)
+    images = open_images(data, split=split, limit=n)  # reads only these n images
     check_images_fit(model.cfg, images.shape, data)
-    x = prepare_batch(model.cfg, images.images, device=dev)
+    x = prepare_batch(model.cfg, images.read(), device=dev)
     bits = model.cfg.n_bits if model.cfg.output == "mol" else 8
     pad = model.cfg.pad
     rows = [to_uint8(x[..., pad:x.shape[-2] - pad, pad:x.shape[-1] - pad] if pad else x, bits)]
@@ -173,7 +179,8 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
                        threshold: float | None = None, split: str = "train", granularity: str = "variate",
                        limit: int | None = None, plot: str | Path | None = None, sweep: list[float] | None = None,
                        sweep_split: str = "test", batch_size: int = 256, seed: int = 0, device: str = "auto",
-                       div_stats: str | Path | None = None, progress=None) -> dict:
+                       div_stats: str | Path | None = None, workers: int | None = None,
+                       progress=None) -> dict:
     """Rank every latent dimension by its average KL over a split and choose the active set.
 
     Writes ``out`` (ACTIVE.json), optionally a figure, a pruning sweep on ``sweep_split``
@@ -199,11 +206,11 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
     distributed = world > 1
     ckpt_path = resolve_checkpoint(path)
     model, info = load_model(ckpt_path, ema=True, device=dev)
-    images = load_images(data, split=split, limit=limit)
+    images = open_images(data, split=split, limit=limit)
     check_images_fit(model.cfg, images.shape, data)
     start = time.perf_counter()
     stats = LatentKL(batch_size=batch_size, seed=seed + rank, device=dev).fit(
-        model, images.images[rank::world], progress=progress)
+        model, stream(images.shard(rank, world), batch_size, workers, dev, world), progress=progress)
     active = build_active_set(stats, granularity=granularity, keep=keep_fraction, threshold=threshold,
                               data=data, split=split, checkpoint=str(ckpt_path),
                               checkpoint_sha256=file_sha256(ckpt_path))
@@ -211,9 +218,9 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
               **active.summary()}
     if rank == 0:
         if sweep:
-            test = load_images(data, split=sweep_split, limit=limit)
+            test = open_images(data, split=sweep_split, limit=limit)
             check_images_fit(model.cfg, test.shape, data)
-            rows = pruning_sweep(model, test.images, active, sweep, batch_size=batch_size, seed=seed, device=dev)
+            rows = pruning_sweep(model, test, active, sweep, batch_size=batch_size, seed=seed, device=dev)
             result["sweep"] = {"split": sweep_split, "n_images": len(test), "rows": rows}
             active.extra["sweep"] = result["sweep"]
         active.save(out)

@@ -166,8 +166,12 @@ def _cpu_presets() -> dict[str, Preset]:
     fashion = ModelConfig(image_size=28, channels=1, n_mixtures=5, resolutions=(1, 7, 14, 28),
                           up_blocks=(2, 4, 4, 2), down_blocks=(1, 2, 2, 1), widths=(96, 96, 48, 24),
                           bottleneck=0.5, variates=8, name="fashion-mnist-cpu")
+    # 64x64 RGB at CPU speed: no latent layer or cell at 64x64 (the cost there is per pixel), an 8x pool.
+    tiny64 = ModelConfig(image_size=64, channels=3, n_mixtures=1, resolutions=(1, 8, 64), up_blocks=(1, 2, 0),
+                         down_blocks=(1, 1, 0), widths=(16, 16, 4), bottleneck=0.5, variates=4, name="tiny64")
     return {
         "tiny": Preset("tiny", tiny, "8x8 grayscale toy model for tests and the digits quickstart", 64),
+        "tiny64": Preset("tiny64", tiny64, "64x64 RGB toy model for streaming and memory benchmarks on a CPU", 16),
         "digits-cpu": Preset("digits-cpu", digits, "8x8 grayscale model for the digits quickstart "
                              "(96 latent variates, so 3% keeps a few)", 64),
         "fashion-mnist-cpu": Preset("fashion-mnist-cpu", fashion,

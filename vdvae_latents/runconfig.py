@@ -59,7 +59,7 @@ class TrainConfig:
     bf16: bool = True                 # bf16 autocast on CUDA
     compile: bool = False             # torch.compile the model (CUDA)
     channels_last: bool = True        # channels_last memory format on CUDA
-    num_workers: int = 0
+    num_workers: int = -1             # DataLoader worker processes per rank (-1 = auto: data.resolve_workers)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -69,9 +69,11 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, not {getattr(self, name)}")
         for name in ("warmup_steps", "decay_start", "decay_steps", "kl_warmup_steps", "eval_every", "val_limit",
-                     "num_workers", "grad_clip", "grad_skip_threshold", "weight_decay", "min_lr"):
+                     "grad_clip", "grad_skip_threshold", "weight_decay", "min_lr"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be non-negative, not {getattr(self, name)}")
+        if self.num_workers < -1:
+            raise bad("num_workers", f"must be -1 (auto) or a number of processes, not {self.num_workers}")
         if not self.lr > 0:
             raise bad("lr", f"must be positive, not {self.lr}")
         if self.min_lr > self.lr:

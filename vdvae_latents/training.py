@@ -1,10 +1,12 @@
 """Training: the optimisation loop, EMA, update skipping, checkpoints and resumption.
 
-Reproducibility is by construction: every source of randomness in step ``s`` (the
-data order of its epoch, dynamic binarisation, flips, posterior samples) comes from a
-generator seeded with ``(seed, s, rank)``. So a run that is interrupted and resumed
-from its checkpoint takes exactly the same steps as one that was not, and on the CPU
-ends with bit-identical weights.
+Reproducibility is by construction: every source of randomness in step ``s`` comes
+from a generator seeded with ``(seed, s, rank)`` (dynamic binarisation, flips, posterior
+samples) or, for the data order, ``(seed, epoch)`` (:class:`~vdvae_latents.data.TrainOrder`,
+which the streaming :class:`~vdvae_latents.data.TrainLoader` follows whatever its number
+of worker processes). So a run that is interrupted and resumed from its checkpoint
+takes exactly the same steps as one that was not, and on the CPU ends with
+bit-identical weights.
 
 Multi-GPU (and multi-process CPU) training runs under ``torchrun``: DDP with NCCL on
 GPUs, gloo on CPUs; rank 0 writes the run directory.
@@ -30,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoints as ckpt
 from .atomic import write_text
 from .batches import check_images_fit, prepare_batch
-from .data import ImageDataset, load_images
+from .data import LazyImages, TrainLoader, open_images, resolve_workers
 from .errors import ConfigError
 from .runconfig import RunConfig, dump_toml, load_run_config
 from .vae import VAE
@@ -174,17 +176,19 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
     if tcfg.batch_size % env.world_size:
         raise ConfigError(f"train setting 'batch_size' ({tcfg.batch_size}) must divide evenly across "
                           f"{env.world_size} processes.")
-    local_batch = tcfg.batch_size // env.world_size
 
-    # --- data
-    train_set = load_images(run.data, split="train", seed=tcfg.seed)
+    # --- data: streamed (nothing held in memory); each rank reads only its slice of each batch
+    train_set = open_images(run.data, split="train", seed=tcfg.seed)
     check_images_fit(mcfg, train_set.shape, run.data)
-    dataset = ImageDataset(train_set)
-    n_images = len(dataset)
+    n_images = len(train_set)
     if n_images < tcfg.batch_size:
         raise ConfigError(f"train setting 'batch_size' ({tcfg.batch_size}) exceeds the {n_images} training images "
                           f"of '{run.data}'.")
-    batches_per_epoch = n_images // tcfg.batch_size  # the last partial batch of an epoch is dropped
+    loader = TrainLoader(train_set, batch_size=tcfg.batch_size, seed=tcfg.seed, rank=env.rank,
+                         world_size=env.world_size, workers=resolve_workers(tcfg.num_workers, train_set, device.type,
+                                                                           env.world_size),
+                         pin_memory=device.type == "cuda")
+    batches_per_epoch = loader.batches_per_epoch  # the last partial batch of an epoch is dropped
 
     # --- model, optimiser, EMA (same init on every rank: seeded)
     torch.manual_seed(tcfg.seed)
@@ -211,6 +215,8 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
                                          "data": payload.get("data", run.data)})
             previous = saved
         problems = run.incompatibilities(previous) if previous is not None else []
+        if latest is not None:
+            problems += loader.resume_problems(payload.get("data_position"))  # the data order must continue
         if problems:
             raise ConfigError(f"run directory '{run_dir}' holds a different run and cannot be resumed: "
                               f"{problems[0]}.")
@@ -240,17 +246,13 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
     end = tcfg.steps if stop_after is None else min(tcfg.steps, start_step + stop_after)
     interrupted = False
 
-    with _StopFlag() as flag:
-        perm, perm_epoch = None, -1
+    # The loader's order is a function of the step alone (data.TrainOrder): resuming at `step`
+    # reads what an uninterrupted run would. closing() stops its worker processes on exit.
+    with _StopFlag() as flag, contextlib.closing(iter(loader.steps(start_step, end))) as batches:
         while step < end:
-            epoch, offset = divmod(step, batches_per_epoch)
-            if epoch != perm_epoch:  # the epoch's order depends only on (seed, epoch)
-                perm = torch.randperm(n_images, generator=step_generator(tcfg.seed, -1 - epoch, 0))
-                perm_epoch = epoch
-            rows = perm[offset * tcfg.batch_size:(offset + 1) * tcfg.batch_size]
-            rows = rows[env.rank * local_batch:(env.rank + 1) * local_batch]
+            epoch = step // batches_per_epoch
             g = step_generator(tcfg.seed, step, env.rank)
-            images = dataset.images[rows]
+            images = next(batches).images
             if tcfg.flip:
                 flip = torch.rand(len(images), generator=g) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
@@ -300,23 +302,23 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
             if on_step:
                 on_step(step, metrics)
             if step % tcfg.checkpoint_every == 0 or step == end or stop_now:
-                last_ckpt = _save(run_dir, env, run, model, ema, optimizer, step, skips, batches_per_epoch)
+                last_ckpt = _save(run_dir, env, run, model, ema, optimizer, step, skips, loader.position(step))
             if stop_now:
                 interrupted = True
                 break
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step != end:
-                logger.log({"step": step, "validation": validate(model, ema, run, env, device)})
+                logger.log({"step": step, "validation": validate(model, ema, run, env, device, train_set)})
     progress.close()
 
     validation = None
     if not interrupted and step >= tcfg.steps and tcfg.steps > start_step:
-        validation = validate(model, ema, run, env, device)
+        validation = validate(model, ema, run, env, device, train_set)
         logger.log({"step": step, "validation": validation})
     logger.close()
     return TrainResult(run_dir, step, skips, interrupted, last_ckpt, window.last, validation, model, ema)
 
 
-def _save(run_dir, env, run, model, ema, optimizer, step, skips, batches_per_epoch) -> Path | None:
+def _save(run_dir, env, run, model, ema, optimizer, step, skips, data_position) -> Path | None:
     path = None
     if env.is_main:
         payload = {
@@ -330,8 +332,7 @@ def _save(run_dir, env, run, model, ema, optimizer, step, skips, batches_per_epo
             "optimizer": _to_cpu(optimizer.state_dict()),
             "scheduler": {"kind": "warmup-cosine", "step": step},
             "rng": {"torch": torch.get_rng_state()},
-            "data_position": {"epoch": step // batches_per_epoch, "batch": step % batches_per_epoch,
-                              "batches_per_epoch": batches_per_epoch},
+            "data_position": data_position,
             "skips": skips,
             "ema_updates": ema.updates,
             "world_size": env.world_size,
@@ -354,18 +355,19 @@ def _to_cpu(obj):
 
 
 @torch.no_grad()
-def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.device) -> dict:
-    """Negative ELBO on the val split with the EMA weights, summed exactly over all ranks."""
+def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.device,
+             train_set: LazyImages | None = None) -> dict:
+    """Negative ELBO on the val split with the EMA weights, summed exactly over all ranks
+    (``train_set``: the run's train split, whose reader the val split shares)."""
     from .evaluate import evaluate
 
-    val = load_images(run.data, split="val", seed=run.train.seed,
-                      limit=run.train.val_limit or None)
-    shard = val.images[env.rank::env.world_size]
+    val_options = dict(split="val", seed=run.train.seed, limit=run.train.val_limit or None)
+    val = open_images(run.data, **val_options) if train_set is None else train_set.split_as(**val_options)
+    shard = val.shard(env.rank, env.world_size).batches(max(1, run.train.batch_size), pin_memory=device.type == "cuda")
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema.state_dict())
     try:
-        result = evaluate(model, shard, batch_size=max(1, run.train.batch_size), seed=run.train.seed + env.rank,
-                          device=device)
+        result = evaluate(model, shard, seed=run.train.seed + env.rank, device=device)
     finally:
         model.load_state_dict(backup)
         model.train()
