@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import VDVAE_LOG_SCALE_FLOOR, ModelConfig
 from .distributions import softplus_std
-from .likelihoods import bernoulli_log_prob, discretized_mol_log_prob, sample_bernoulli, sample_mol
+from .likelihoods import bernoulli_log_prob, discretized_mol_log_prob, sample_bernoulli, sample_mol, truncate_bits
 
 # Without a bound the log-scale is only kept where exp() stays a normal float32.
 _UNBOUNDED_LOG_SCALE_FLOOR = -80.0
@@ -25,10 +25,18 @@ def _crop(t: torch.Tensor, pad: int) -> torch.Tensor:
     return t[..., pad:t.shape[-2] - pad, pad:t.shape[-1] - pad] if pad else t
 
 
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half precision is upcast; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class MixtureOfLogisticsHead(nn.Module):
     def __init__(self, cfg: ModelConfig, width: int) -> None:
         super().__init__()
         self.m, self.c, self.n_bits, self.pad = cfg.n_mixtures, cfg.channels, cfg.n_bits, cfg.pad
+        # openai/vdvae's 5-bit data: the input carries 8 bits, the target their top n_bits.
+        self.truncated = cfg.bit_reduction == "truncate" and cfg.n_bits < 8
+        self.density_fallback = cfg.mol_density_fallback
         self.exp_scale = cfg.architecture == "vdvae"
         self.beta = cfg.output_beta
         self.floor = VDVAE_LOG_SCALE_FLOOR if cfg.mol_bounded else _UNBOUNDED_LOG_SCALE_FLOOR
@@ -37,7 +45,7 @@ class MixtureOfLogisticsHead(nn.Module):
 
     def params(self, h: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Split the conv output into the mixture parameters (cropped to the scored region)."""
-        raw = _crop(self.out(h), self.pad).float()
+        raw = _widen(_crop(self.out(h), self.pad))
         b, _, hh, ww = raw.shape
         m, c = self.m, self.c
         logits = raw[:, :m]
@@ -53,13 +61,17 @@ class MixtureOfLogisticsHead(nn.Module):
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) in nats per image, x in [-1, 1] (padded like the network input)."""
-        return discretized_mol_log_prob(_crop(x, self.pad).float(), n_bits=self.n_bits, **self.params(h))
+        target = _widen(_crop(x, self.pad))
+        if self.truncated:
+            target = truncate_bits(target, self.n_bits)
+        return discretized_mol_log_prob(target, n_bits=self.n_bits, truncated=self.truncated,
+                                        density_fallback=self.density_fallback, **self.params(h))
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """An image in [-1, 1] on the pixel grid (cropped to the scored region)."""
         return sample_mol(**self.params(h), n_bits=self.n_bits, temperature=temperature,
-                          deterministic=deterministic, generator=generator)
+                          deterministic=deterministic, generator=generator, truncated=self.truncated)
 
 
 class BernoulliHead(nn.Module):
@@ -70,12 +82,13 @@ class BernoulliHead(nn.Module):
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x holds binary pixels as -1/1 (the network's input scale); scored as 0/1."""
-        target = (_crop(x, self.pad).float() > 0).float()
-        return bernoulli_log_prob(target, _crop(self.out(h), self.pad).float())
+        logits = _widen(_crop(self.out(h), self.pad))
+        target = (_crop(x, self.pad) > 0).to(logits.dtype)
+        return bernoulli_log_prob(target, logits)
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        bits = sample_bernoulli(_crop(self.out(h), self.pad).float(), deterministic=deterministic,
+        bits = sample_bernoulli(_widen(_crop(self.out(h), self.pad)), deterministic=deterministic,
                                 generator=generator)
         return bits * 2 - 1
 

@@ -3,7 +3,9 @@
 Paper presets are named ``<dataset>-<config>``: ``c1`` (widths that grow toward the low
 resolutions), ``c2`` (the same layout at a constant width; the paper: "C1 is only
 different from C2 in the use of incremental filter width") and ``vdvae`` (the original
-architecture, for the datasets where the paper's Table 3 has a VDVAE column).
+architecture: exactly openai/vdvae's models, built by :func:`~vdvae_latents.openai_layout.
+openai_config` from its hyper-parameter sets, input normalisation and 5-bit handling
+included, so its published weights import onto them).
 
 Sources: layers per resolution from Table 6; widths, bottlenecks, variates and
 bottom-up depths from the public Efficient-VDVAE example configs (C1) and the public
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .openai_layout import openai_config
 
 # Table 3 parameter counts (millions) that the presets are tested against.
 PAPER_PARAMETERS_M = {
@@ -49,12 +52,6 @@ def _c2_from(c1: ModelConfig, width: int, bottleneck: float = 0.25) -> ModelConf
     return c1.replace(widths=[width] * n, skip_widths=[width] * n, bottleneck=[bottleneck] * n)
 
 
-def _vdvae(image_size, channels, n_bits, res, up, down, width, variates) -> ModelConfig:
-    return ModelConfig(image_size=image_size, channels=channels, n_bits=n_bits, resolutions=res,
-                       up_blocks=up, down_blocks=down, widths=width, bottleneck=0.25, variates=variates,
-                       architecture="vdvae", activation="gelu", mol_bounded=True)
-
-
 def _paper_presets() -> dict[str, Preset]:
     p: dict[str, Preset] = {}
 
@@ -67,16 +64,15 @@ def _paper_presets() -> dict[str, Preset]:
              (0.25, 0.25, 0.25, 0.5, 1.0), 16)
     add("cifar10-c1", c1, "CIFAR-10 C1: 47 latent layers, widths 384 -> 48", 16)
     add("cifar10-c2", _c2_from(c1, 384), "CIFAR-10 C2: C1 layout at width 384", 16)
-    add("cifar10-vdvae", _vdvae(32, 3, 8, r5, (1, 3, 6, 11, 22), (3, 3, 6, 6, 11), 384, 16),
-        "CIFAR-10 original VDVAE (43 layers, width 384)", 32, 2e-4)
+    add("cifar10-vdvae", openai_config("cifar10"), "CIFAR-10 original VDVAE (43 layers, width 384)", 32, 2e-4)
 
     # ---- ImageNet 32x32
     c1 = _c1(32, 3, 8, r5, (6, 7, 19, 25, 16), (6, 7, 9, 10, 16), (512, 512, 256, 128, 64),
              (0.25, 0.25, 0.25, 0.5, 1.0), 48)
     add("imagenet32-c1", c1, "ImageNet 32x32 C1: 73 latent layers, widths 512 -> 64", 64)
     add("imagenet32-c2", _c2_from(c1, 512), "ImageNet 32x32 C2: C1 layout at width 512", 64)
-    add("imagenet32-vdvae", _vdvae(32, 3, 8, r5, (2, 5, 10, 20, 41), (6, 6, 8, 9, 15), 512, 16),
-        "ImageNet 32x32 original VDVAE (78 layers, width 512)", 256, 1.5e-4)
+    add("imagenet32-vdvae", openai_config("imagenet32"), "ImageNet 32x32 original VDVAE (78 layers, width 512)",
+        256, 1.5e-4)
 
     # ---- ImageNet 64x64 (and CelebA 64x64 with the same layout)
     r6 = (1, 4, 8, 16, 32, 64)
@@ -84,8 +80,8 @@ def _paper_presets() -> dict[str, Preset]:
              (0.25, 0.25, 0.25, 0.25, 0.5, 1.0), 64)
     add("imagenet64-c1", c1, "ImageNet 64x64 C1: 84 latent layers, widths 512 -> 64", 32)
     add("imagenet64-c2", _c2_from(c1, 512), "ImageNet 64x64 C2: C1 layout at width 512", 32)
-    add("imagenet64-vdvae", _vdvae(64, 3, 8, r6, (2, 4, 8, 16, 32, 13), (5, 7, 8, 9, 20, 11), 512, 16),
-        "ImageNet 64x64 original VDVAE (75 layers, width 512)", 128, 1.5e-4)
+    add("imagenet64-vdvae", openai_config("imagenet64"), "ImageNet 64x64 original VDVAE (75 layers, width 512)",
+        128, 1.5e-4)
     add("celeba64-c1", c1, "CelebA 64x64 C1 (ImageNet 64 C1 layout)", 32)
     add("celeba64-c2", _c2_from(c1, 512), "CelebA 64x64 C2 (ImageNet 64 C2 layout)", 32)
 
@@ -96,8 +92,8 @@ def _paper_presets() -> dict[str, Preset]:
                  (0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.5, 1.0), 32)
     add("ffhq256-c1", c1_256, "FFHQ 256x256 (5-bit) C1: 66 latent layers, widths 512 -> 128", 16)
     add("ffhq256-c2", _c2_from(c1_256, 512), "FFHQ 256x256 (5-bit) C2: C1 layout at width 512", 16)
-    add("ffhq256-vdvae", _vdvae(256, 3, 5, r8, up8, (4, 5, 5, 7, 17, 12, 8, 3), 512, 16),
-        "FFHQ 256x256 (5-bit) original VDVAE (66 layers, width 512)", 32, 1.5e-4)
+    add("ffhq256-vdvae", openai_config("ffhq256"),
+        "FFHQ 256x256 (5-bit, 8-bit input) original VDVAE (66 layers, width 512)", 32, 1.5e-4)
     c1_hq = c1_256.replace(n_bits=8)
     add("celebahq256-c1", c1_hq, "CelebA-HQ 256x256 (8-bit) C1 (FFHQ 256 layout)", 16)
     add("celebahq256-c2", _c2_from(c1_hq, 512), "CelebA-HQ 256x256 (8-bit) C2 (FFHQ 256 layout)", 16)
@@ -107,6 +103,8 @@ def _paper_presets() -> dict[str, Preset]:
     c1_1k = _c1(1024, 3, 8, r10, (2, 4, 5, 10, 21, 15, 8, 3, 1, 1), (4, 5, 6, 8, 15, 11, 8, 6, 4, 2),
                 (512, 512, 512, 256, 256, 128, 128, 64, 32, 16),
                 (0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.5, 1.0, 1.0, 1.0), 32)
+    add("ffhq1024-vdvae", openai_config("ffhq1024"),
+        "FFHQ 1024x1024 (8-bit) original VDVAE (70 layers, widths 512 -> 16, 2 mixtures)", 32, 7e-5)
     for ds in ("ffhq1024", "celebahq1024"):
         add(f"{ds}-c1", c1_1k, f"{ds} (8-bit) C1: 70 latent layers, widths 512 -> 16", 8)
         add(f"{ds}-c2", _c2_from(c1_1k, 128), f"{ds} (8-bit) C2: C1 layout at constant width 128 "

@@ -107,7 +107,7 @@ class VAE(nn.Module):
                 self.pools.append(StridedPool(w, widths[i - 1], res[i] // res[i - 1]))
             else:
                 self.pools.append(AvgPoolCell(w, mid, res[i] // res[i - 1], resolution=res[i],
-                                              activation=act, last_scale=down_scale))
+                                              activation=act, last_scale=down_scale, out_width=widths[i - 1]))
 
         # ---- top-down
         skip_widths = cfg.skip_widths if efficient else widths
@@ -135,6 +135,10 @@ class VAE(nn.Module):
     def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One skip activation per resolution (cfg order: lowest first)."""
         self._check_input(x)
+        if self.cfg.normalises_input:
+            # Applied before the first conv, not folded into it: its zero padding must see
+            # zeros in the normalised space for the result to match the reference.
+            x = (x + self.cfg.input_shift) * self.cfg.input_scale
         h = self.input_conv(x)
         skips: list[torch.Tensor] = [None] * len(self.cfg.resolutions)  # type: ignore[list-item]
         for i in reversed(range(len(self.cfg.resolutions))):
@@ -154,8 +158,10 @@ class VAE(nn.Module):
                 if cfg.architecture == "efficient":
                     state = self.unpools[i](state)
                 else:
+                    # A narrower resolution keeps the first channels (openai/vdvae's custom widths).
                     factor = cfg.resolutions[i] // cfg.resolutions[i - 1]
-                    state = torch.nn.functional.interpolate(state, scale_factor=factor, mode="nearest")
+                    state = torch.nn.functional.interpolate(state[:, :cfg.widths[i]], scale_factor=factor,
+                                                            mode="nearest")
                 bias = getattr(self, f"res_bias_{i}")
                 if bias is not None:
                     state = state + bias
