@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import torch
 from .checkpoints import file_sha256
 from .errors import CheckpointError
 from .imported_run import write_imported_run
-from .openai_layout import get_openai_hps, openai_config, openai_key_map, openai_to_vdvl
+from .openai_layout import OpenAIHps, get_openai_hps, openai_config, openai_key_map, openai_to_vdvl
+from .presets import PRESETS
 from .vae import VAE
 
 _DDP_PREFIX = "module."
@@ -40,15 +42,17 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise CheckpointError(f"weight file {p} does not exist or is not a file.")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):
             raise CheckpointError(f"weight file {p} holds Python objects besides tensors and was refused "
                                   "(loading it would run code).") from exc
         raise CheckpointError(f"weight file {p} is not a PyTorch weight file.") from exc
-    except OSError as exc:
+    except PermissionError as exc:
         raise CheckpointError(f"weight file {p} cannot be read ({exc.strerror or exc}).") from exc
-    except Exception as exc:  # noqa: BLE001 - torch reports damage as RuntimeError, EOFError, KeyError, ...
+    except Exception as exc:  # noqa: BLE001 - torch reports damage as OSError, RuntimeError, EOFError, KeyError, ...
         raise CheckpointError(f"weight file {p} is not a readable PyTorch file (it may be truncated).") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"weight file {p} holds a {type(state).__name__}, not a dict of named tensors.")
@@ -65,26 +69,27 @@ def _strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_openai_state(state: dict[str, torch.Tensor], hps: str, path: Path) -> None:
+def check_openai_state(state: dict[str, torch.Tensor], hps: str | OpenAIHps, path: Path) -> None:
     """Raise naming the first tensor where ``state`` differs from openai's ``--hps`` model."""
+    hps = get_openai_hps(hps)
     cfg = openai_config(hps)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in VAE(cfg).state_dict().items()}
     pairs = openai_key_map(hps)
     for src, dst in pairs:
         if src not in state:
-            raise CheckpointError(f"weight file {path} has no tensor '{src}', which --hps {hps} needs "
+            raise CheckpointError(f"weight file {path} has no tensor '{src}', which --hps {hps.name} needs "
                                   "(are the weights from another --hps?).")
         if state[src].shape != shapes[dst]:
             raise CheckpointError(f"weight file {path} has tensor '{src}' of shape {list(state[src].shape)}, "
-                                  f"but --hps {hps} expects {list(shapes[dst])}.")
+                                  f"but --hps {hps.name} expects {list(shapes[dst])}.")
     known = {src for src, _ in pairs}
     extra = [k for k in state if k not in known]
     if extra:
-        raise CheckpointError(f"weight file {path} has tensor '{extra[0]}', which --hps {hps} does not have.")
+        raise CheckpointError(f"weight file {path} has tensor '{extra[0]}', which --hps {hps.name} does not have.")
 
 
-def _load_openai(path: str | Path, hps: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _load_openai(path: str | Path, hps: OpenAIHps) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """vdvl weights from one openai file, and the file's provenance record."""
     p = Path(path)
     raw = read_tensor_file(p)
@@ -97,7 +102,7 @@ def _load_openai(path: str | Path, hps: str) -> tuple[dict[str, torch.Tensor], d
     return openai_to_vdvl(state, hps), record
 
 
-def import_openai_vdvae(model_path: str | Path, *, hps: str, run_dir: str | Path,
+def import_openai_vdvae(model_path: str | Path, *, hps: str | OpenAIHps, run_dir: str | Path,
                         ema_path: str | Path | None = None, step: int | None = None) -> dict[str, Any]:
     """Write ``run_dir``: openai/vdvae weights as a vdvl run every command accepts.
 
@@ -105,7 +110,8 @@ def import_openai_vdvae(model_path: str | Path, *, hps: str, run_dir: str | Path
         model_path: ``{name}-model.th`` (``module.`` prefixes are dropped), or a lone
             EMA file.
         hps: openai's hyper-parameter set the weights belong to (cifar10, imagenet32,
-            imagenet64, ffhq256, ffhq1024).
+            imagenet64, ffhq256, ffhq1024), or an :class:`OpenAIHps` for weights
+            trained with other hyper-parameters.
         run_dir: an empty (or new) directory.
         ema_path: ``{name}-model-ema.th``, stored as the run's EMA weights (what
             eval, sample and encode use).
@@ -115,9 +121,9 @@ def import_openai_vdvae(model_path: str | Path, *, hps: str, run_dir: str | Path
         A summary: run directory, checkpoint, preset, parameter count, step, sha256s.
     """
     h = get_openai_hps(hps)
-    cfg = openai_config(hps)
-    weights, model_record = _load_openai(model_path, hps)
-    ema, ema_record = _load_openai(ema_path, hps) if ema_path is not None else (None, None)
+    cfg = openai_config(h)
+    weights, model_record = _load_openai(model_path, h)
+    ema, ema_record = _load_openai(ema_path, h) if ema_path is not None else (None, None)
     if step is None:
         match = _STEP_IN_NAME.search(Path(model_path).name)
         step = int(match.group(1)) if match else 0
@@ -128,14 +134,17 @@ def import_openai_vdvae(model_path: str | Path, *, hps: str, run_dir: str | Path
         "hps": h.as_dict(),
         "model_file": model_record,
         "ema_file": ema_record,
-        "mapping": {src: dst for src, dst in openai_key_map(hps)},
+        "mapping": {src: dst for src, dst in openai_key_map(h)},
         "notes": "head.out takes decoder.out_net.out_conv's channels reordered from PixelCNN++'s "
                  "per-colour layout to vdvl's (openai_layout.mol_channel_order)",
     }
-    preset = f"{hps}-vdvae"
+    # A published hyper-parameter set is exactly a vdvl preset.
+    preset = f"{h.name}-vdvae"
+    if preset not in PRESETS or PRESETS[preset].config != cfg:
+        preset = None
     path = write_imported_run(run_dir, cfg, weights, ema, step=step, source=source, preset=preset)
     return {
-        "run_dir": str(run_dir), "checkpoint": str(path), "preset": preset, "hps": hps, "step": step,
+        "run_dir": str(run_dir), "checkpoint": str(path), "preset": preset, "hps": h.name, "step": step,
         "parameters": sum(t.numel() for t in weights.values()),
         "model_sha256": model_record["sha256"], "ema_sha256": None if ema_record is None else ema_record["sha256"],
     }

@@ -84,7 +84,11 @@ OPENAI_HPS: dict[str, OpenAIHps] = {h.name: h for h in (
 )}
 
 
-def get_openai_hps(name: str) -> OpenAIHps:
+def get_openai_hps(name: str | OpenAIHps) -> OpenAIHps:
+    """One of openai's published hyper-parameter sets by name (an :class:`OpenAIHps` passes through:
+    weights trained with other hyper-parameters import with a hand-made one)."""
+    if isinstance(name, OpenAIHps):
+        return name
     try:
         return OPENAI_HPS[name]
     except KeyError:
@@ -145,12 +149,12 @@ def _layout(h: OpenAIHps) -> tuple[tuple[int, ...], list[int], list[int]]:
     return tuple(res), up, down
 
 
-def openai_config(name: str) -> ModelConfig:
+def openai_config(name: str | OpenAIHps) -> ModelConfig:
     """The vdvl configuration that builds exactly openai/vdvae's model ``--hps name``."""
     h = get_openai_hps(name)
     res, up, down = _layout(h)
     if h.width_at(h.image_size) != h.width:
-        raise ConfigError(f"hps '{name}' has a custom width at the image resolution, which openai/vdvae cannot run.")
+        raise ConfigError(f"hps '{h.name}' has a custom width at the image resolution, which openai/vdvae cannot run.")
     # openai: enc(u) with u = 8-bit value / pixel_unit; vdvl's input is x = v / 127.5 - 1.
     return ModelConfig(
         image_size=h.image_size, channels=3, n_bits=5 if h.low_bit else 8,
@@ -159,7 +163,7 @@ def openai_config(name: str) -> ModelConfig:
         widths=[h.width_at(r) for r in res], bottleneck=h.bottleneck, variates=h.zdim,
         architecture="vdvae", activation="gelu",
         input_shift=1.0 + h.input_shift * h.pixel_unit / 127.5, input_scale=127.5 * h.input_scale / h.pixel_unit,
-        name=f"{name}-vdvae")
+        name=f"{h.name}-vdvae")
 
 
 # --------------------------------------------------------------------------- weights
@@ -171,7 +175,7 @@ def _cell_pairs(src: str, dst: str) -> list[tuple[str, str]]:
     return [(f"{src}.{c}.{p}", f"{dst}.{c}.{p}") for c in _CELL for p in ("weight", "bias")]
 
 
-def openai_key_map(name: str) -> list[tuple[str, str]]:
+def openai_key_map(name: str | OpenAIHps) -> list[tuple[str, str]]:
     """``(openai key, vdvl key)`` for every tensor, in openai's state-dict order.
 
     openai keys have no ``module.`` prefix. The output conv (``decoder.out_net.out_conv``)
@@ -219,7 +223,7 @@ def mol_channel_order(n_mixtures: int, channels: int = 3) -> torch.Tensor:
     return torch.tensor(order)
 
 
-def openai_to_vdvl(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def openai_to_vdvl(state: dict[str, torch.Tensor], name: str | OpenAIHps) -> dict[str, torch.Tensor]:
     """openai/vdvae weights (no ``module.`` prefix, names and shapes already checked) as vdvl's."""
     order = mol_channel_order(get_openai_hps(name).num_mixtures)
     out = {}
@@ -229,7 +233,7 @@ def openai_to_vdvl(state: dict[str, torch.Tensor], name: str) -> dict[str, torch
     return out
 
 
-def vdvl_to_openai(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def vdvl_to_openai(state: dict[str, torch.Tensor], name: str | OpenAIHps) -> dict[str, torch.Tensor]:
     """The inverse of :func:`openai_to_vdvl`: a vdvl state dict in openai/vdvae's names and layout."""
     inverse = torch.argsort(mol_channel_order(get_openai_hps(name).num_mixtures))
     out = {}
