@@ -88,9 +88,15 @@ def reference_pass(ref_vae, model, inp, target, noise: bool):
             lambda mu, logsigma: torch.exp(logsigma) * torch.randn(mu.shape, generator=gen, dtype=mu.dtype) + mu)
     else:
         ref_vae.draw_gaussian_diag_samples = lambda mu, logsigma: mu
-    with torch.no_grad():
-        px_z, stats = model.decoder.forward(model.encoder.forward(inp))
-        nll = model.decoder.out_net.nll(px_z, target) * np.prod(target.shape[1:])  # it returns nats per dim
+    # Its encoder pads channels (custom widths) with tensors of torch's default dtype.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(inp.dtype)
+    try:
+        with torch.no_grad():
+            px_z, stats = model.decoder.forward(model.encoder.forward(inp))
+            nll = model.decoder.out_net.nll(px_z, target) * np.prod(target.shape[1:])  # it returns nats per dim
+    finally:
+        torch.set_default_dtype(default)
     return px_z, [s["kl"] for s in stats], nll
 
 

@@ -22,10 +22,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ConfigError
-
-# openai/vdvae keeps a trainable state per resolution only up to this size; vdvl's
-# vdvae architecture has the same constant (vae.VDVAE_NO_BIAS_ABOVE).
-NO_BIAS_ABOVE = 64
+from .vae import VDVAE_NO_BIAS_ABOVE as NO_BIAS_ABOVE  # openai's no_bias_above, the same in every hps
 
 
 @dataclass(frozen=True)
