@@ -549,6 +549,25 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+@import_app.command("openai-vdvae")
+def import_openai_vdvae(
+    model_file: Path = typer.Argument(..., help="openai/vdvae's NAME-model.th (a lone NAME-model-ema.th works too)."),
+    ema: Optional[Path] = typer.Option(None, "--ema", help="NAME-model-ema.th: the EMA weights (eval and encode use them)."),
+    hps: str = typer.Option(..., "--hps", help="The hyper-parameter set the weights were trained with: cifar10, "
+                            "imagenet32, imagenet64, ffhq256 or ffhq1024."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="New run directory to write."),
+    step: Optional[int] = typer.Option(None, "--step", min=0, help="Step to record (default: iter-N in the file name, else 0)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Import openai/vdvae weights (loaded as tensors only, never executed) as a run every command accepts."""
+    from vdvae_latents.import_openai import import_openai_vdvae as run_import
+
+    result = run_import(model_file, hps=hps, run_dir=run_dir, ema_path=ema, step=step)
+    _print_json(result) if as_json else out.print(
+        f"imported {result['parameters']:,} parameters (--hps {result['hps']}, preset {result['preset']}) "
+        f"into {result['run_dir']} at step {result['step']}")
+
+
 def _elbo_text(r: dict) -> str:
     if "nats_per_image" in r:
         return (f"negative ELBO {r['nats_per_image']:.2f} nats/image (reconstruction "

@@ -119,7 +119,10 @@ BAD_CONFIGS = [
     (dict(architecture="resnet"), "architecture"),
     (dict(output="gaussian"), "output"),
     (dict(activation="relu"), "activation"),
-    (dict(architecture="vdvae"), "widths"),               # vdvae needs a constant width
+    (dict(architecture="vdvae", widths=(16, 32, 32)), "widths"),  # vdvae cannot widen toward high res
+    (dict(bit_reduction="floor"), "bit_reduction"),
+    (dict(input_scale=0.0), "input_scale"),
+    (dict(input_shift=float("nan")), "input_scale"),
     (dict(channels=2), "channels"),
     (dict(n_bits=0), "n_bits"),
     (dict(n_bits=9), "n_bits"),
@@ -148,10 +151,10 @@ class TestInvalidConfigsAreRejected:
         assert issubclass(ConfigError, UserError)
         assert issubclass(ConfigError, ValueError)
 
-    def test_vdvae_with_constant_width_is_valid(self):
-        """The constant-width rule only applies to the vdvae architecture, and is met by a scalar."""
-        cfg = small(architecture="vdvae", widths=16)
-        assert cfg.widths == (16, 16, 16)
+    def test_vdvae_widths_may_shrink_toward_high_resolutions(self):
+        """vdvae takes a constant width, or widths that narrow toward the image (openai's custom widths)."""
+        assert small(architecture="vdvae", widths=16).widths == (16, 16, 16)
+        assert small(architecture="vdvae", widths=(32, 32, 16)).widths == (32, 32, 16)
         assert small(architecture="efficient", widths=(64, 32, 16)).widths == (64, 32, 16)
 
     def test_replace_revalidates(self):

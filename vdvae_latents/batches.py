@@ -40,7 +40,7 @@ def prepare_batch(cfg: ModelConfig, images: torch.Tensor | np.ndarray, *, dynami
         images = (bits * 255).to(torch.uint8)
         x = to_model_input(images, n_bits=8, pad_to=pad_to)
     else:
-        x = to_model_input(images, n_bits=cfg.n_bits, pad_to=pad_to)
+        x = to_model_input(images, n_bits=cfg.image_bits, pad_to=pad_to)
     # A fresh NCHW allocation: with one channel, a view of NHWC data has strides that torch
     # also reads as channels-last, and convolutions then pick other kernels (outputs differ
     # by float rounding). Copying makes results independent of the caller's memory layout.

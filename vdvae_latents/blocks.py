@@ -84,17 +84,25 @@ class StridedPool(nn.Module):
 
 
 class AvgPoolCell(nn.Module):
-    """VDVAE's downsampling block: a residual cell followed by average pooling."""
+    """VDVAE's downsampling block: a residual cell followed by average pooling.
+
+    With ``out_width > width`` the pooled activation gets zero channels appended, as
+    openai/vdvae does where its ``custom_width_str`` widens the lower resolution.
+    """
 
     def __init__(self, width: int, mid: int, factor: int, *, resolution: int, activation: str,
-                 last_scale: float) -> None:
+                 last_scale: float, out_width: int | None = None) -> None:
         super().__init__()
         self.cell = ResidualCell(width, mid, width, resolution=resolution, activation=activation,
                                  residual=True, last_scale=last_scale)
         self.factor = factor
+        self.extra = (out_width or width) - width
+        if self.extra < 0:
+            raise ValueError("an average-pool cell can only widen the activation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(self.cell(x), self.factor)
+        h = F.avg_pool2d(self.cell(x), self.factor)
+        return F.pad(h, (0, 0, 0, 0, 0, self.extra)) if self.extra else h
 
 
 class Unpool(nn.Module):

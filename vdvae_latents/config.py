@@ -21,6 +21,7 @@ ACTIVATIONS = ("silu", "gelu")
 MOL_SCALES = ("softplus", "exp", "logstd")
 MOL_TAILS = ("exact", "pixelcnn")
 INITS = ("pytorch", "xavier")
+BIT_REDUCTIONS = ("rescale", "truncate")
 VDVAE_LOG_SCALE_FLOOR = -7.0  # VDVAE's lower bound on the MoL log-scale ("bounded")
 UNBOUNDED_LOG_SCALE_FLOOR = -80.0  # "unbounded": only where exp() stays a normal float32
 
@@ -58,6 +59,16 @@ class ModelConfig:
         channels: 1 (grayscale / binary) or 3 (RGB).
         n_bits: bits per pixel value of the discretised data (8, or 5 for the
             5-bit benchmarks).
+        bit_reduction: how an 8-bit image becomes ``n_bits``-bit data (no effect at 8
+            bits). ``"rescale"``: the model reads and scores the reduced image, whose
+            ``2**n_bits`` levels span [-1, 1]. ``"truncate"`` (openai/vdvae's FFHQ-256):
+            the model reads the full 8-bit image and scores its value with the low
+            ``8 - n_bits`` bits cleared, on the 8-bit scale (levels -1 .. 0.945 at 5
+            bits, half bin ``1/(2**n_bits - 1)``); see :mod:`~vdvae_latents.likelihoods`.
+        input_shift, input_scale: the bottom-up path reads ``(x + input_shift) *
+            input_scale`` instead of the [-1, 1] image ``x`` (openai/vdvae normalises its
+            input with per-data-set constants); the likelihood still scores ``x``.
+            The defaults (0, 1) leave the input untouched.
         output: ``"mol"`` (discretised mixture of logistics) or ``"bernoulli"``.
         n_mixtures: number of logistic components (MoL only).
         mol_bounded: floor the MoL log-scale at -7 as VDVAE does; ``False`` is the
@@ -78,7 +89,10 @@ class ModelConfig:
             and each divides the next.
         up_blocks: top-down blocks (= latent layers) per resolution.
         down_blocks: bottom-up residual cells per resolution.
-        widths: channels of the residual stream per resolution (constant for vdvae).
+        widths: channels of the residual stream per resolution. For vdvae they may not
+            grow toward the high resolutions (openai/vdvae's ``custom_width_str``: the
+            bottom-up path zero-pads channels after each pool, the top-down path keeps
+            the first channels before each upsampling).
         skip_widths: width of the bottom-up skip handed to the posterior branch,
             per resolution (efficient only; defaults to ``widths``).
         up_skip_groups, down_skip_groups: the skip layout (efficient only). None (both):
@@ -113,6 +127,7 @@ class ModelConfig:
     image_size: int = 32
     channels: int = 3
     n_bits: int = 8
+    bit_reduction: str = "rescale"
     output: str = "mol"
     n_mixtures: int = 10
     mol_bounded: bool = False
@@ -135,6 +150,8 @@ class ModelConfig:
     mol_tail: str = "exact"
     output_gain: bool = True
     init: str = "pytorch"
+    input_shift: float = 0.0
+    input_scale: float = 1.0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -195,8 +212,9 @@ class ModelConfig:
         for name in ("widths", "skip_widths", "variates"):
             if any(v < 1 for v in getattr(self, name)):
                 raise bad(name, f"must be positive, got {list(getattr(self, name))}")
-        if self.architecture == "vdvae" and len(set(self.widths)) != 1:
-            raise bad("widths", "must be constant for the vdvae architecture (average pooling keeps the width)")
+        if self.architecture == "vdvae" and any(lo < hi for lo, hi in zip(self.widths, self.widths[1:])):
+            raise bad("widths", "must not grow toward the high resolutions for the vdvae architecture "
+                      f"(its pools pad channels and its upsampling drops them), got {list(self.widths)}")
         if any(not 0 < b <= 4 for b in self.bottleneck):
             raise bad("bottleneck", f"must be in (0, 4], got {list(self.bottleneck)}")
         for name in ("latent_beta", "output_beta"):
@@ -212,6 +230,11 @@ class ModelConfig:
             raise bad("init", f"must be one of {', '.join(INITS)}, not '{self.init}'")
         if self.init != "pytorch" and self.architecture != "efficient":
             raise bad("init", f"'{self.init}' is the official Efficient-VDVAE scheme; it needs architecture efficient")
+        if self.bit_reduction not in BIT_REDUCTIONS:
+            raise bad("bit_reduction", f"must be one of {', '.join(BIT_REDUCTIONS)}, not '{self.bit_reduction}'")
+        if not (math.isfinite(self.input_shift) and math.isfinite(self.input_scale) and self.input_scale != 0):
+            raise bad("input_scale", f"and input_shift must be finite with a non-zero scale, got "
+                      f"{self.input_shift} and {self.input_scale}")
         if self.output == "bernoulli" and self.n_bits != 8:
             # Binary data has no bit depth; keep the field at its default to avoid confusion.
             raise bad("n_bits", "must stay 8 with the bernoulli output (binary data has no bit depth)")
@@ -295,6 +318,19 @@ class ModelConfig:
         return sum(v * h * w for v, h, w in self.layer_shapes())
 
     @property
+    def image_bits(self) -> int:
+        """Bits per pixel value of the images the model reads and writes: ``n_bits``, or 8
+        when the model reads full 8-bit images (``bit_reduction="truncate"``, binary data)."""
+        if self.output == "bernoulli" or self.bit_reduction == "truncate":
+            return 8
+        return self.n_bits
+
+    @property
+    def normalises_input(self) -> bool:
+        """Whether the bottom-up path applies ``(x + input_shift) * input_scale``."""
+        return (self.input_shift, self.input_scale) != (0.0, 1.0)
+
+    @property
     def loss_size(self) -> int:
         """Pixels of the likelihood region (the un-padded centre)."""
         return self.image_size - 2 * self.pad
@@ -372,5 +408,5 @@ def _parse_value(key: str, raw: str, like: Any) -> Any:
         raise ConfigError(f"config field '{key}' cannot take the value '{raw}'.") from None
 
 
-__all__ = ["ModelConfig", "ARCHITECTURES", "OUTPUTS", "MOL_SCALES", "MOL_TAILS", "INITS", "VDVAE_LOG_SCALE_FLOOR",
-           "UNBOUNDED_LOG_SCALE_FLOOR"]
+__all__ = ["ModelConfig", "ARCHITECTURES", "OUTPUTS", "MOL_SCALES", "MOL_TAILS", "INITS", "BIT_REDUCTIONS",
+           "VDVAE_LOG_SCALE_FLOOR", "UNBOUNDED_LOG_SCALE_FLOOR"]

@@ -191,7 +191,7 @@ def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None 
         images = encoder.decode(features, temperature=temperature, generator=g)
     finally:
         enc.close()
-    bits = model.cfg.n_bits if model.cfg.output == "mol" else 8
+    bits = model.cfg.image_bits
     written = save_grid(out, to_uint8(images, bits))
     return {"store": str(store), "out": str(written), "rows": [lo, hi], "checkpoint": str(ckpt_path),
             "temperature": temperature}

@@ -15,16 +15,16 @@ from torch import nn
 
 from .config import ModelConfig
 from .distributions import softplus_std
-from .likelihoods import bernoulli_log_prob, discretized_mol_log_prob, sample_bernoulli, sample_mol
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision activations (autocast); float64 stays float64."""
-    return t if t.dtype == torch.float64 else t.float()
+from .likelihoods import bernoulli_log_prob, discretized_mol_log_prob, sample_bernoulli, sample_mol, truncate_bits
 
 
 def _crop(t: torch.Tensor, pad: int) -> torch.Tensor:
     return t[..., pad:t.shape[-2] - pad, pad:t.shape[-1] - pad] if pad else t
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half precision is upcast; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class MixtureOfLogisticsHead(nn.Module):
@@ -32,6 +32,8 @@ class MixtureOfLogisticsHead(nn.Module):
         super().__init__()
         self.m, self.c, self.n_bits, self.pad = cfg.n_mixtures, cfg.channels, cfg.n_bits, cfg.pad
         self.scale_kind = cfg.mol_scale_kind
+        # openai/vdvae's 5-bit data: the input carries 8 bits, the target their top n_bits.
+        self.truncated = cfg.bit_reduction == "truncate" and cfg.n_bits < 8
         self.beta = cfg.output_beta
         self.floor = cfg.mol_floor
         self.tail = cfg.mol_tail
@@ -40,7 +42,7 @@ class MixtureOfLogisticsHead(nn.Module):
 
     def params(self, h: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Split the conv output into the mixture parameters (cropped to the scored region)."""
-        raw = _wide(_crop(self.out(h), self.pad))
+        raw = _widen(_crop(self.out(h), self.pad))
         b, _, hh, ww = raw.shape
         m, c = self.m, self.c
         logits = raw[:, :m]
@@ -58,14 +60,17 @@ class MixtureOfLogisticsHead(nn.Module):
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) in nats per image, x in [-1, 1] (padded like the network input)."""
-        return discretized_mol_log_prob(_wide(_crop(x, self.pad)), n_bits=self.n_bits, tail=self.tail,
+        target = _widen(_crop(x, self.pad))
+        if self.truncated:
+            target = truncate_bits(target, self.n_bits)
+        return discretized_mol_log_prob(target, n_bits=self.n_bits, tail=self.tail, truncated=self.truncated,
                                         **self.params(h))
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """An image in [-1, 1] on the pixel grid (cropped to the scored region)."""
         return sample_mol(**self.params(h), n_bits=self.n_bits, temperature=temperature,
-                          deterministic=deterministic, generator=generator)
+                          deterministic=deterministic, generator=generator, truncated=self.truncated)
 
 
 class BernoulliHead(nn.Module):
@@ -76,13 +81,13 @@ class BernoulliHead(nn.Module):
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x holds binary pixels as -1/1 (the network's input scale); scored as 0/1."""
-        logits = _wide(_crop(self.out(h), self.pad))
+        logits = _widen(_crop(self.out(h), self.pad))
         target = (_crop(x, self.pad) > 0).to(logits.dtype)
         return bernoulli_log_prob(target, logits)
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        bits = sample_bernoulli(_wide(_crop(self.out(h), self.pad)), deterministic=deterministic,
+        bits = sample_bernoulli(_widen(_crop(self.out(h), self.pad)), deterministic=deterministic,
                                 generator=generator)
         return bits * 2 - 1
 

@@ -13,6 +13,14 @@ Conventions shared by the mixture-of-logistics (MoL) functions, for ``M`` compon
 * ``coeffs``: optional (B, M, 3, H, W), only for RGB (C = 3), already squashed to
   (-1, 1). They make the channels autoregressive as in PixelCNN++:
   ``mean_g += c0 * x_r`` and ``mean_b += c1 * x_r + c2 * x_g``.
+
+The *truncated* grid (``truncated=True``) is openai/vdvae's 5-bit FFHQ-256 data: an
+8-bit value ``v`` becomes ``2**(8 - n_bits) * floor(v / 2**(8 - n_bits))`` and then
+``(v - 127.5) / 127.5`` as 8-bit data would, so the levels are ``16 k / 255 - 1`` at 5
+bits (-1 to 0.945). The half bin stays ``1 / (2**n_bits - 1)`` (1/31: neighbouring
+bins overlap slightly, as in the reference); which bins are edge bins is judged on the
+8-bit grid, so the lowest level's bin extends to -inf and the highest level (below 1)
+is an ordinary bin.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "quantize",
+    "truncate_bits",
     "discretized_mol_log_prob",
     "sample_mol",
     "bernoulli_log_prob",
@@ -42,19 +51,43 @@ _MAX_RESIDUAL = 1e4
 # (truncates the logistic at about +-11.5 scales, as PixelCNN++ does).
 _UNIFORM_EPS = 1e-5
 _LN2 = math.log(2.0)
+# PixelCNN++ (and both VDVAE references) score a bin whose mass is below this by the
+# density at its centre times its width (``tail="pixelcnn"``).
+_FALLBACK_MASS = 1e-5
 
 # Channel coupling: channel -> ((coefficient index, earlier channel it multiplies), ...).
 _COUPLING: dict[int, tuple[tuple[int, int], ...]] = {1: ((0, 0),), 2: ((1, 0), (2, 1))}
 
 
-def quantize(x: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+def quantize(x: torch.Tensor, n_bits: int = 8, *, truncated: bool = False) -> torch.Tensor:
     """Round values to the nearest of the ``2**n_bits`` grid levels in [-1, 1].
 
     Values outside [-1, 1] are clamped first, so the result is always a grid value.
+    ``truncated`` rounds to the truncated grid's levels instead (see the module doc).
     """
     top = _top_level(n_bits)
+    if truncated:
+        if n_bits > 8:
+            raise ValueError(f"the truncated grid needs n_bits <= 8, got {n_bits}")
+        step = 2 ** (8 - n_bits)
+        k = torch.round((x.clamp(-1.0, 1.0) + 1.0) * (127.5 / step)).clamp(0, top)
+        return (k * step - 127.5) / 127.5
     k = torch.round((x.clamp(-1.0, 1.0) + 1.0) * (top / 2.0))
     return 2.0 * k / top - 1.0
+
+
+def truncate_bits(x: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """8-bit data in [-1, 1] with the low ``8 - n_bits`` bits of each value cleared.
+
+    ``x`` holds ``(v - 127.5) / 127.5`` for 8-bit values ``v`` (rounding noise is
+    tolerated); the result is ``(2**(8-n) floor(v / 2**(8-n)) - 127.5) / 127.5``, a
+    level of the truncated grid, in the dtype of ``x``.
+    """
+    if not 1 <= n_bits <= 8:
+        raise ValueError(f"n_bits must be between 1 and 8 to truncate 8-bit data, got {n_bits}")
+    step = 2 ** (8 - n_bits)
+    v = torch.round((x.clamp(-1.0, 1.0) + 1.0) * 127.5)
+    return (torch.div(v, step, rounding_mode="floor") * step - 127.5) / 127.5
 
 
 def discretized_mol_log_prob(
@@ -65,6 +98,8 @@ def discretized_mol_log_prob(
     coeffs: torch.Tensor | None = None,
     n_bits: int = 8,
     tail: str = "exact",
+    *,
+    truncated: bool = False,
 ) -> torch.Tensor:
     """Log-likelihood (nats) of images under a discretized mixture of logistics.
 
@@ -83,6 +118,8 @@ def discretized_mol_log_prob(
             1e-12))`` and, where that difference is at most 1e-5, the density at the
             bin centre times the bin width instead. Imported models use it so that
             their NLL agrees with the reference code to rounding.
+        truncated: ``x`` lies on the truncated grid (openai/vdvae's 5-bit data, see
+            the module doc) rather than the ``2**n_bits``-level grid.
 
     Returns:
         (B,) tensor: for each image, the sum over pixels of
@@ -121,9 +158,11 @@ def discretized_mol_log_prob(
     # floor avoids log(0) when the scale is so large that the width underflows.
     width = (2.0 * half_bin * inv_scale).clamp_min(torch.finfo(dtype).tiny)
 
-    # Bin membership by midpoints between levels, robust to rounding of x.
-    is_bottom = x < -1.0 + half_bin  # lower edge is -inf: P = sigmoid(a)
-    is_top = x > 1.0 - half_bin  # upper edge is +inf: P = sigmoid(-b)
+    # Bin membership by midpoints between levels, robust to rounding of x (on the
+    # 8-bit grid for truncated data, whose top level is below 1).
+    edge = 1.0 / 255.0 if truncated else half_bin
+    is_bottom = x < -1.0 + edge  # lower edge is -inf: P = sigmoid(a)
+    is_top = x > 1.0 - edge  # upper edge is +inf: P = sigmoid(-b)
     log_cdf_upper = torch.where(is_top, 0.0, F.logsigmoid(upper))
     log_sf_lower = torch.where(is_bottom, 0.0, F.logsigmoid(-lower))
     log_gap = torch.where(is_bottom | is_top, 0.0, _log1mexp(width))
@@ -149,6 +188,8 @@ def sample_mol(
     temperature: float = 1.0,
     deterministic: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    truncated: bool = False,
 ) -> torch.Tensor:
     """Draw images (B, C, H, W) on the ``2**n_bits`` grid in [-1, 1] from a MoL.
 
@@ -167,7 +208,8 @@ def sample_mol(
     ``deterministic=True`` takes the most probable component's mean instead (coupled
     to the rounded earlier channels), clamped and rounded. ``generator`` makes draws
     reproducible; noise is drawn on its device and moved. Returns float32 (float64 if
-    the parameters are float64).
+    the parameters are float64). ``truncated`` rounds to the truncated grid's nearest
+    level instead (see the module doc).
     """
     batch, _, channels, height, width = _check_mol_shapes(logit_weights, means, scales, coeffs)
     dtype = _working_dtype(logit_weights, means, scales, coeffs)
@@ -201,7 +243,7 @@ def sample_mol(
             for k, source in _COUPLING.get(ch, ()):
                 mean = mean + c[:, k] * out[source]
         value = mean if noise is None else mean + s[:, ch] * noise[:, ch]
-        out.append(quantize(value, n_bits))
+        out.append(quantize(value, n_bits, truncated=truncated))
     return torch.stack(out, dim=1)
 
 
@@ -271,7 +313,7 @@ def _pixelcnn_inner_bins(upper: torch.Tensor, lower: torch.Tensor, middle: torch
     """Log mass of inner bins as PixelCNN++ computes it (see ``tail`` above)."""
     cdf_delta = torch.sigmoid(upper) - torch.sigmoid(lower)
     log_pdf_mid = middle - torch.log(scales) - 2.0 * F.softplus(middle)
-    return torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid - math.log(top / 2.0))
+    return torch.where(cdf_delta > _FALLBACK_MASS, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid - math.log(top / 2.0))
 
 
 def _log1mexp(d: torch.Tensor) -> torch.Tensor:

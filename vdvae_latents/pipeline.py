@@ -76,7 +76,7 @@ def sample_images(path: str | Path, out: str | Path, *, n: int = 16, temperature
     model, info = load_model(path, ema=True, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     x = model.sample(n, temperature=temperature, generator=g)
-    written = save_grid(out, to_uint8(x, model.cfg.n_bits if model.cfg.output == "mol" else 8))
+    written = save_grid(out, to_uint8(x, model.cfg.image_bits))
     return {"checkpoint": str(info["path"]), "out": str(written), "n": n, "temperature": temperature, "seed": seed}
 
 
@@ -92,7 +92,7 @@ def reconstruct_images(path: str | Path, data: str, out: str | Path, *, n: int =
     x = prepare_batch(model.cfg, images.read(), device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     recon = model.reconstruct(x, posterior="mean", generator=g)
-    bits = model.cfg.n_bits if model.cfg.output == "mol" else 8
+    bits = model.cfg.image_bits
     pad = model.cfg.pad
     original = x[..., pad:x.shape[-2] - pad, pad:x.shape[-1] - pad] if pad else x
     ncols = min(len(images), 8)

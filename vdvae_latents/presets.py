@@ -2,8 +2,10 @@
 
 Paper presets are named ``<dataset>-<config>``: ``c1`` (widths that grow toward the low
 resolutions), ``c2`` (a constant width; the paper: "C1 is only different from C2 in the
-use of incremental filter width") and ``vdvae`` (the original architecture, for the
-datasets where the paper's Table 3 has a VDVAE column).
+use of incremental filter width") and ``vdvae`` (the original architecture: exactly
+openai/vdvae's models, built by :func:`~vdvae_latents.openai_layout.openai_config` from its
+hyper-parameter sets, input normalisation and 5-bit handling included, so its published
+weights import onto them).
 
 Sources: the c1/c2 presets are the official Efficient-VDVAE example configs (``egs/``),
 with their per-block skips, output scale, betas and initialisation, so official
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .openai_layout import openai_config
 
 # Table 3 parameter counts (millions) that the presets are tested against.
 PAPER_PARAMETERS_M = {
@@ -62,12 +65,6 @@ def _official(image_size: int, res: tuple[int, ...], widths, bottleneck, variate
                        down_skip_groups=down_groups, output_gain=False, init="xavier", **output)
 
 
-def _vdvae(image_size, channels, n_bits, res, up, down, width, variates) -> ModelConfig:
-    return ModelConfig(image_size=image_size, channels=channels, n_bits=n_bits, resolutions=res,
-                       up_blocks=up, down_blocks=down, widths=width, bottleneck=0.25, variates=variates,
-                       architecture="vdvae", activation="gelu", mol_bounded=True)
-
-
 def _paper_presets() -> dict[str, Preset]:
     p: dict[str, Preset] = {}
 
@@ -90,8 +87,7 @@ def _paper_presets() -> dict[str, Preset]:
         "CIFAR-10 C1 (egs/cifar10_C1.cfg): 47 latent layers, widths 384 -> 48", 16)
     add("cifar10-c2", _official(32, r5, 384, 0.25, 32, up, down),
         "CIFAR-10 C2 (egs/cifar10_baseline.cfg): 47 latent layers at width 384", 16)
-    add("cifar10-vdvae", _vdvae(32, 3, 8, r5, (1, 3, 6, 11, 22), (3, 3, 6, 6, 11), 384, 16),
-        "CIFAR-10 original VDVAE (43 layers, width 384)", 32, 2e-4)
+    add("cifar10-vdvae", openai_config("cifar10"), "CIFAR-10 original VDVAE (43 layers, width 384)", 32, 2e-4)
 
     # ---- ImageNet 32x32
     up, down = [6, 7, (9, {0: 11}), (10, {0: 16}), 16], [6, 7, 9, 10, 16]
@@ -100,8 +96,8 @@ def _paper_presets() -> dict[str, Preset]:
         "ImageNet 32x32 C1 (egs/imagenet32_C1.cfg): 73 latent layers, widths 512 -> 64", 64)
     add("imagenet32-c2", _official(32, r5, 512, 0.25, 32, up, down),
         "ImageNet 32x32 C2 (egs/imagenet32_baseline.cfg): 73 latent layers at width 512", 64)
-    add("imagenet32-vdvae", _vdvae(32, 3, 8, r5, (2, 5, 10, 20, 41), (6, 6, 8, 9, 15), 512, 16),
-        "ImageNet 32x32 original VDVAE (78 layers, width 512)", 256, 1.5e-4)
+    add("imagenet32-vdvae", openai_config("imagenet32"), "ImageNet 32x32 original VDVAE (78 layers, width 512)",
+        256, 1.5e-4)
 
     # ---- ImageNet 64x64
     up, down = [6, 7, (9, {0: 11}), (10, {0: 16}), 16, (5, {0: 7})], [6, 7, 9, 10, 16, 5]
@@ -110,8 +106,8 @@ def _paper_presets() -> dict[str, Preset]:
         "ImageNet 64x64 C1 (egs/imagenet64_C1.cfg): 84 latent layers, widths 512 -> 64", 32)
     add("imagenet64-c2", _official(64, r6, 512, 0.25, 32, up, down),
         "ImageNet 64x64 C2 (egs/imagenet64_baseline.cfg): 84 latent layers at width 512", 32)
-    add("imagenet64-vdvae", _vdvae(64, 3, 8, r6, (2, 4, 8, 16, 32, 13), (5, 7, 8, 9, 20, 11), 512, 16),
-        "ImageNet 64x64 original VDVAE (75 layers, width 512)", 128, 1.5e-4)
+    add("imagenet64-vdvae", openai_config("imagenet64"), "ImageNet 64x64 original VDVAE (75 layers, width 512)",
+        128, 1.5e-4)
 
     # ---- CelebA 64x64
     up, down = [2, 4, 7, (7, {0: 5}), (9, {0: 8}), (12, {0: 11})], [2, 4, 7, 7, 9, 12]
@@ -129,8 +125,8 @@ def _paper_presets() -> dict[str, Preset]:
         "FFHQ 256x256 (5-bit) C1 (egs/ffhq256_5bits_C1.cfg): 66 latent layers, widths 512 -> 128", 16)
     add("ffhq256-c2", _official(256, r8, 512, 0.25, 32, up, down, n_bits=5, floor=-14.0),
         "FFHQ 256x256 (5-bit) C2 (egs/ffhq256_5bits_baseline.cfg): 66 latent layers at width 512", 16)
-    add("ffhq256-vdvae", _vdvae(256, 3, 5, r8, (2, 4, 5, 10, 22, 14, 8, 1), (4, 5, 5, 7, 17, 12, 8, 3), 512, 16),
-        "FFHQ 256x256 (5-bit) original VDVAE (66 layers, width 512)", 32, 1.5e-4)
+    add("ffhq256-vdvae", openai_config("ffhq256"),
+        "FFHQ 256x256 (5-bit, 8-bit input) original VDVAE (66 layers, width 512)", 32, 1.5e-4)
 
     # ---- CelebA-HQ 256x256, 8-bit
     up = [2, 4, 5, (8, {0: 3}), (12, {0: 5}), 13, 13, 6]
@@ -146,6 +142,8 @@ def _paper_presets() -> dict[str, Preset]:
     down = [2, 4, 5, 8, 12, 7, 5, 3, 2, 1]
     hq = _official(1024, r10, (512, 512, 512, 512, 256, 128, 64, 32, 16, 8), (0.25,) * 7 + (0.5, 1.0, 1.0), 64,
                    up, down, beta=0.4, output_beta=0.4)
+    add("ffhq1024-vdvae", openai_config("ffhq1024"),
+        "FFHQ 1024x1024 (8-bit) original VDVAE (70 layers, widths 512 -> 16, 2 mixtures)", 32, 7e-5)
     for ds, cfg_file in (("ffhq1024", "ffhq1024_baseline"), ("celebahq1024", "celebAHQ1024_baseline")):
         add(f"{ds}-c1", hq, f"{ds} (8-bit) (egs/{cfg_file}.cfg): 72 latent layers, widths 512 -> 8", 8)
 

@@ -112,7 +112,7 @@ class VAE(nn.Module):
                 self.pools.append(StridedPool(w, widths[i - 1], res[i] // res[i - 1], init=init))
             else:
                 self.pools.append(AvgPoolCell(w, mid, res[i] // res[i - 1], resolution=res[i],
-                                              activation=act, last_scale=down_scale))
+                                              activation=act, last_scale=down_scale, out_width=widths[i - 1]))
 
         # ---- top-down
         skip_widths = cfg.skip_widths if efficient else widths
@@ -148,6 +148,10 @@ class VAE(nn.Module):
         """The skip activations, in the order the top-down path reads them (lowest first)."""
         self._check_input(x)
         cfg = self.cfg
+        if cfg.normalises_input:
+            # Applied before the first conv, not folded into it: its zero padding must see
+            # zeros in the normalised space for the result to match the reference.
+            x = (x + cfg.input_shift) * cfg.input_scale
         h = self.input_conv(x)
         per_res: list[list[torch.Tensor]] = [[] for _ in cfg.resolutions]
         for i in reversed(range(len(cfg.resolutions))):
@@ -179,8 +183,10 @@ class VAE(nn.Module):
                 if cfg.architecture == "efficient":
                     state = self.unpools[i](state)
                 else:
+                    # A narrower resolution keeps the first channels (openai/vdvae's custom widths).
                     factor = cfg.resolutions[i] // cfg.resolutions[i - 1]
-                    state = torch.nn.functional.interpolate(state, scale_factor=factor, mode="nearest")
+                    state = torch.nn.functional.interpolate(state[:, :cfg.widths[i]], scale_factor=factor,
+                                                            mode="nearest")
                 bias = getattr(self, f"res_bias_{i}")
                 if bias is not None:
                     state = state + bias
