@@ -35,7 +35,9 @@ from vdvae_latents.presets import get_preset
 from vdvae_latents.vae import count_parameters
 
 EFFICIENT_HARNESS = Path(__file__).with_name("efficient_reference.py")
-EFFICIENT_CONFIGS = ["cifar10_C1", "imagenet32_C1", "binarized_mnist_baseline"]
+# cifar10_C1_5bit: cifar10_C1 with the 5-bit settings of egs/ffhq256_5bits_C1.cfg (num_bits 5,
+# min_mol_logscale -14), the official 5-bit data path at CIFAR-10's size.
+EFFICIENT_CONFIGS = ["cifar10_C1", "cifar10_C1_5bit", "imagenet32_C1", "binarized_mnist_baseline"]
 # The egs config each c1/c2 preset is (see vdvae_latents/presets.py).
 EFFICIENT_PRESET_CONFIGS = {
     "cifar10-c1": "cifar10_C1", "cifar10-c2": "cifar10_baseline",
@@ -81,7 +83,14 @@ def _efficient_harness(job: str, *args: str) -> str:
     return done.stdout
 
 
-def _egs(name: str) -> Path:
+def _egs(name: str, tmp_path: Path | None = None) -> Path:
+    if name == "cifar10_C1_5bit":
+        text = _egs("cifar10_C1").read_text()
+        assert "num_bits = 8." in text and "min_mol_logscale = -250." in text
+        path = tmp_path / "cifar10_C1_5bit.cfg"
+        path.write_text(text.replace("num_bits = 8.", "num_bits = 5.").replace(
+            "min_mol_logscale = -250.", "min_mol_logscale = -14."))
+        return path
     return _efficient_checkout() / "egs" / f"{name}.cfg"
 
 
@@ -122,23 +131,28 @@ def test_efficient_egs_parameter_counts():
         assert get_preset(preset).config == official.replace(mol_tail="exact"), preset
 
 
-def _efficient_images(binary: bool, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(official input, vdvl input): 8-bit RGB in [-1, 1] for both, or binary MNIST padded 28 -> 32."""
+def _efficient_images(binary: bool, n: int = 2, n_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(official input, vdvl input): 8-bit RGB in [-1, 1] for both (the official loader truncates
+    5-bit data itself: floor(v / 8) * 8), or binary MNIST padded 28 -> 32 ({0, 1} vs {-1, 1})."""
     g = torch.Generator().manual_seed(7)
     if binary:
         bits = (torch.rand(n, 1, 28, 28, generator=g) < 0.3).double()
         theirs = torch.nn.functional.pad(bits, (2, 2, 2, 2), value=0.0)
         return theirs, theirs * 2 - 1
-    x = (torch.randint(0, 256, (n, 3, 32, 32), generator=g).double() - 127.5) / 127.5
-    return x, x
+    v = torch.randint(0, 256, (n, 3, 32, 32), generator=g).double()
+    v[0, :, 0, :8] = 255  # the highest level (an edge bin) and the lowest appear
+    v[0, :, 1, :8] = 0
+    step = 2 ** (8 - n_bits)
+    theirs = (torch.floor(v / step) * step - 127.5) / 127.5
+    return theirs, (v - 127.5) / 127.5
 
 
 @pytest.mark.parametrize("cfg_name", EFFICIENT_CONFIGS)
 def test_efficient_import_matches_the_official_model(cfg_name, tmp_path):
     """Random official weights, imported: same decoder output, per-layer KL and NLL (means and same noise)."""
-    cfg_path = _egs(cfg_name)
+    cfg_path = _egs(cfg_name, tmp_path)
     binary = cfg_name.startswith("binarized_mnist")
-    theirs_x, ours_x = _efficient_images(binary)
+    theirs_x, ours_x = _efficient_images(binary, n_bits=5 if cfg_name.endswith("5bit") else 8)
     torch.save(theirs_x.float(), tmp_path / "images.pt")
     _efficient_harness("run", "--cfg", str(cfg_path), "--images", str(tmp_path / "images.pt"), "--out", str(tmp_path))
     reference = torch.load(tmp_path / "reference.pt", weights_only=True)

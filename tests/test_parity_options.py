@@ -102,18 +102,23 @@ def test_truncate_bits_clears_the_low_bits_on_the_8bit_scale():
     assert expected.min() == -1 and abs(expected.max().item() - 120.5 / 127.5) < 1e-15  # -1 .. 0.945
 
 
-def brute_force_truncated_log_prob(t: float, mu: float, s: float) -> float:
-    """log P of level t: a bin of half width 1/31; the lowest level's bin reaches -inf, no level reaches +inf."""
+TOP_5BIT = 248 / 127.5 - 1  # the truncated grid's highest level, 0.945
+
+
+def brute_force_truncated_log_prob(t: float, mu: float, s: float, top_edge: bool = False) -> float:
+    """log P of level t: a bin of half width 1/31; the lowest level's bin reaches -inf; the highest
+    reaches +inf only with ``top_edge`` (the official Efficient-VDVAE code), never in openai/vdvae."""
     h = mpmath.mpf(1) / 31
-    upper = logistic_cdf((t + h - mu) / s)
+    upper = 1 if top_edge and abs(t - TOP_5BIT) < 1e-9 else logistic_cdf((t + h - mu) / s)
     lower = 0 if t == -1.0 else logistic_cdf((t - h - mu) / s)
     return float(mpmath.log(upper - lower))
 
 
+@pytest.mark.parametrize("reduction", ["truncate", "truncate-all"])
 @pytest.mark.parametrize("mu,s", [(0.0, 0.3), (0.9, 0.05), (-0.97, 0.1), (0.95, 0.02)])
-def test_truncated_head_scores_every_8bit_value_like_brute_force(mu, s):
+def test_truncated_head_scores_every_8bit_value_like_brute_force(mu, s, reduction):
     """The head of a truncate config scores 8-bit input by its truncated level, bin by bin."""
-    cfg = ModelConfig(image_size=16, channels=1, n_bits=5, bit_reduction="truncate", n_mixtures=1,
+    cfg = ModelConfig(image_size=16, channels=1, n_bits=5, bit_reduction=reduction, n_mixtures=1,
                       resolutions=(16,), up_blocks=1, down_blocks=0, widths=4, variates=1,
                       architecture="vdvae", mol_bounded=True)
     head = MixtureOfLogisticsHead(cfg, 4).double()
@@ -123,9 +128,23 @@ def test_truncated_head_scores_every_8bit_value_like_brute_force(mu, s):
     x = all_8bit_values().reshape(1, 1, 16, 16)
     got = head.log_prob(torch.zeros(1, 4, 16, 16, dtype=torch.float64), x)
     levels = truncate_bits(all_8bit_values(), 5).tolist()
-    expected = sum(brute_force_truncated_log_prob(t, mu, s) for t in levels)
+    expected = sum(brute_force_truncated_log_prob(t, mu, s, reduction == "truncate-all") for t in levels)
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_truncate_all_encoder_reads_the_truncated_image():
+    """bit_reduction='truncate-all': the bottom-up path sees exactly the truncated image, 'truncate' the 8-bit one."""
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    for reduction, see_truncated in (("truncate-all", True), ("truncate", False)):
+        cfg = vdvae_cfg(n_bits=5, bit_reduction=reduction)
+        model = VAE(cfg).double()
+        x = prepare_batch(cfg, images.numpy()).double()
+        seen = {}
+        model.input_conv.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+        model(x, posterior="mean")
+        want = truncate_bits(x, 5) if see_truncated else x
+        assert torch.equal(seen["x"], want), reduction
 
 
 def test_truncated_config_reads_8bit_images_and_writes_8bit_levels():

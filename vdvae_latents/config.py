@@ -21,7 +21,7 @@ ACTIVATIONS = ("silu", "gelu")
 MOL_SCALES = ("softplus", "exp", "logstd")
 MOL_TAILS = ("exact", "pixelcnn")
 INITS = ("pytorch", "xavier")
-BIT_REDUCTIONS = ("rescale", "truncate")
+BIT_REDUCTIONS = ("rescale", "truncate", "truncate-all")
 VDVAE_LOG_SCALE_FLOOR = -7.0  # VDVAE's lower bound on the MoL log-scale ("bounded")
 UNBOUNDED_LOG_SCALE_FLOOR = -80.0  # "unbounded": only where exp() stays a normal float32
 
@@ -65,6 +65,9 @@ class ModelConfig:
             the model reads the full 8-bit image and scores its value with the low
             ``8 - n_bits`` bits cleared, on the 8-bit scale (levels -1 .. 0.945 at 5
             bits, half bin ``1/(2**n_bits - 1)``); see :mod:`~vdvae_latents.likelihoods`.
+            ``"truncate-all"`` (the official Efficient-VDVAE code's 5-bit models): the
+            same grid, but the encoder reads the truncated image too and the highest
+            level's bin extends to +inf.
         input_shift, input_scale: the bottom-up path reads ``(x + input_shift) *
             input_scale`` instead of the [-1, 1] image ``x`` (openai/vdvae normalises its
             input with per-data-set constants); the likelihood still scores ``x``.
@@ -321,7 +324,7 @@ class ModelConfig:
     def image_bits(self) -> int:
         """Bits per pixel value of the images the model reads and writes: ``n_bits``, or 8
         when the model reads full 8-bit images (``bit_reduction="truncate"``, binary data)."""
-        if self.output == "bernoulli" or self.bit_reduction == "truncate":
+        if self.output == "bernoulli" or self.bit_reduction in ("truncate", "truncate-all"):
             return 8
         return self.n_bits
 

@@ -33,7 +33,8 @@ class MixtureOfLogisticsHead(nn.Module):
         self.m, self.c, self.n_bits, self.pad = cfg.n_mixtures, cfg.channels, cfg.n_bits, cfg.pad
         self.scale_kind = cfg.mol_scale_kind
         # openai/vdvae's 5-bit data: the input carries 8 bits, the target their top n_bits.
-        self.truncated = cfg.bit_reduction == "truncate" and cfg.n_bits < 8
+        self.truncated = cfg.bit_reduction in ("truncate", "truncate-all") and cfg.n_bits < 8
+        self.top_edge = cfg.bit_reduction == "truncate-all"
         self.beta = cfg.output_beta
         self.floor = cfg.mol_floor
         self.tail = cfg.mol_tail
@@ -64,7 +65,7 @@ class MixtureOfLogisticsHead(nn.Module):
         if self.truncated:
             target = truncate_bits(target, self.n_bits)
         return discretized_mol_log_prob(target, n_bits=self.n_bits, tail=self.tail, truncated=self.truncated,
-                                        **self.params(h))
+                                        top_edge=self.top_edge, **self.params(h))
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:

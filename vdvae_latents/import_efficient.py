@@ -21,9 +21,12 @@ How the official network maps onto vdvl's:
   as the zeros it would have started from, and recorded as such).
 * The output conv's mixture-of-logistics channels are reordered from the PixelCNN++
   layout (logits | per colour: means, log-scales, coefficients) to vdvl's head layout.
-* Binarized MNIST: the official encoder sees pixels in {0, 1} (padding 0); vdvl's sees
-  {-1, 1} (padding -1). The input conv is 1x1 there, so the affine change of input is
-  folded into its weights exactly (up to float rounding).
+* Binarized MNIST: the official encoder sees pixels in {0, 1} (padding 0); vdvl's data
+  are {-1, 1} (padding -1), so the imported model normalises its input with
+  ``input_shift = 1``, ``input_scale = 0.5`` (weights unchanged).
+* 5-bit models: the official code truncates 8-bit pixels to their top bits for both the
+  encoder's input and the target and treats the highest level as the top edge bin:
+  ``bit_reduction = "truncate-all"``.
 """
 
 from __future__ import annotations
@@ -229,14 +232,19 @@ def _official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
     width = _one_per_resolution(widths, "up_filters/down_filters", resolutions)
     output_base = _model_value(hp, "output_distribution_base")
     _require(output_base in ("std", "logstd"), "output_distribution_base", "is neither 'std' nor 'logstd'")
-    mol = {} if binary else dict(
+    options = {} if binary else dict(
         n_mixtures=_model_value(hp, "num_output_mixtures", kind=int),
         mol_scale="softplus" if output_base == "std" else "logstd", mol_tail="pixelcnn",
         mol_log_scale_floor=_model_value(hp, "min_mol_logscale", "loss", float),
         output_beta=_model_value(hp, "output_gradient_smoothing_beta", kind=float))
+    n_bits = 8 if binary else _model_value(hp, "num_bits", "data", int)
+    if binary:  # {-1, 1} data -> the official {0, 1} input
+        options.update(input_shift=1.0, input_scale=0.5)
+    elif n_bits < 8:
+        options.update(bit_reduction="truncate-all")
     try:
         cfg = ModelConfig(
-            image_size=target, channels=channels, n_bits=8 if binary else _model_value(hp, "num_bits", "data", int),
+            image_size=target, channels=channels, n_bits=n_bits,
             output="bernoulli" if binary else "mol", pad=MNIST_PAD if binary else 0,
             resolutions=resolutions, up_blocks=[sum(g) for g in up_groups], down_blocks=[sum(g) for g in down_groups],
             widths=width, skip_widths=width, bottleneck=_one_per_resolution(bottlenecks, "up_mid_filters_ratio/down_mid_filters_ratio",
@@ -244,7 +252,7 @@ def _official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
             variates=_one_per_resolution(variates, "down_latent_variates", resolutions),
             latent_beta=_model_value(hp, "gradient_smoothing_beta", kind=float),
             up_skip_groups=up_groups, down_skip_groups=down_groups, output_gain=False, init="xavier",
-            name=str(hp.get("run", {}).get("name", "efficient-vdvae")), **mol)
+            name=str(hp.get("run", {}).get("name", "efficient-vdvae")), **options)
     except ConfigError as exc:
         raise ConfigError(f"hparams file describes a model vdvl cannot build: {str(exc).rstrip('.')}.") from None
     return OfficialLayout(cfg, down_blocks_at, up_blocks_at, up_strides, binary)
@@ -345,14 +353,9 @@ def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *, whi
 
 
 def _to_vdvl_conventions(state: dict[str, torch.Tensor], layout: OfficialLayout) -> None:
-    """In place: the binary input change folded into the input conv, or the MoL channels reordered."""
+    """In place: the MoL channels reordered (binary models need nothing: see input_shift)."""
     cfg = layout.cfg
-    if layout.binary:
-        # official input x01 = (x + 1) / 2: W x01 + b = (W / 2) x + (b + sum(W) / 2), exact for a 1x1 conv
-        w, b = state["input_conv.weight"], state["input_conv.bias"]
-        state["input_conv.weight"] = w / 2
-        state["input_conv.bias"] = b + w.sum(dim=(1, 2, 3)) / 2
-    else:
+    if not layout.binary:
         perm = _mol_permutation(cfg.n_mixtures, cfg.channels)
         state["head.out.weight"] = state["head.out.weight"][perm]
         state["head.out.bias"] = state["head.out.bias"][perm]
@@ -361,10 +364,7 @@ def _to_vdvl_conventions(state: dict[str, torch.Tensor], layout: OfficialLayout)
 def to_official_state(state: dict[str, torch.Tensor], layout: OfficialLayout) -> dict[str, torch.Tensor]:
     """The inverse of :func:`convert_state`: vdvl weights under the official names and layout."""
     state = dict(state)
-    if layout.binary:
-        w, b = state["input_conv.weight"] * 2, state["input_conv.bias"]
-        state["input_conv.weight"], state["input_conv.bias"] = w, b - w.sum(dim=(1, 2, 3)) / 2
-    else:
+    if not layout.binary:
         inverse = torch.argsort(_mol_permutation(layout.cfg.n_mixtures, layout.cfg.channels))
         state["head.out.weight"] = state["head.out.weight"][inverse]
         state["head.out.bias"] = state["head.out.bias"][inverse]
@@ -416,7 +416,7 @@ def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: 
                   "hparams": {"path": str(config.resolve()), "sha256": file_sha256(config)}},
         "key_mapping": keys,
         "transforms": {"head.out": "mixture-of-logistics channels reordered from the PixelCNN++ layout"}
-        if not layout.binary else {"input_conv": "folded the {0, 1} -> {-1, 1} input change into the 1x1 weights"},
+        if not layout.binary else {"input": "input_shift=1, input_scale=0.5: the official {0, 1} input"},
         "zero_filled": sorted(set(filled) | set(ema_filled)),
         "hparams": _plain(hp),
     }

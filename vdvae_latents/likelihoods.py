@@ -20,7 +20,9 @@ The *truncated* grid (``truncated=True``) is openai/vdvae's 5-bit FFHQ-256 data:
 bits (-1 to 0.945). The half bin stays ``1 / (2**n_bits - 1)`` (1/31: neighbouring
 bins overlap slightly, as in the reference); which bins are edge bins is judged on the
 8-bit grid, so the lowest level's bin extends to -inf and the highest level (below 1)
-is an ordinary bin.
+is an ordinary bin. The official Efficient-VDVAE code uses the same grid for its 5-bit
+models but treats the highest level as the top edge bin, extending to +inf
+(``top_edge=True``).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def discretized_mol_log_prob(
     tail: str = "exact",
     *,
     truncated: bool = False,
+    top_edge: bool = False,
 ) -> torch.Tensor:
     """Log-likelihood (nats) of images under a discretized mixture of logistics.
 
@@ -120,6 +123,8 @@ def discretized_mol_log_prob(
             their NLL agrees with the reference code to rounding.
         truncated: ``x`` lies on the truncated grid (openai/vdvae's 5-bit data, see
             the module doc) rather than the ``2**n_bits``-level grid.
+        top_edge: with ``truncated``, the highest truncated level's bin extends to +inf
+            (the official Efficient-VDVAE code) instead of being an ordinary bin.
 
     Returns:
         (B,) tensor: for each image, the sum over pixels of
@@ -161,8 +166,12 @@ def discretized_mol_log_prob(
     # Bin membership by midpoints between levels, robust to rounding of x (on the
     # 8-bit grid for truncated data, whose top level is below 1).
     edge = 1.0 / 255.0 if truncated else half_bin
+    highest = 1.0
+    if truncated and top_edge:
+        step = 2 ** (8 - n_bits)
+        highest = (step * top - 127.5) / 127.5  # the truncated grid's top level (0.945 at 5 bits)
     is_bottom = x < -1.0 + edge  # lower edge is -inf: P = sigmoid(a)
-    is_top = x > 1.0 - edge  # upper edge is +inf: P = sigmoid(-b)
+    is_top = x > highest - edge  # upper edge is +inf: P = sigmoid(-b)
     log_cdf_upper = torch.where(is_top, 0.0, F.logsigmoid(upper))
     log_sf_lower = torch.where(is_bottom, 0.0, F.logsigmoid(-lower))
     log_gap = torch.where(is_bottom | is_top, 0.0, _log1mexp(width))

@@ -57,8 +57,11 @@ def _official(image_size: int, res: tuple[int, ...], widths, bottleneck, variate
     """An official egs config: one skip per encoder block (``up``/``down`` per resolution, see
     ``ModelConfig.up_skip_groups``), no output gain, the official initialisation and output scale."""
     up_groups, down_groups = [_groups(g) for g in up], [_groups(g) for g in down]
-    output = dict(channels=1, output="bernoulli", pad=2) if bernoulli else dict(
-        channels=3, mol_scale=mol_scale, mol_log_scale_floor=floor, output_beta=output_beta)
+    # The official code feeds binary images as {0, 1} and truncates 5-bit images for both
+    # encoder and target (see import_efficient); vdvl's data are {-1, 1} and 8-bit.
+    output = dict(channels=1, output="bernoulli", pad=2, input_shift=1.0, input_scale=0.5) if bernoulli else dict(
+        channels=3, mol_scale=mol_scale, mol_log_scale_floor=floor, output_beta=output_beta,
+        bit_reduction="truncate-all" if n_bits < 8 else "rescale")
     return ModelConfig(image_size=image_size, n_bits=n_bits, resolutions=res, up_blocks=[sum(g) for g in up_groups],
                        down_blocks=[sum(g) for g in down_groups], widths=widths, skip_widths=widths,
                        bottleneck=bottleneck, variates=variates, latent_beta=beta, up_skip_groups=up_groups,

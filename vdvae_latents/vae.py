@@ -19,6 +19,7 @@ from torch import nn
 from .blocks import AvgPoolCell, LayerPlan, LayerResult, ResidualCell, StridedPool, TopDownBlock, Unpool, conv
 from .config import ModelConfig
 from .heads import make_head
+from .likelihoods import truncate_bits
 
 Mask = torch.Tensor | None
 VDVAE_NO_BIAS_ABOVE = 64  # VDVAE's `no_bias_above`: no per-resolution trainable state above 64x64
@@ -148,6 +149,8 @@ class VAE(nn.Module):
         """The skip activations, in the order the top-down path reads them (lowest first)."""
         self._check_input(x)
         cfg = self.cfg
+        if cfg.bit_reduction == "truncate-all" and cfg.n_bits < 8:
+            x = truncate_bits(x, cfg.n_bits)  # the official code's encoder sees the truncated image
         if cfg.normalises_input:
             # Applied before the first conv, not folded into it: its zero padding must see
             # zeros in the normalised space for the result to match the reference.
