@@ -264,9 +264,12 @@ def info(
         _print_json(result)
         return
     for key, value in result.items():
-        if key in ("model_config", "train_config"):
+        if key in ("model_config", "train_config") or (key == "imported" and value is None):
             continue  # long; shown with --json
-        if isinstance(value, dict):
+        if key == "imported":
+            value = f"from {value['kind']}: " + "; ".join(
+                f"{f['role']} {f['path']} (sha256 {f['sha256'][:12]}...)" for f in value["files"])
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(str(v) for v in value)

@@ -144,11 +144,11 @@ def run(args) -> None:
     images = torch.load(args.images, weights_only=True)
     set_noise(ref, "mean")
     with torch.no_grad():
-        model(images[:1])  # creates the unpool biases, as the official train.py does
+        model(images[:1].float())  # creates the unpool biases, as the official train.py does
     _perturb(model, generator, 0.02)
     ema = ref.def_model.UniversalAutoEncoder()
     with torch.no_grad():
-        ema(images[:1])
+        ema(images[:1].float())
     ema.load_state_dict(model.state_dict())
     _perturb(ema, generator, 0.02)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cli.main import main
-from vdvae_latents.checkpoints import load_checkpoint, load_model
+from vdvae_latents.checkpoints import file_sha256, load_checkpoint, load_model
 from vdvae_latents.config import ModelConfig
 from vdvae_latents.errors import CheckpointError, ConfigError
 from vdvae_latents.hparams_cfg import parse_hparams
@@ -236,6 +236,13 @@ class TestCommandLine:
                               "--run-dir", run)
         assert code == 0, err
         assert "step 4321" in out
+        code, out, err = _cli(capsys, "info", run, "--json")
+        imported = __import__("json").loads(out)["imported"]
+        assert imported["kind"] == "efficient-vdvae"
+        assert {f["role"]: f["sha256"] for f in imported["files"]} == {
+            "checkpoint": file_sha256(ckpt), "hparams": file_sha256(cfg_path)}
+        code, out, err = _cli(capsys, "info", run)
+        assert code == 0 and "from efficient-vdvae" in out
         rng = np.random.default_rng(0)
         data = tmp_path / "images.npz"
         np.savez(data, x_train=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8), y_train=np.arange(24) % 2,

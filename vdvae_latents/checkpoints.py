@@ -431,8 +431,9 @@ def describe_run(path: PathLike) -> dict[str, Any]:
     ``architecture``, ``parameters``, ``image_shape`` ([C, H, W]), ``output``,
     ``n_bits``, ``latent_layers``, ``latent_variates``, ``latent_elements``,
     ``has_ema``, ``checkpoints`` (steps of all the run's checkpoints), ``last_metrics``
-    (the last line of metrics.jsonl as a dict, or None), ``model_config`` and
-    ``train_config``.
+    (the last line of metrics.jsonl as a dict, or None), ``model_config``,
+    ``train_config`` and ``imported`` (for imported runs: the source kind and its files'
+    paths and sha256; None otherwise).
 
     Raises:
         CheckpointError: as :func:`resolve_checkpoint`, :func:`load_checkpoint`, or
@@ -465,7 +466,27 @@ def describe_run(path: PathLike) -> dict[str, Any]:
         "last_metrics": None if run_dir is None else last_metrics(run_dir),
         "model_config": payload.get("model_config"),
         "train_config": payload.get("train_config"),
+        "imported": _imported_summary(payload.get("imported")),
     }
+
+
+def _imported_summary(source: Any) -> dict[str, Any] | None:
+    """Where an imported run's weights came from: the kind and every source file's path and sha256
+    (the full record, with the key mapping and hyper-parameters, stays in the checkpoint)."""
+    if not isinstance(source, dict):
+        return None
+    files = []
+
+    def visit(role: str, value: Any) -> None:
+        if isinstance(value, dict) and "sha256" in value:
+            files.append({"role": role, "path": value.get("path"), "sha256": value["sha256"]})
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                visit(key, inner)
+
+    for key, value in source.items():
+        visit(key, value)
+    return {"kind": source.get("kind"), "files": files}
 
 
 __all__ = [
