@@ -296,7 +296,14 @@ def encode(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep dims with average KL > T nats."),
     active: Optional[Path] = typer.Option(None, "--active", help="Reuse an ACTIVE.json from `vdvl analyze-kl`."),
     stat: str = typer.Option("mean", "--stat", help="mean (deterministic), sample, or mean+std."),
-    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16, float32, or int8/uint8 codes (quantised "
+                              "per column; see --quantize)."),
+    quantize: str = typer.Option("prior-step", "--quantize", help="With int8/uint8: prior-step (a step of "
+                                 "--quant-step prior stds) or range (each column's calibration range)."),
+    quant_step: float = typer.Option(0.25, "--quant-step", help="With --quantize prior-step: the step in prior "
+                                     "standard deviations."),
+    codec: Optional[str] = typer.Option(None, "--codec", help="Compression, e.g. zstd:9+transpose (Zarr) or "
+                                        "gzip:9:shuffle (HDF5); default: the measured best."),
     granularity: str = typer.Option("variate", "--granularity", help="With --keep/--threshold: variate or element."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     chunk_rows: int = typer.Option(1024, "--chunk-rows", min=1, help="Rows per store chunk (the resume unit)."),
@@ -312,7 +319,8 @@ def encode(
 
     with _progress("encode", quiet or as_json) as tick:
         result = encode_to_store(path, data, out_file, split=split, keep=keep, threshold=threshold,
-                                 active_file=active, statistic=stat, dtype=dtype, batch_size=batch_size,
+                                 active_file=active, statistic=stat, dtype=dtype, quantize=quantize,
+                                 quant_step=quant_step, codec=codec, batch_size=batch_size,
                                  chunk_rows=chunk_rows, resume=resume, overwrite=overwrite,
                                  granularity=granularity, seed=seed, device=device, progress=tick)
     if as_json:
@@ -320,10 +328,19 @@ def encode(
         return
     out.print(f"{result['store']}: {result['rows']:,} rows x {result['features']:,} features "
               f"({result['dims_kept']:,} of {result['dims_total']:,} dims, {result['kl_share_kept'] * 100:.1f}% of the KL), "
-              f"{result['statistic']}, {result['dtype']}")
-    out.print(f"size on disk {result['bytes_on_disk']:,} B; full latents {result['full_latents_bytes']:,} B "
+              f"{result['statistic']}, {result['dtype']}, codec {result['codec']}")
+    out.print(f"size on disk {result['bytes_on_disk']:,} B ({result['bytes_per_image']:,.0f} B/image); "
+              f"{result['full_latents_dtype']} full latents {result['full_latents_bytes']:,} B "
               f"({result['full_latents_bytes'] / max(result['bytes_on_disk'], 1):.1f}x larger); raw pixels "
               f"{result['raw_pixel_bytes']:,} B; {result['images_per_s']:.0f} images/s")
+    for key, what in (("error", "features"), ("error_std", "features_std")):
+        e = result.get(key)
+        if e:
+            q = result["quantization"]
+            how = (f"{result['dtype']} {q['scheme']}" + (f" step {q['step']:g} prior std" if q["step"] else "")
+                   if q else f"{result['dtype']} rounding")
+            out.print(f"{what} error ({how}): RMS {e['rmse']:.3g} ({e['relative_rmse']:.3g} of the columns' std), "
+                      f"max {e['max_abs_error']:.3g}, clipped {e['clipped_fraction'] * 100:.3g}% of values")
 
 
 @app.command()
@@ -344,6 +361,32 @@ def decode(
     result = decode_store(store, out_file, ckpt=ckpt, rows=rows, temperature=temperature, seed=seed, device=device)
     _print_json(result) if as_json else out.print(
         f"decoded rows {result['rows'][0]}:{result['rows'][1]} of {result['store']} to {result['out']}")
+
+
+@app.command()
+def verify(
+    store: Path = typer.Argument(..., help="A store written by `vdvl encode`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check every chunk of a store: complete, present, checksums, finite values (exit 2 if not)."""
+    from vdvae_latents.verify import PROBLEMS, verify_store
+
+    with _progress("verify", quiet or as_json) as tick:
+        report = verify_store(store, progress=tick)
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(f"{report['store']}: {report['format']}, schema {report['schema_version']}, {report['dtype']}, "
+                  f"{report['n_rows']:,} rows in {report['n_chunks']} chunks, {report['chunks_written']} written")
+        for key in PROBLEMS:
+            for item in report[key][:20]:
+                out.print(f"  {key}: rows {item['rows'][0]}-{item['rows'][1] - 1} of {item['array']}"
+                          + (f" ({item['count']} values)" if "count" in item else ""))
+        if report["ok"]:
+            out.print(report["summary"])
+    if not report["ok"]:
+        raise UserError(report["summary"])
 
 
 class _progress:

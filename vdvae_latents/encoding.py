@@ -93,16 +93,25 @@ class Encoder:
     @torch.no_grad()
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model-scale images (B, C, H, W) -> features (B, K) and, for mean+std, stds (B, K)."""
+        features, stds, _ = self.encode_with_prior(x, generator=generator)
+        return features, stds
+
+    @torch.no_grad()
+    def encode_with_prior(self, x: torch.Tensor, *, generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`encode` plus the prior std of every kept scalar (B, K), the scale that
+        quantising in units of the prior (:mod:`.quantize`) needs."""
         posterior = "sample" if self.statistic == "sample" else "mean"
         out = self.model(x, active=self._active_masks, posterior=posterior, masked="mean", generator=generator)
-        feats, stds = [], []
+        feats, stds, priors = [], [], []
         for layer, mask in zip(out.layers, self._masks):
             source = layer.z if self.statistic == "sample" else layer.q_mean
             feats.append(source[:, mask].float())
+            priors.append(layer.p_std[:, mask].float())
             if self.statistic == "mean+std":
                 stds.append(layer.q_std[:, mask].float())
         features = torch.cat(feats, dim=1)
-        return features, (torch.cat(stds, dim=1) if stds else None)
+        return features, (torch.cat(stds, dim=1) if stds else None), torch.cat(priors, dim=1)
 
     def given(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Scatter (B, K) features into per-layer (values, mask) for the generative path."""
