@@ -25,7 +25,7 @@ from .pipeline import auto_device, join_processes
 from .quantize import CALIBRATION_ROWS, DEFAULT_SCHEME, DEFAULT_STEP, INT_DTYPES, SCHEMES, calibration_rows, \
     fit_quantizer
 from .store_backends import parse_codec
-from .stores import StoreWriter, open_encodings, store_format
+from .stores import StoreWriter, disk_bytes, open_encodings, store_format
 
 DTYPES = {"float16": 2, "float32": 4, "int8": 1, "uint8": 1}
 
@@ -182,7 +182,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     full_dtype = dtype if dtype in ("float16", "float32") else "float16"
     item = DTYPES[full_dtype]
     c, s = model.cfg.channels, model.cfg.loss_size
-    on_disk = _disk_bytes(out)
+    on_disk = disk_bytes(out)
     return {
         "store": str(out), "format": fmt, "rows": n, "features": encoder.n_features, "dims_kept": active.n_active,
         "dims_total": active.n_dims, "kl_share_kept": summary["kl_share_active"], "statistic": statistic,
@@ -306,12 +306,6 @@ def _parse_rows(text: str, n: int) -> tuple[int, int]:
 
 def _active_path(store: Path) -> Path:
     return store.with_name(store.name.rsplit(".", 1)[0] + ".active.json")
-
-
-def _disk_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 __all__ = ["encode_to_store", "decode_store"]

@@ -94,6 +94,9 @@ DIM_FIELDS: dict[str, np.dtype] = {
 FLOAT_DTYPES = ("float16", "float32")
 FEATURE_DTYPES = FLOAT_DTYPES + tuple(INT_DTYPES)
 VALUE_ARRAYS = ("features", "features_std")
+#: Attributes the store sets itself (the caller's ``attrs`` may not contradict them).
+OWN_ATTRS = ("schema", "schema_version", "n_rows", "n_features", "chunk_rows", "codec", "checksum",
+             "checksum_arrays", "quantization", "complete")
 QUANT_FIELDS = ("scale", "offset", "spread")
 
 # Values that mark rows nobody has written yet.
@@ -103,7 +106,7 @@ _FILL = {"float": _FILL_FEATURES, "int": _FILL_INDEX, "str": ""}
 
 __all__ = ["StoreWriter", "StoreError", "Encodings", "LazyArray", "open_encodings", "store_format",
            "SCHEMA_NAME", "SCHEMA_VERSION", "DIM_FIELDS", "FEATURE_DTYPES", "DEFAULT_CODECS", "ZarrBackend",
-           "HDF5Backend", "ChunkChecker", "chunk_checksum"]
+           "HDF5Backend", "ChunkChecker", "chunk_checksum", "disk_bytes", "OWN_ATTRS"]
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -117,6 +120,14 @@ def _as_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def disk_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes a store takes on disk (an HDF5 file, or every file of a Zarr directory)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def chunk_checksum(values: np.ndarray) -> int:
@@ -411,6 +422,7 @@ class StoreWriter:
                "checksum_arrays": row_arrays, "quantization": normalise_attrs(
                    {"dtype": dtype, **(quantization or {})}) if dtype in INT_DTYPES else None,
                "complete": False}
+        assert tuple(own) == OWN_ATTRS
         for key, value in own.items():
             if key in user_attrs and user_attrs[key] != value:
                 raise ValueError(f"attrs[{key!r}] = {user_attrs[key]!r} contradicts the store's own value {value!r}")
