@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .batches import check_images_fit, prepare_batch
 from .checkpoints import file_sha256, load_model, resolve_checkpoint
 from .data import load_images
-from .encoding import STATISTICS, Encoder
+from .encoding import STATISTICS, Encoder, store_encoder
 from .errors import UserError
 from .images import save_grid, to_uint8
 from .kl_analysis import ActiveSet, LatentKL, build_active_set, parse_keep
@@ -205,19 +205,9 @@ def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None 
         attrs = enc.attrs
         n = enc.features.shape[0]
         lo, hi = _parse_rows(rows, n)
-        ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
-        sha = file_sha256(ckpt_path)
-        if sha != attrs.get("checkpoint_sha256"):
-            raise UserError(f"checkpoint '{ckpt_path}' is not the one store '{store}' was encoded with "
-                            "(sha256 differs).")
         dev = auto_device(device)
-        model, _ = load_model(ckpt_path, ema=True, device=dev)
-        active = _active_from_store(enc, model)
-        encoder = Encoder(model, active, statistic="mean")
-        stored_cols = np.stack([np.asarray(enc.dims[k]) for k in ("layer", "variate", "y", "x")], 1)
-        mine = np.stack([getattr(encoder.columns, k) for k in ("layer", "variate", "y", "x")], 1)
-        if stored_cols.shape != mine.shape or not np.array_equal(stored_cols, mine):
-            raise UserError(f"store '{store}' has columns that do not match its own dims table.")
+        encoder, ckpt_path = store_encoder(enc, ckpt, device=dev)
+        model = encoder.model
         features = torch.from_numpy(np.asarray(enc.features[lo:hi], dtype=np.float32)).to(dev)
         g = torch.Generator(device=dev).manual_seed(seed)
         images = encoder.decode(features, temperature=temperature, generator=g)
@@ -255,32 +245,6 @@ def _finite(values: np.ndarray, first_row: int, data: str, split: str) -> np.nda
                         f"(rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}); nothing was "
                         f"written for them.")
     return values
-
-
-def _active_from_store(enc, model) -> ActiveSet:
-    """Rebuild the active set (which dims are kept) from a store's dims table."""
-    from .kl_analysis import DimTable
-
-    shapes = model.cfg.layer_shapes()
-    layer = np.asarray(enc.dims["layer"])
-    variate = np.asarray(enc.dims["variate"])
-    y, x = np.asarray(enc.dims["y"]), np.asarray(enc.dims["x"])
-    kl = np.asarray(enc.dims["avg_kl"], dtype=np.float64)
-    # A damaged or foreign dims table must be a one-sentence refusal, not an IndexError below.
-    in_range = (layer >= 0) & (layer < len(shapes))
-    if in_range.all():
-        limits = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)[layer]
-        in_range = ((variate >= 0) & (variate < limits[:, 0]) & (y >= 0) & (y < limits[:, 1])
-                    & (x >= 0) & (x < limits[:, 2]))
-    if not in_range.all():
-        raise UserError(f"store '{enc.path}' has dims that do not exist in the latent layers of its checkpoint's "
-                        "model.")
-    # Element-level table of the stored columns is enough to rebuild the masks exactly.
-    table = DimTable(layer=layer.astype(np.int32), variate=variate.astype(np.int32), y=y.astype(np.int32),
-                     x=x.astype(np.int32), resolution=np.array([shapes[k][1] for k in layer], dtype=np.int32),
-                     avg_kl=kl, active_units=np.zeros(len(layer)))
-    return ActiveSet(granularity="element", table=table, selected=np.arange(len(layer)), rule="stored",
-                     value=float("nan"), layer_shapes=shapes, n_images=int(enc.attrs.get("kl_images", 0)))
 
 
 def _columns_digest(arrays: dict[str, np.ndarray]) -> str:

@@ -138,3 +138,46 @@ class Encoder:
         """What decoding a posterior-mean encoding of ``x`` must reproduce."""
         return self.model.reconstruct(x, active=self._active_masks, posterior="mean", masked="mean",
                                       deterministic=True)
+
+
+def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> tuple[Encoder, object]:
+    """The :class:`Encoder` whose columns are an opened store's (``enc``), on the store's
+    checkpoint (or ``ckpt``, which must have the same sha256); returns it and the checkpoint path.
+
+    The active set is rebuilt from the store's dims table at element granularity, which
+    gives exactly the stored columns; a table that does not fit the model is a UserError.
+    """
+    from .checkpoints import file_sha256, load_model, resolve_checkpoint
+    from .errors import UserError
+    from .kl_analysis import DimTable
+
+    attrs = enc.attrs
+    if ckpt is None and not attrs.get("checkpoint"):
+        raise UserError(f"store '{enc.path}' records no checkpoint; pass one explicitly.")
+    ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
+    if file_sha256(ckpt_path) != attrs.get("checkpoint_sha256"):
+        raise UserError(f"checkpoint '{ckpt_path}' is not the one store '{enc.path}' was encoded with "
+                        "(sha256 differs).")
+    model, _ = load_model(ckpt_path, ema=True, device=device)
+    shapes = model.cfg.layer_shapes()
+    layer, variate, y, x = (np.asarray(enc.dims[k]) for k in ("layer", "variate", "y", "x"))
+    # A damaged or foreign dims table must be a one-sentence refusal, not an IndexError below.
+    in_range = (layer >= 0) & (layer < len(shapes))
+    if in_range.all():
+        limits = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)[layer]
+        in_range = ((variate >= 0) & (variate < limits[:, 0]) & (y >= 0) & (y < limits[:, 1])
+                    & (x >= 0) & (x < limits[:, 2]))
+    if not in_range.all():
+        raise UserError(f"store '{enc.path}' has dims that do not exist in the latent layers of its checkpoint's "
+                        "model.")
+    table = DimTable(layer=layer.astype(np.int32), variate=variate.astype(np.int32), y=y.astype(np.int32),
+                     x=x.astype(np.int32), resolution=np.array([shapes[k][1] for k in layer], dtype=np.int32),
+                     avg_kl=np.asarray(enc.dims["avg_kl"], dtype=np.float64), active_units=np.zeros(len(layer)))
+    active = ActiveSet(granularity="element", table=table, selected=np.arange(len(layer)), rule="stored",
+                       value=float("nan"), layer_shapes=shapes, n_images=int(attrs.get("kl_images", 0)))
+    encoder = Encoder(model, active, statistic=statistic)
+    stored = np.stack([layer, variate, y, x], 1)
+    mine = np.stack([getattr(encoder.columns, k) for k in ("layer", "variate", "y", "x")], 1)
+    if stored.shape != mine.shape or not np.array_equal(stored, mine):
+        raise UserError(f"store '{enc.path}' has columns that do not match its own dims table.")
+    return encoder, ckpt_path
