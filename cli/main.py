@@ -341,6 +341,8 @@ def encode(
                    if q else f"{result['dtype']} rounding")
             out.print(f"{what} error ({how}): RMS {e['rmse']:.3g} ({e['relative_rmse']:.3g} of the columns' std), "
                       f"max {e['max_abs_error']:.3g}, clipped {e['clipped_fraction'] * 100:.3g}% of values")
+    for note in result["notes"]:
+        out.print(f"note: {note}")
 
 
 @app.command()
@@ -425,7 +427,13 @@ def probe(
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint for full/random/random-unpruned "
                                         "(default: the store's)."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most N training rows (seeded, "
-                                            "stratified; the same rows for every feature set)."),
+                                            "stratified; the same rows for every feature set; default: all)."),
+    stream: str = typer.Option("auto", "--stream", help="auto: stream (SGD, chunk by chunk) the feature sets "
+                               "that exceed --memory-budget; always; never."),
+    memory_budget: float = typer.Option(4.0, "--memory-budget", help="GB a feature set may take in memory "
+                                        "before it is streamed."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes of a streamed fit (default: about "
+                                         "500,000 row updates, 1-10 passes)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds: hold-out split, CV shuffling, random draw, MLP init."),
     cv: int = typer.Option(3, "--cv", help="Cross-validation folds for choosing hyper-parameters."),
     device: str = typer.Option("auto", "--device", help="Where the full latents are computed."),
@@ -448,7 +456,8 @@ def probe(
         status.start()
     try:
         report = run_probe(store, labels=labels, model=model_name, baselines=baselines, test_store=test_store,
-                           ckpt=ckpt, max_train=max_train, seeds=seeds, cv=cv, device=device,
+                           ckpt=ckpt, max_train=max_train, seeds=seeds, cv=cv, device=device, stream=stream,
+                           memory_budget=memory_budget * 1e9, epochs=epochs,
                            progress=status.update if status is not None else None)
     finally:
         if status is not None:
@@ -465,7 +474,9 @@ def probe(
     for col in ("name", "features", "bytes/image", "test acc", "CV acc", "params", "fit s"):
         table.add_column(col, justify="left" if col in ("name", "params") else "right")
     for r in report["rows"]:
-        params = sorted({", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in r["params"]})
+        params = sorted({", ".join(f"{k}={_fmt(v)}" for k, v in p.items() if k != "alpha") for p in r["params"]})
+        if r["fit"] == "streaming":
+            params.append(f"streamed, {r['epochs']} epochs")
         table.add_row(r["name"], f"{r['features']:,}", f"{r['bytes_per_image']:,}",
                       f"{r['test_accuracy']:.3f} ± {r['test_accuracy_std']:.3f}",
                       f"{r['cv_accuracy']:.3f} ± {r['cv_accuracy_std']:.3f}", " | ".join(params),

@@ -138,3 +138,53 @@ def test_quantised_store_reads_back_dequantised(tmp_path: Path, suffix: str, dty
     assert summary["features"]["max_abs_error"] == pytest.approx(np.abs(err).max(), rel=1e-6)
     with pytest.raises(ValueError, match="Quantizer"):
         StoreWriter.create(tmp_path / f"bad{suffix}", n_rows=3, dims=dims, attrs={}, dtype=dtype)
+
+
+def test_encode_int8_reports_its_error_and_resumes_with_its_quantiser(tmp_path: Path, capsys):
+    import json
+
+    from helpers import assert_one_line_error, run_cli
+    from store_fixtures import random_run
+    from vdvae_latents.encode_job import encode_to_store
+
+    run = random_run(tmp_path / "run")
+    out = tmp_path / "q.zarr"
+    base = ("encode", run, "--data", "digits", "--split", "val", "--keep", "25%", "--chunk-rows", "64",
+            "--device", "cpu")
+    code, stdout, err = run_cli(capsys, *base, "--out", out, "--dtype", "uint8", "--quantize", "range", "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["dtype"] == "uint8" and r["quantization"]["scheme"] == "range" and r["codec"] == "zstd:9+transpose"
+    assert r["quantization"]["calibration_rows"] == 180 and r["bytes_per_image"] == r["bytes_on_disk"] / 180
+    # range calibrated on the whole split: nothing clips, and the error is within half a step
+    with open_encodings(out) as enc:
+        half_step = enc.quantizers["features"].scale.max() / 2
+        assert enc.error_summary()["features"] == r["error"]
+    assert r["error"]["clipped_fraction"] == 0 and 0 < r["error"]["max_abs_error"] <= half_step * (1 + 1e-6)
+    assert r["full_latents_dtype"] == "float16" and r["notes"] == []
+    active = tmp_path / "q.active.json"  # the first encode saved its active set: no more KL passes
+    base = tuple("--active" if a == "--keep" else active if a == "25%" else a for a in base)
+    code, stdout, _ = run_cli(capsys, *base, "--out", tmp_path / "t.zarr", "--dtype", "int8")
+    assert code == 0 and "features error (int8 prior-step step 0.25 prior std)" in stdout
+    assert "note: quantisation error" in stdout  # random weights: the means vary far less than a step
+
+    # resume: the stored quantiser continues the store, identical to an uninterrupted run
+    writer = StoreWriter.open(out)
+    lo, hi = writer.chunk_range(1)
+    with open_encodings(out) as enc:
+        reference = enc.features[:]
+    writer.close()
+    import zarr
+
+    zarr.open_group(str(out), mode="r+")["chunks_written"][1] = 0
+    encode_to_store(run, "digits", out, split="val", active_file=active, chunk_rows=64, device="cpu", dtype="uint8",
+                    quantize="range", resume=True)
+    with open_encodings(out) as enc:
+        np.testing.assert_array_equal(enc.features[:], reference)
+    code, _, err = run_cli(capsys, *base, "--out", out, "--dtype", "uint8", "--resume")
+    assert_one_line_error(code, err, "quantization")  # prior-step is not how it was written
+
+    for bad, needle in ((("--dtype", "int16"), "--dtype"), (("--dtype", "int8", "--quant-step", "0"), "--quant-step"),
+                        (("--quantize", "lloyd"), "--quantize"), (("--codec", "gzip:4"), "--codec")):
+        code, _, err = run_cli(capsys, *base, "--out", tmp_path / "bad.zarr", *bad)
+        assert_one_line_error(code, err, needle)

@@ -183,6 +183,11 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     item = DTYPES[full_dtype]
     c, s = model.cfg.channels, model.cfg.loss_size
     on_disk = disk_bytes(out)
+    notes = []
+    lost = (errors.get("features") or {}).get("relative_rmse", 0.0)
+    if quantization is not None and lost > 0.2:
+        notes.append(f"quantisation error is {lost:.2f} of the columns' spread: these features vary little on the "
+                     f"scale of a {quantize} step; encode with --quantize range, a smaller --quant-step, or float16.")
     return {
         "store": str(out), "format": fmt, "rows": n, "features": encoder.n_features, "dims_kept": active.n_active,
         "dims_total": active.n_dims, "kl_share_kept": summary["kl_share_active"], "statistic": statistic,
@@ -191,7 +196,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         "error_std": errors.get("features_std"), "full_latents_dtype": full_dtype,
         "full_latents_bytes": n * active.total_scalars_per_image() * item,
         "raw_pixel_bytes": n * c * s * s, "rows_written": written_rows, "seconds": seconds,
-        "images_per_s": written_rows / seconds if seconds > 0 else 0.0,
+        "images_per_s": written_rows / seconds if seconds > 0 else 0.0, "notes": notes,
     }
 
 
