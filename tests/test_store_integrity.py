@@ -176,3 +176,28 @@ def test_hdf5_attributes_are_checked_too(stores, tmp_path):
         f.attrs["checksum_arrays"] = json.dumps(["features"])
     with pytest.raises(StoreError, match="checksum_arrays"):
         open_encodings(path)
+
+
+def test_active_latents_from_a_store_reproduces_its_rows(run, stores, tmp_path):
+    from sklearn.base import clone
+
+    from vdvae_latents.data import load_images
+
+    images = load_images("digits", "test").images[:40]
+    X = images.reshape(len(images), -1)
+    int8 = tmp_path / "int8.zarr"
+    encode_to_store(run, "digits", int8, split="test", keep="25%", chunk_rows=CHUNK, device="cpu", dtype="int8",
+                    quantize="range")
+    for path in (stores[".zarr"], int8):
+        est = ActiveLatents(store=path)
+        assert clone(est).get_params()["store"] == path
+        got = est.fit(X).transform(X)
+        with open_encodings(path) as enc:
+            want = enc.features[:40]
+            step = enc.quantizers["features"].scale if enc.quantizers else np.abs(want) * 1e-3 + 1e-6
+        assert got.shape == want.shape and est.n_features_out_ == want.shape[1]
+        assert est.checkpoint_sha256_ == enc.attrs["checkpoint_sha256"]
+        # the same latents; float16 rounding, or at most one quantisation step at a rounding boundary
+        assert (np.abs(got - want) <= step * 1.001).all()
+        if enc.quantizers:
+            assert np.mean(got == want) > 0.99
