@@ -42,10 +42,11 @@ from vdvae_latents.batches import prepare_batch  # noqa: E402
 from vdvae_latents.data import load_images  # noqa: E402
 from vdvae_latents.encoding import store_encoder  # noqa: E402
 from vdvae_latents.quantize import CALIBRATION_ROWS, calibration_rows, fit_quantizer  # noqa: E402
-from vdvae_latents.stores import DEFAULT_CODECS, OWN_ATTRS, StoreWriter, disk_bytes, open_encodings  # noqa: E402
+from vdvae_latents.store_backends import default_codec  # noqa: E402
+from vdvae_latents.stores import OWN_ATTRS, StoreWriter, disk_bytes, open_encodings  # noqa: E402
 
-ZARR_CODECS = ["blosc:zstd:5:shuffle", "blosc:zstd:5:bitshuffle", "blosc:lz4:5:shuffle", "zstd:3", "zstd:9",
-               "zstd:3+transpose", "zstd:9+transpose", "blosc:zstd:5:bitshuffle+transpose"]
+ZARR_CODECS = ["blosc:zstd:5:shuffle", "blosc:zstd:9:shuffle", "blosc:zstd:5:bitshuffle", "blosc:lz4:5:shuffle",
+               "zstd:3", "zstd:9", "zstd:19", "zstd:9+transpose", "blosc:zstd:5:shuffle+transpose"]
 HDF5_CODECS = ["gzip:4:shuffle", "gzip:9:shuffle", "gzip:4", "lzf:shuffle", "lzf"]
 #: (dtype, scheme, step): what is compared. float rows have no scheme.
 VARIANTS = [("float32", None, None), ("float16", None, None), ("int8", "range", None),
@@ -154,7 +155,7 @@ def main() -> None:
             stores = {}
             for split, src in splits.items():
                 stores[split] = work / f"probe-{split}.zarr"
-                rewrite(src, stores[split], dtype, DEFAULT_CODECS["zarr"], quantizers[split])
+                rewrite(src, stores[split], dtype, default_codec("zarr", dtype), quantizers[split])
             start = time.perf_counter()
             report = run_probe(stores["train"], test_store=stores.get("test"), baselines="none",
                                seeds=args.probe_seeds, max_train=args.probe_max_train, stream="never")

@@ -43,7 +43,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     seeded calibration sample of the split (:mod:`.quantize`: ``quantize`` is the scheme,
     ``quant_step`` its step in prior standard deviations). The summary's ``error`` says what
     storing lost over all rows (float16 rounding too). ``codec`` names the compression
-    (:func:`.store_backends.parse_codec`; default: the measured best for the format).
+    (:func:`.store_backends.parse_codec`; default: the measured best for the format and dtype).
     """
     rules = sum(x is not None for x in (keep, threshold, active_file))
     if rules != 1:
@@ -60,7 +60,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         raise UserError("give at most one of --resume and --overwrite.")
     out = Path(out)
     fmt = store_format(out)
-    parse_codec(fmt, codec)  # a bad --codec fails before the model is loaded
+    parse_codec(fmt, codec, dtype if dtype in DTYPES else "float16")  # a bad --codec fails before the model loads
     dev = auto_device(device)
     dev, rank, world = join_processes(dev)
     distributed = world > 1

@@ -30,8 +30,19 @@ from .errors import UserError
 
 StoreFormat = Literal["zarr", "hdf5"]
 
-#: Default codecs, chosen by ``benchmarks/store_codecs.py`` (see its results file).
-DEFAULT_CODECS: dict[str, str] = {"zarr": "zstd:9+transpose", "hdf5": "gzip:9:shuffle"}
+#: Default codecs per format and kind of dtype (float16/32, or int8/uint8 codes), chosen by
+#: ``benchmarks/store_codecs.py`` (benchmarks/results/store_codecs-*.md): Blosc's byte shuffle
+#: groups the bytes of multi-byte floats; one-byte codes gain nothing from it and compress best
+#: with plain Zstandard. gzip level 9 with shuffle is HDF5's best for both.
+DEFAULT_CODECS: dict[tuple[str, str], str] = {
+    ("zarr", "float"): "blosc:zstd:5:shuffle", ("zarr", "int"): "zstd:9",
+    ("hdf5", "float"): "gzip:9:shuffle", ("hdf5", "int"): "gzip:9:shuffle",
+}
+
+
+def default_codec(fmt: StoreFormat, dtype: str) -> str:
+    """The measured best codec for ``fmt`` stores of ``dtype``."""
+    return DEFAULT_CODECS[fmt, "float" if np.dtype(dtype).kind == "f" else "int"]
 
 # HDF5 only: the root attribute listing which attributes hold JSON-encoded values.
 JSON_KEYS_ATTR = "_json_keys"
@@ -58,9 +69,10 @@ def store_format(path: str | os.PathLike[str]) -> StoreFormat:
 # ----------------------------------------------------------------------------- codecs
 
 
-def parse_codec(fmt: StoreFormat, text: str | None) -> tuple[str, Any]:
-    """(canonical name, format-specific settings) of a codec string; UserError if unknown."""
-    name = DEFAULT_CODECS[fmt] if text is None else str(text).strip().lower()
+def parse_codec(fmt: StoreFormat, text: str | None, dtype: str = "float16") -> tuple[str, Any]:
+    """(canonical name, format-specific settings) of a codec string (None: the default for
+    ``dtype``); UserError if unknown."""
+    name = default_codec(fmt, dtype) if text is None else str(text).strip().lower()
     body, transpose = (name[:-len("+transpose")], True) if name.endswith("+transpose") else (name, False)
     parts = body.split(":")
     bad = UserError(f"--codec {name!r} is not a {fmt} codec: use "

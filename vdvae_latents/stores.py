@@ -65,7 +65,6 @@ import numpy as np
 
 from .quantize import ERROR_FIELDS, INT_DTYPES, Quantizer, count_clipped, error_stats, summarise_errors
 from .store_backends import (
-    DEFAULT_CODECS,
     JSON_KEYS_ATTR,
     ArraySpec,
     Backend,
@@ -74,6 +73,7 @@ from .store_backends import (
     StoreFormat,
     ZarrBackend,
     create_backend,
+    default_codec,
     normalise_attrs,
     open_backend,
     parse_codec,
@@ -105,7 +105,7 @@ _FILL_INDEX = -1
 _FILL = {"float": _FILL_FEATURES, "int": _FILL_INDEX, "str": ""}
 
 __all__ = ["StoreWriter", "StoreError", "Encodings", "LazyArray", "open_encodings", "store_format",
-           "SCHEMA_NAME", "SCHEMA_VERSION", "DIM_FIELDS", "FEATURE_DTYPES", "DEFAULT_CODECS", "ZarrBackend",
+           "SCHEMA_NAME", "SCHEMA_VERSION", "DIM_FIELDS", "FEATURE_DTYPES", "default_codec", "ZarrBackend",
            "HDF5Backend", "ChunkChecker", "chunk_checksum", "disk_bytes", "OWN_ATTRS"]
 
 
@@ -401,7 +401,7 @@ class StoreWriter:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int | np.integer) or chunk_rows < 1:
             raise StoreError(f"cannot create {path} with chunk_rows={chunk_rows!r}: use a positive integer.")
         n_rows, chunk_rows = int(n_rows), int(chunk_rows)
-        codec_name, codec_settings = parse_codec(fmt, codec)
+        codec_name, codec_settings = parse_codec(fmt, codec, dtype)
         dims_arrays = cls._check_dims(path, dims)
         n_features = len(dims_arrays["layer"])
         value_arrays = ["features"] + (["features_std"] if with_std else [])
