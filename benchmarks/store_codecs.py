@@ -48,9 +48,14 @@ from vdvae_latents.stores import OWN_ATTRS, StoreWriter, disk_bytes, open_encodi
 ZARR_CODECS = ["blosc:zstd:5:shuffle", "blosc:zstd:9:shuffle", "blosc:zstd:5:bitshuffle", "blosc:lz4:5:shuffle",
                "zstd:3", "zstd:9", "zstd:19", "zstd:9+transpose", "blosc:zstd:5:shuffle+transpose"]
 HDF5_CODECS = ["gzip:4:shuffle", "gzip:9:shuffle", "gzip:4", "lzf:shuffle", "lzf"]
-#: (dtype, scheme, step): what is compared. float rows have no scheme.
-VARIANTS = [("float32", None, None), ("float16", None, None), ("int8", "range", None),
-            ("int8", "prior-step", 0.125), ("int8", "prior-step", 0.25), ("int8", "prior-step", 0.5)]
+#: What is compared: dtype[:scheme[:step]].
+VARIANTS = ["float32", "float16", "int8:range", "int8:std-step:0.125", "int8:std-step:0.25",
+            "int8:prior-step:0.125", "int8:prior-step:0.25", "int8:prior-step:0.5"]
+
+
+def parse_variant(text: str) -> tuple[str, str | None, float | None]:
+    dtype, scheme, step = (text.split(":") + [None, None])[:3]
+    return dtype, scheme, None if step is None else float(step)
 
 
 def calibration(store: Path, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--probe-max-train", type=int, default=None, help="training rows for the probes (default: all)")
     ap.add_argument("--probe-seeds", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="where the rewritten stores go (default: a temp dir)")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, help="dtype[:scheme[:step]] ...")
+    ap.add_argument("--codecs", choices=["all", "default"], default="all", help="size every codec or only the default")
     ap.add_argument("--tag", default="fashion-mnist")
     args = ap.parse_args()
     from vdvae_latents.probes import run_probe
@@ -123,7 +130,7 @@ def main() -> None:
     calib = {split: calibration(path) for split, path in splits.items()}
 
     results = []
-    for dtype, scheme, step in VARIANTS:
+    for dtype, scheme, step in map(parse_variant, args.variants):
         quantizers = {}
         for split in splits:
             c = calib[split]
@@ -142,7 +149,9 @@ def main() -> None:
         row = {"variant": name, "dtype": dtype, "scheme": scheme, "step": step,
                "noise_vs_posterior_std": noise_vs_posterior, "codecs": {}}
         print(f"{name}: noise / posterior std {noise_vs_posterior:.4f}", flush=True)
-        for fmt, codecs in (("zarr", ZARR_CODECS), ("hdf5", HDF5_CODECS)):
+        tables = (("zarr", ZARR_CODECS), ("hdf5", HDF5_CODECS)) if args.codecs == "all" else \
+            (("zarr", [default_codec("zarr", dtype)]), ("hdf5", [default_codec("hdf5", dtype)]))
+        for fmt, codecs in tables:
             for codec in codecs:
                 dst = work / f"train-{dtype}-{scheme}-{step}-{codec.replace(':', '_').replace('+', '_')}." \
                              f"{'zarr' if fmt == 'zarr' else 'h5'}"
@@ -209,12 +218,13 @@ def markdown(out: dict) -> str:
         acc = f"{p['test_accuracy']:.4f} ± {p['test_accuracy_std']:.4f}" if p else "-"
         lines.append(f"| {v['variant']} | {e['rmse']:.3g} | {e['relative_rmse']:.3g} | {v['noise_vs_posterior_std']:.3g} "
                      f"| {e['clipped_fraction'] * 100:.3g}% | {acc} |")
-    codecs = list(out["variants"][0]["codecs"])
+    codecs = list(dict.fromkeys(c for v in out["variants"] for c in v["codecs"]))
     lines += ["", "## Bytes per image on disk (whole store)", "",
               "| codec | " + " | ".join(v["variant"] for v in out["variants"]) + " |",
               "|---|" + "---|" * len(out["variants"])]
     for codec in codecs:
-        cells = [f"{v['codecs'][codec]['bytes_per_image']:.0f}" for v in out["variants"]]
+        cells = [f"{v['codecs'][codec]['bytes_per_image']:.0f}" if codec in v["codecs"] else "-"
+                 for v in out["variants"]]
         lines.append(f"| {codec} | " + " | ".join(cells) + " |")
     lines += ["", f"Times smaller than the float16 full latents ({full:,} B/image), best codec per dtype: "
               + ", ".join(f"{v['variant']} {full / min(c['bytes_per_image'] for c in v['codecs'].values()):.0f}x"

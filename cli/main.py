@@ -298,10 +298,11 @@ def encode(
     stat: str = typer.Option("mean", "--stat", help="mean (deterministic), sample, or mean+std."),
     dtype: str = typer.Option("float16", "--dtype", help="float16, float32, or int8/uint8 codes (quantised "
                               "per column; see --quantize)."),
-    quantize: str = typer.Option("prior-step", "--quantize", help="With int8/uint8: prior-step (a step of "
-                                 "--quant-step prior stds) or range (each column's calibration range)."),
-    quant_step: float = typer.Option(0.25, "--quant-step", help="With --quantize prior-step: the step in prior "
-                                     "standard deviations."),
+    quantize: str = typer.Option("std-step", "--quantize", help="With int8/uint8: std-step (a step of "
+                                 "--quant-step column stds), prior-step (--quant-step prior stds) or range (each "
+                                 "column's calibration range over 256 levels)."),
+    quant_step: float = typer.Option(0.25, "--quant-step", help="With std-step/prior-step: the step in standard "
+                                     "deviations."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Compression, e.g. zstd:9+transpose (Zarr) or "
                                         "gzip:9:shuffle (HDF5); default: the measured best."),
     granularity: str = typer.Option("variate", "--granularity", help="With --keep/--threshold: variate or element."),
@@ -337,7 +338,8 @@ def encode(
         e = result.get(key)
         if e:
             q = result["quantization"]
-            how = (f"{result['dtype']} {q['scheme']}" + (f" step {q['step']:g} prior std" if q["step"] else "")
+            unit = "prior std" if q and q["scheme"] == "prior-step" else "column std"
+            how = (f"{result['dtype']} {q['scheme']}" + (f" step {q['step']:g} {unit}" if q["step"] else "")
                    if q else f"{result['dtype']} rounding")
             out.print(f"{what} error ({how}): RMS {e['rmse']:.3g} ({e['relative_rmse']:.3g} of the columns' std), "
                       f"max {e['max_abs_error']:.3g}, clipped {e['clipped_fraction'] * 100:.3g}% of values")
@@ -482,7 +484,9 @@ def probe(
                       f"{r['cv_accuracy']:.3f} ± {r['cv_accuracy_std']:.3f}", " | ".join(params),
                       f"{r['fit_seconds']:.2f}")
     out.print(table)
-    out.print(f"majority class: {report['chance_accuracy']:.3f} test accuracy")
+    active = report["rows"][0]
+    out.print(f"majority class: {report['chance_accuracy']:.3f} test accuracy; the store takes "
+              f"{active['disk_bytes_per_image']:,.0f} B/image on disk ({active['dtype']})")
     for note in report["notes"]:
         out.print(f"note: {note}")
     if plot is not None:

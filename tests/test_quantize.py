@@ -32,7 +32,7 @@ def columns(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", list(INT_DTYPES))
-@pytest.mark.parametrize("scheme", ["range", "prior-step"])
+@pytest.mark.parametrize("scheme", ["range", "std-step", "prior-step"])
 def test_round_trip_within_half_a_step(dtype, scheme):
     x = columns(400)
     prior = np.abs(columns(400, seed=1)) + 0.5
@@ -53,11 +53,13 @@ def test_round_trip_within_half_a_step(dtype, scheme):
         assert (codes.min(0)[:-1] == lo).all() and (codes.max(0)[:-1] == hi).all()
         np.testing.assert_allclose(q.scale[:-1], (x.max(0) - x.min(0))[:-1] / 255, rtol=1e-6)
     else:
-        # a step of 0.25 RMS prior std, centred on the column mean
-        rms = np.sqrt(np.mean(prior.astype(np.float64) ** 2, axis=0))
-        np.testing.assert_allclose(q.scale, 0.25 * rms)
+        # a step of 0.25 column std (std-step) or RMS prior std (prior-step), centred on the column mean
+        x64 = x.astype(np.float64)
+        unit = np.where(x64.std(0) > 0, x64.std(0), 1.0) if scheme == "std-step" else \
+            np.sqrt(np.mean(prior.astype(np.float64) ** 2, axis=0))
+        np.testing.assert_allclose(q.scale, 0.25 * unit)
         middle = 0 if dtype == "int8" else 128
-        np.testing.assert_allclose(q.offset + middle * q.scale, x.astype(np.float64).mean(0))
+        np.testing.assert_allclose(q.offset + middle * q.scale, x64.mean(0))
 
 
 def test_clipping_is_counted_and_bounded():
@@ -165,8 +167,10 @@ def test_encode_int8_reports_its_error_and_resumes_with_its_quantiser(tmp_path: 
     active = tmp_path / "q.active.json"  # the first encode saved its active set: no more KL passes
     base = tuple("--active" if a == "--keep" else active if a == "25%" else a for a in base)
     code, stdout, _ = run_cli(capsys, *base, "--out", tmp_path / "t.zarr", "--dtype", "int8")
+    assert code == 0 and "features error (int8 std-step step 0.25 column std)" in stdout
+    code, stdout, _ = run_cli(capsys, *base, "--out", tmp_path / "p.zarr", "--dtype", "int8", "--quantize", "prior-step")
     assert code == 0 and "features error (int8 prior-step step 0.25 prior std)" in stdout
-    assert "note: quantisation error" in stdout  # random weights: the means vary far less than a step
+    assert "note: quantisation error" in stdout  # random weights: the means vary far less than a prior step
 
     # resume: the stored quantiser continues the store, identical to an uninterrupted run
     writer = StoreWriter.open(out)
@@ -182,7 +186,7 @@ def test_encode_int8_reports_its_error_and_resumes_with_its_quantiser(tmp_path: 
     with open_encodings(out) as enc:
         np.testing.assert_array_equal(enc.features[:], reference)
     code, _, err = run_cli(capsys, *base, "--out", out, "--dtype", "uint8", "--resume")
-    assert_one_line_error(code, err, "quantization")  # prior-step is not how it was written
+    assert_one_line_error(code, err, "quantization")  # std-step is not how it was written
 
     for bad, needle in ((("--dtype", "int16"), "--dtype"), (("--dtype", "int8", "--quant-step", "0"), "--quant-step"),
                         (("--quantize", "lloyd"), "--quantize"), (("--codec", "gzip:4"), "--codec")):

@@ -41,7 +41,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
 
     Integer ``dtype`` (int8/uint8) stores codes with one affine map per column, chosen on a
     seeded calibration sample of the split (:mod:`.quantize`: ``quantize`` is the scheme,
-    ``quant_step`` its step in prior standard deviations). The summary's ``error`` says what
+    ``quant_step`` its step in standard deviations). The summary's ``error`` says what
     storing lost over all rows (float16 rounding too). ``codec`` names the compression
     (:func:`.store_backends.parse_codec`; default: the measured best for the format and dtype).
     """
@@ -55,7 +55,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     if quantize not in SCHEMES:
         raise UserError(f"--quantize must be one of {', '.join(SCHEMES)}, not '{quantize}'.")
     if not quant_step > 0:
-        raise UserError(f"--quant-step must be a positive number of prior standard deviations, not {quant_step}.")
+        raise UserError(f"--quant-step must be a positive number of standard deviations, not {quant_step}.")
     if resume and overwrite:
         raise UserError("give at most one of --resume and --overwrite.")
     out = Path(out)
@@ -101,8 +101,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     }
     n = len(images)
     calib = calibration_rows(n, CALIBRATION_ROWS, seed) if dtype in INT_DTYPES else None
-    quantization = None if calib is None else {"scheme": quantize, "step": quant_step if quantize == "prior-step"
-                                               else None, "calibration_rows": len(calib), "calibration_seed": seed}
+    quantization = None if calib is None else {"scheme": quantize, "step": None if quantize == "range" else quant_step,
+                                               "calibration_rows": len(calib), "calibration_seed": seed}
     identity = {k: attrs[k] for k in ("checkpoint_sha256", "data", "split", "granularity", "selection_rule",
                                       "selection_value", "statistic", "dtype", "n_features", "columns_sha256")}
     if quantization is not None:

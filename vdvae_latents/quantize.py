@@ -4,23 +4,26 @@ A quantised store (``vdvl encode --dtype int8|uint8``) holds integer codes ``c``
 column ``j``, a ``scale`` and an ``offset`` with ``x = offset[j] + scale[j] * c``. Every
 reader applies the map, so code that reads a store sees latent values either way.
 
-Two ways to choose the map, both from calibration rows (a seeded sample of the encoded
-split, :func:`calibration_rows`):
+Three ways to choose the map, all from calibration rows (a seeded sample of the encoded
+split, :func:`calibration_rows`), centred on each column's calibration mean:
 
-``prior-step`` (the default)
-    A fixed step in units of each dimension's prior standard deviation:
-    ``scale[j] = step * sigma_p[j]``, where ``sigma_p[j]`` is the root mean square of the
-    prior std of dimension j over the calibration images, centred on the column's mean. The
-    posterior of a kept dimension is still wide on that scale (its average KL is a fraction
-    of a nat), so a step of a fraction of ``sigma_p`` adds noise far below the posterior's own
-    uncertainty, and the codes use only the few levels the data need: they compress to a few
-    bits each. Values beyond the 256 levels are clipped (counted in the error report).
+``std-step`` (the default)
+    A step of ``step`` times each column's standard deviation over the calibration rows:
+    every column gets the same noise-to-signal ratio (``step / sqrt(12)``), and the codes
+    use only the few levels the data need, so they compress to a few bits each.
+``prior-step``
+    A step of ``step`` times each dimension's prior standard deviation (the root mean
+    square of the prior std over the calibration images). Noise far below the posterior's
+    own uncertainty costs little information about the image, but a linear probe reads the
+    posterior *means*, which in a kept dimension may vary over a fraction of the prior std:
+    at the same size this loses more probe accuracy than ``std-step``.
 ``range``
-    The calibration rows' minimum and maximum of each column spread over all 256 levels:
-    the finest grid 8 bits allow, but every level is used, so the codes barely compress.
-    Values outside the calibration range are clipped.
+    Each column's calibration minimum to maximum over all 256 levels: the finest grid 8 bits
+    allow, but every level is used, so the codes barely compress.
 
-``benchmarks/results/quantize-*`` records what each keeps (error, probe accuracy, bytes).
+Values beyond the end codes are clipped (counted in the error report).
+``benchmarks/results/store_codecs-*.md`` records what each keeps (error, probe accuracy,
+bytes per image) on Fashion-MNIST.
 
 The rounding error of an unclipped value is at most ``scale[j] / 2``. :func:`error_stats`
 sums what a chunk lost (squared error, largest error, clipped values and the squared error
@@ -35,9 +38,9 @@ import numpy as np
 
 from .errors import UserError
 
-SCHEMES = ("prior-step", "range")
-DEFAULT_SCHEME = "prior-step"
-DEFAULT_STEP = 0.25  # in prior standard deviations; see benchmarks/results/quantize-*
+SCHEMES = ("std-step", "prior-step", "range")
+DEFAULT_SCHEME = "std-step"
+DEFAULT_STEP = 0.25  # in standard deviations; see benchmarks/results/store_codecs-*
 #: Integer dtypes and their (lowest, highest) codes.
 INT_DTYPES: dict[str, tuple[int, int]] = {"int8": (-128, 127), "uint8": (0, 255)}
 #: Columns of the per-chunk error record (:func:`error_stats`).
@@ -141,9 +144,12 @@ def fit_quantizer(values: np.ndarray, dtype: str, *, scheme: str = DEFAULT_SCHEM
         width = vmax - vmin
         scale = np.where(width > 0, width / (hi - lo), 1.0)
         offset = vmin - lo * scale
+    elif scheme == "std-step":
+        _check_step(step)
+        scale = step * spread
+        offset = values.mean(axis=0) - ((lo + hi + 1) // 2) * scale
     else:
-        if not (isinstance(step, int | float) and np.isfinite(step) and step > 0):
-            raise UserError(f"--quant-step must be a positive number of prior standard deviations, not {step!r}.")
+        _check_step(step)
         if prior_std is None:
             raise ValueError("the prior-step scheme needs the prior std of the calibration values")
         prior_std = np.asarray(prior_std, dtype=np.float64)
@@ -152,6 +158,11 @@ def fit_quantizer(values: np.ndarray, dtype: str, *, scheme: str = DEFAULT_SCHEM
         middle = (lo + hi + 1) // 2  # int8: 0, uint8: 128
         offset = values.mean(axis=0) - middle * scale
     return Quantizer(dtype=dtype, scale=scale, offset=offset, spread=spread)
+
+
+def _check_step(step: float) -> None:
+    if not (isinstance(step, int | float) and np.isfinite(step) and step > 0):
+        raise UserError(f"--quant-step must be a positive number of standard deviations, not {step!r}.")
 
 
 def calibration_rows(n_rows: int, limit: int = CALIBRATION_ROWS, seed: int = 0) -> np.ndarray:
