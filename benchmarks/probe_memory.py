@@ -47,6 +47,20 @@ def synthetic_store(path: Path, rows: int, features: int, classes: int, chunk_ro
     writer.finalize()
 
 
+def markdown(out: dict) -> str:
+    m = out["machine"]
+    return (f"# `vdvl probe` peak memory on a {out['rows']:,} x {out['features']} store\n\n"
+            f"`{out['command']}` on a synthetic float16 store ({out['store_bytes'] / 1e9:.2f} GB on disk, "
+            f"{out['float32_feature_bytes'] / 1e9:.1f} GB as float32 features), {out['n_train']:,} training and "
+            f"{out['n_test']:,} test rows (20% hold-out), 10 overlapping Gaussian classes.\n\n"
+            f"| peak RSS | goal | fit | epochs | test accuracy | C | wall |\n|---|---|---|---|---|---|---|\n"
+            f"| {out['peak_rss_bytes'] / 2**20:,.0f} MiB ({out['peak_rss_bytes'] / 1e9:.2f} GB) | < 1 GB | "
+            f"{out['fit']} | {out['epochs']} | {out['test_accuracy']:.4f} | {out['params'][0]['C']} | "
+            f"{out['wall_seconds']:.0f} s |\n\n"
+            f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores, torch {m.get('torch')}, python {m.get('python')}. "
+            f"{out['conditions'][0].upper()}{out['conditions'][1:]}.\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, required=True, help="where the synthetic store is (written if missing)")
@@ -85,15 +99,7 @@ def main() -> None:
     }
     dest = ROOT / "benchmarks" / "results" / f"probe_memory-{args.tag}"
     dest.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    dest.with_suffix(".md").write_text(
-        f"# `vdvl probe` peak memory on a {rows:,} x {features} store\n\n"
-        f"`{out['command']}` on a synthetic float16 store ({out['store_bytes'] / 1e9:.2f} GB on disk, "
-        f"{out['float32_feature_bytes'] / 1e9:.1f} GB as float32 features), {report['n_train']:,} training and "
-        f"{report['n_test']:,} test rows (20% hold-out).\n\n"
-        f"| peak RSS | goal | fit | epochs | test accuracy | C | wall |\n|---|---|---|---|---|---|---|\n"
-        f"| {out['peak_rss_bytes'] / 2**20:,.0f} MiB | < 1 GB | {row['fit']} | {row.get('epochs')} | "
-        f"{row['test_accuracy']:.4f} | {row['params'][0]['C']} | {seconds:.0f} s |\n\n"
-        f"Machine: {out['machine']}. {out['conditions']}.\n")
+    dest.with_suffix(".md").write_text(markdown(out))
     print(json.dumps({k: out[k] for k in ("peak_rss_bytes", "wall_seconds", "fit", "test_accuracy")}))
 
 
