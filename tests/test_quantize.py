@@ -164,6 +164,8 @@ def test_encode_int8_reports_its_error_and_resumes_with_its_quantiser(tmp_path: 
         assert enc.error_summary()["features"] == r["error"]
     assert r["error"]["clipped_fraction"] == 0 and 0 < r["error"]["max_abs_error"] <= half_step * (1 + 1e-6)
     assert r["full_latents_dtype"] == "float16" and r["notes"] == []
+    code, _, err = run_cli(capsys, "decode", out, "--rows", "0:4", "--out", tmp_path / "d.png", "--device", "cpu")
+    assert code == 0 and (tmp_path / "d.png").is_file(), err  # decode reads the dequantised values
     active = tmp_path / "q.active.json"  # the first encode saved its active set: no more KL passes
     base = tuple("--active" if a == "--keep" else active if a == "25%" else a for a in base)
     code, stdout, _ = run_cli(capsys, *base, "--out", tmp_path / "t.zarr", "--dtype", "int8")

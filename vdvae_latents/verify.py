@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .store_backends import open_backend
-from .stores import ChunkChecker, _error_summary, _read_layout
+from .store_layout import ChunkChecker, _error_summary, _read_layout
 
 #: Report keys that list damaged chunks, and how a sentence names them.
 PROBLEMS = {"missing": "missing", "undecodable": "undecodable", "checksum_mismatches": "with a checksum mismatch",
