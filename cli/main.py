@@ -369,7 +369,15 @@ def encode(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep dims with average KL > T nats."),
     active: Optional[Path] = typer.Option(None, "--active", help="Reuse an ACTIVE.json from `vdvl analyze-kl`."),
     stat: str = typer.Option("mean", "--stat", help="mean (deterministic), sample, or mean+std."),
-    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16, float32, or int8/uint8 codes (quantised "
+                              "per column; see --quantize)."),
+    quantize: str = typer.Option("std-step", "--quantize", help="With int8/uint8: std-step (a step of "
+                                 "--quant-step column stds), prior-step (--quant-step prior stds) or range (each "
+                                 "column's calibration range over 256 levels)."),
+    quant_step: float = typer.Option(0.25, "--quant-step", help="With std-step/prior-step: the step in standard "
+                                     "deviations."),
+    codec: Optional[str] = typer.Option(None, "--codec", help="Compression, e.g. zstd:9+transpose (Zarr) or "
+                                        "gzip:9:shuffle (HDF5); default: the measured best."),
     granularity: str = typer.Option("variate", "--granularity", help="With --keep/--threshold: variate or element."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     chunk_rows: int = typer.Option(1024, "--chunk-rows", min=1, help="Rows per store chunk (the resume unit)."),
@@ -387,7 +395,8 @@ def encode(
 
     with _progress("encode", quiet or as_json) as tick:
         result = encode_to_store(path, data, out_file, split=split, keep=keep, threshold=threshold,
-                                 active_file=active, statistic=stat, dtype=dtype, batch_size=batch_size,
+                                 active_file=active, statistic=stat, dtype=dtype, quantize=quantize,
+                                 quant_step=quant_step, codec=codec, batch_size=batch_size,
                                  chunk_rows=chunk_rows, resume=resume, overwrite=overwrite,
                                  granularity=granularity, seed=seed, device=device, workers=workers,
                                  progress=tick)
@@ -396,10 +405,22 @@ def encode(
         return
     out.print(f"{result['store']}: {result['rows']:,} rows x {result['features']:,} features "
               f"({result['dims_kept']:,} of {result['dims_total']:,} dims, {result['kl_share_kept'] * 100:.1f}% of the KL), "
-              f"{result['statistic']}, {result['dtype']}")
-    out.print(f"size on disk {result['bytes_on_disk']:,} B; full latents {result['full_latents_bytes']:,} B "
+              f"{result['statistic']}, {result['dtype']}, codec {result['codec']}")
+    out.print(f"size on disk {result['bytes_on_disk']:,} B ({result['bytes_per_image']:,.0f} B/image); "
+              f"{result['full_latents_dtype']} full latents {result['full_latents_bytes']:,} B "
               f"({result['full_latents_bytes'] / max(result['bytes_on_disk'], 1):.1f}x larger); raw pixels "
               f"{result['raw_pixel_bytes']:,} B; {result['images_per_s']:.0f} images/s")
+    for key, what in (("error", "features"), ("error_std", "features_std")):
+        e = result.get(key)
+        if e:
+            q = result["quantization"]
+            unit = "prior std" if q and q["scheme"] == "prior-step" else "column std"
+            how = (f"{result['dtype']} {q['scheme']}" + (f" step {q['step']:g} {unit}" if q["step"] else "")
+                   if q else f"{result['dtype']} rounding")
+            out.print(f"{what} error ({how}): RMS {e['rmse']:.3g} ({e['relative_rmse']:.3g} of the columns' std), "
+                      f"max {e['max_abs_error']:.3g}, clipped {e['clipped_fraction'] * 100:.3g}% of values")
+    for note in result["notes"]:
+        out.print(f"note: {note}")
 
 
 @app.command()
@@ -459,6 +480,32 @@ def decode(
         f"decoded rows {result['rows'][0]}:{result['rows'][1]} of {result['store']} to {result['out']}")
 
 
+@app.command()
+def verify(
+    store: Path = typer.Argument(..., help="A store written by `vdvl encode`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check every chunk of a store: complete, present, checksums, finite values (exit 2 if not)."""
+    from vdvae_latents.verify import PROBLEMS, verify_store
+
+    with _progress("verify", quiet or as_json) as tick:
+        report = verify_store(store, progress=tick)
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(f"{report['store']}: {report['format']}, schema {report['schema_version']}, {report['dtype']}, "
+                  f"{report['n_rows']:,} rows in {report['n_chunks']} chunks, {report['chunks_written']} written")
+        for key in PROBLEMS:
+            for item in report[key][:20]:
+                out.print(f"  {key}: rows {item['rows'][0]}-{item['rows'][1] - 1} of {item['array']}"
+                          + (f" ({item['count']} values)" if "count" in item else ""))
+        if report["ok"]:
+            out.print(report["summary"])
+    if not report["ok"]:
+        raise UserError(report["summary"])
+
+
 class _progress:
     """A rich progress bar over images on a terminal (nothing otherwise); yields a tick(n) callback."""
 
@@ -495,7 +542,13 @@ def probe(
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint for full/random/random-unpruned "
                                         "(default: the store's)."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most N training rows (seeded, "
-                                            "stratified; the same rows for every feature set)."),
+                                            "stratified; the same rows for every feature set; default: all)."),
+    stream: str = typer.Option("auto", "--stream", help="auto: stream (SGD, chunk by chunk) the feature sets "
+                               "that exceed --memory-budget; always; never."),
+    memory_budget: float = typer.Option(4.0, "--memory-budget", help="GB a feature set may take in memory "
+                                        "before it is streamed."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes of a streamed fit (default: about "
+                                         "500,000 row updates, 1-10 passes)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds: hold-out split, CV shuffling, random draw, MLP init."),
     cv: int = typer.Option(3, "--cv", help="Cross-validation folds for choosing hyper-parameters."),
     device: str = typer.Option("auto", "--device", help="Where the full latents are computed."),
@@ -518,7 +571,8 @@ def probe(
         status.start()
     try:
         report = run_probe(store, labels=labels, model=model_name, baselines=baselines, test_store=test_store,
-                           ckpt=ckpt, max_train=max_train, seeds=seeds, cv=cv, device=device,
+                           ckpt=ckpt, max_train=max_train, seeds=seeds, cv=cv, device=device, stream=stream,
+                           memory_budget=memory_budget * 1e9, epochs=epochs,
                            progress=status.update if status is not None else None)
     finally:
         if status is not None:
@@ -535,13 +589,17 @@ def probe(
     for col in ("name", "features", "bytes/image", "test acc", "CV acc", "params", "fit s"):
         table.add_column(col, justify="left" if col in ("name", "params") else "right")
     for r in report["rows"]:
-        params = sorted({", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in r["params"]})
+        params = sorted({", ".join(f"{k}={_fmt(v)}" for k, v in p.items() if k != "alpha") for p in r["params"]})
+        if r["fit"] == "streaming":
+            params.append(f"streamed, {r['epochs']} epochs")
         table.add_row(r["name"], f"{r['features']:,}", f"{r['bytes_per_image']:,}",
                       f"{r['test_accuracy']:.3f} ± {r['test_accuracy_std']:.3f}",
                       f"{r['cv_accuracy']:.3f} ± {r['cv_accuracy_std']:.3f}", " | ".join(params),
                       f"{r['fit_seconds']:.2f}")
     out.print(table)
-    out.print(f"majority class: {report['chance_accuracy']:.3f} test accuracy")
+    active = report["rows"][0]
+    out.print(f"majority class: {report['chance_accuracy']:.3f} test accuracy; the store takes "
+              f"{active['disk_bytes_per_image']:,.0f} B/image on disk ({active['dtype']})")
     for note in report["notes"]:
         out.print(f"note: {note}")
     if plot is not None:

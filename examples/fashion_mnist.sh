@@ -11,6 +11,8 @@
 # only 96 variates, so 3% of variates is 3 channels, while 3% of its 20,400 scalars is 612.
 #
 # Re-running resumes the training run and reuses finished steps (encode is redone with --overwrite).
+# The last step encodes the same active set as int8 (train_int8.zarr, test_int8.zarr) and probes the
+# float16 and int8 stores with all 54,000 training rows (COMPACT=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VDVL=${VDVL:-.venv/bin/vdvl}
@@ -44,4 +46,17 @@ $VDVL sample "$OUT/run" --n 64 --temperature 0.9 --out "$OUT/samples.png"
 log "probe: logistic regression on the active dims against $BASELINES"
 /usr/bin/time -f "probe: %e s wall" $VDVL probe "$OUT/train.zarr" --test-store "$OUT/test.zarr" \
     --baselines "$BASELINES" --max-train "${MAX_TRAIN:-5000}" --seeds "${SEEDS:-2}" --plot "$OUT/probe.png" --json > "$OUT/probe.json"
+if [ "${COMPACT:-1}" = 1 ]; then
+    log "compact stores: int8, then both dtypes probed with every training row"
+    for split in train test; do
+        $VDVL encode "$OUT/run" --data fashion-mnist --split $split --active "$OUT/active.json" --dtype int8 \
+            --out "$OUT/${split}_int8.zarr" --overwrite --json > "$OUT/encode_${split}_int8.json"
+        $VDVL verify "$OUT/${split}_int8.zarr"
+    done
+    for store in train train_int8; do
+        test_store=${store/train/test}
+        /usr/bin/time -f "probe $store: %e s wall" $VDVL probe "$OUT/$store.zarr" --test-store "$OUT/$test_store.zarr" \
+            --baselines none --seeds "${SEEDS:-2}" --json > "$OUT/probe_all_rows_$store.json"
+    done
+fi
 log "done in $SECONDS s: outputs in $OUT/"

@@ -15,8 +15,9 @@ from PIL import Image
 from vdvae_latents import probes
 from vdvae_latents.data import load_images
 from vdvae_latents.errors import UserError
+from vdvae_latents.probe_inputs import ProbeInputs, StorePart
 from vdvae_latents.probes import plot_probe, probe_features, run_probe
-from vdvae_latents.stores import StoreWriter, open_encodings
+from vdvae_latents.stores import OWN_ATTRS, StoreWriter, open_encodings
 from helpers import assert_one_line_error, run_cli
 
 
@@ -38,7 +39,7 @@ def make_store(path: Path, features: np.ndarray, *, labels: np.ndarray | None = 
     for i in range(writer.n_chunks if finalize else 1):
         lo, hi = writer.chunk_range(i)
         writer.write_chunk(i, features[lo:hi], labels=None if labels is None else labels[lo:hi],
-                           sample_index=index[lo:hi])
+                           sample_index=index[lo:hi], source_index=index[lo:hi])
     if finalize:
         writer.finalize()
     else:
@@ -268,8 +269,7 @@ def clone_store(src: Path, dst: Path, **attr_changes) -> Path:
     """Copy a store through the public API, changing some attributes."""
     with open_encodings(src) as enc:
         data = enc.to_numpy()
-        own = ("schema", "schema_version", "n_rows", "n_features", "chunk_rows", "complete")
-        attrs = {k: v for k, v in enc.attrs.items() if k not in own}
+        attrs = {k: v for k, v in enc.attrs.items() if k not in OWN_ATTRS}
         attrs.update(attr_changes)
         dims = {name: data[f"dims/{name}"] for name in ("layer", "variate", "y", "x", "avg_kl")}
         dtype = enc.features.dtype.name
@@ -313,8 +313,8 @@ class TestModelBaselines:
         model, _ = load_model(ckpt, device="cpu")
         imgs = load_images("digits", split="test").images[:8]
         enc = open_encodings(store)
-        parts = [probes._Part(Path(store), enc, np.zeros(8, dtype=np.int64), np.arange(8))]
-        inputs = probes._Inputs(parts, np.zeros(8, dtype=int), np.arange(8), np.arange(8))
+        parts = [StorePart(Path(store), enc, np.zeros(8, dtype=np.int64), np.arange(8))]
+        inputs = ProbeInputs(parts, np.zeros(8, dtype=int), np.arange(8), np.arange(8))
         full = inputs.full_latents(model, torch.device("cpu"), lambda message: None)
         # The same thing through the library's own all-dimensions active set.
         everything = build_active_set(LatentKL(batch_size=8).fit(model, imgs), keep=1.0)
@@ -342,8 +342,8 @@ class TestModelBaselines:
         # The baseline's features are the pruned-pass posterior means of the drawn set, which
         # is what `vdvl encode --active` with that set would store.
         imgs = load_images("digits", split="test").images[:8]
-        parts = [probes._Part(Path(store), enc, np.zeros(8, dtype=np.int64), np.arange(8))]
-        inputs = probes._Inputs(parts, np.zeros(8, dtype=int), np.arange(8), np.arange(8))
+        parts = [StorePart(Path(store), enc, np.zeros(8, dtype=np.int64), np.arange(8))]
+        inputs = ProbeInputs(parts, np.zeros(8, dtype=int), np.arange(8), np.arange(8))
         got = inputs.pruned_latents(Encoder(model, drawn[0]), torch.device("cpu"), lambda m: None, "random")
         pruned = model(prepare_batch(model.cfg, imgs), active=drawn[0].layer_masks(), posterior="mean",
                        masked="mean")

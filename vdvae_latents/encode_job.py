@@ -17,35 +17,51 @@ import torch.distributed as dist
 from .batches import check_images_fit, prepare_batch
 from .checkpoints import file_sha256, load_model, resolve_checkpoint
 from .data import open_images, resolve_workers
-from .encoding import STATISTICS, Encoder
+from .encoding import STATISTICS, Encoder, store_encoder
 from .errors import UserError
 from .images import save_grid, to_uint8
 from .kl_analysis import ActiveSet, LatentKL, build_active_set, parse_keep
 from .pipeline import auto_device, join_processes, stream
-from .stores import StoreWriter, open_encodings, store_format
+from .quantize import CALIBRATION_ROWS, DEFAULT_SCHEME, DEFAULT_STEP, INT_DTYPES, SCHEMES, calibration_rows, \
+    fit_quantizer
+from .store_backends import parse_codec
+from .stores import StoreWriter, disk_bytes, open_encodings, store_format
 
-DTYPES = {"float16": 2, "float32": 4}
+DTYPES = {"float16": 2, "float32": 4, "int8": 1, "uint8": 1}
 
 
 def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str = "test",
                     keep: str | float | None = None, threshold: float | None = None,
                     active_file: str | Path | None = None, statistic: str = "mean", dtype: str = "float16",
+                    quantize: str = DEFAULT_SCHEME, quant_step: float = DEFAULT_STEP, codec: str | None = None,
                     batch_size: int = 256, chunk_rows: int = 1024, resume: bool = False, overwrite: bool = False,
                     granularity: str = "variate", kl_split: str = "train", kl_limit: int | None = None,
                     seed: int = 0, device: str = "auto", workers: int | None = None, progress=None) -> dict:
     """Encode ``data:split`` into a store at ``out`` (streamed: under torchrun each rank reads only
-    the rows of its chunks). Returns the numbers `vdvl encode` prints."""
+    the rows of its chunks). Returns the numbers `vdvl encode` prints.
+
+    Integer ``dtype`` (int8/uint8) stores codes with one affine map per column, chosen on a
+    seeded calibration sample of the split (:mod:`.quantize`: ``quantize`` is the scheme,
+    ``quant_step`` its step in standard deviations). The summary's ``error`` says what
+    storing lost over all rows (float16 rounding too). ``codec`` names the compression
+    (:func:`.store_backends.parse_codec`; default: the measured best for the format and dtype).
+    """
     rules = sum(x is not None for x in (keep, threshold, active_file))
     if rules != 1:
         raise UserError("give exactly one of --keep, --threshold or --active.")
     if statistic not in STATISTICS:
         raise UserError(f"--stat must be one of {', '.join(STATISTICS)}, not '{statistic}'.")
     if dtype not in DTYPES:
-        raise UserError(f"--dtype must be float16 or float32, not '{dtype}'.")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
+    if quantize not in SCHEMES:
+        raise UserError(f"--quantize must be one of {', '.join(SCHEMES)}, not '{quantize}'.")
+    if not quant_step > 0:
+        raise UserError(f"--quant-step must be a positive number of standard deviations, not {quant_step}.")
     if resume and overwrite:
         raise UserError("give at most one of --resume and --overwrite.")
     out = Path(out)
     fmt = store_format(out)
+    parse_codec(fmt, codec, dtype if dtype in DTYPES else "float16")  # a bad --codec fails before the model loads
     dev = auto_device(device)
     dev, rank, world = join_processes(dev)
     distributed = world > 1
@@ -85,9 +101,14 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         # Which latent scalars the columns are: a resumed store must continue the same ones.
         "columns_sha256": _columns_digest(encoder.columns.arrays()),
     }
+    n = len(images)
+    calib = calibration_rows(n, CALIBRATION_ROWS, seed) if dtype in INT_DTYPES else None
+    quantization = None if calib is None else {"scheme": quantize, "step": None if quantize == "range" else quant_step,
+                                               "calibration_rows": len(calib), "calibration_seed": seed}
     identity = {k: attrs[k] for k in ("checkpoint_sha256", "data", "split", "granularity", "selection_rule",
                                       "selection_value", "statistic", "dtype", "n_features", "columns_sha256")}
-    n = len(images)
+    if quantization is not None:
+        identity["quantization"] = {"dtype": dtype, **quantization}
     # ---- create (rank 0) or re-open the store
     writer = None
     failure: str | None = None
@@ -96,9 +117,15 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
             if resume and out.exists():
                 writer = StoreWriter.open(out, expect_attrs=identity)
             else:
+                quantizers = None
+                if calib is not None:
+                    batches = (images.read(calib[b:b + batch_size]) for b in range(0, len(calib), batch_size))
+                    quantizers = _calibrate(encoder, batches, dtype, quantize, quant_step, dev, seed)
                 writer = StoreWriter.create(out, n_rows=n, dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
                                             with_std=statistic == "mean+std", has_labels=images.labels is not None,
-                                            chunk_rows=chunk_rows, overwrite=overwrite)
+                                            has_source_names=images.source_names is not None, quantizers=quantizers,
+                                            quantization=quantization, codec=codec, chunk_rows=chunk_rows,
+                                            overwrite=overwrite)
                 if active_file is None:
                     active.save(_active_path(out))
         except UserError as err:
@@ -117,8 +144,10 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     start = time.perf_counter()
     written_rows = 0
     if writer is not None:
-        mine = [i for i in writer.missing_chunks() if not parallel or i % world == rank]
-        labels = images.labels
+        # A resumed store is read once: damaged chunks (deleted, corrupt) are rewritten too.
+        todo = writer.missing_chunks(check_data=resume)
+        mine = [i for i in todo if not parallel or i % world == rank]
+        labels, names = images.labels, images.source_names
         # One loader over every batch of this rank's chunks, in the order they are encoded.
         order = [np.arange(b, min(hi, b + batch_size)) for lo, hi in map(writer.chunk_range, mine)
                  for b in range(lo, hi, batch_size)]
@@ -138,28 +167,45 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
                     stds.append(s.cpu().numpy())
                 if progress is not None:
                     progress(len(x))
-            writer.write_chunk(i, np.concatenate(feats), features_std=np.concatenate(stds) if stds else None,
-                               labels=None if labels is None else labels[lo:hi], sample_index=np.arange(lo, hi))
+            feats = _finite(np.concatenate(feats), lo, data, split)
+            writer.write_chunk(i, feats, features_std=_finite(np.concatenate(stds), lo, data, split) if stds else None,
+                               labels=None if labels is None else labels[lo:hi], sample_index=np.arange(lo, hi),
+                               source_index=images.source_index[lo:hi],
+                               source_names=None if names is None else names[lo:hi])
             written_rows += hi - lo
         batches.close()
     if distributed:
         dist.barrier()
     seconds = time.perf_counter() - start
+    errors: dict = {}
+    store_codec = codec
     if rank == 0:
+        errors = writer.error_summary()  # every rank's chunks are written by now
+        store_codec = writer.layout.attrs.get("codec")
         writer.finalize()
     elif writer is not None:
         writer.close()
     if distributed:
         dist.barrier()
-    item = DTYPES[dtype]
+    # Integer stores compare with the float16 full latents (the smallest float store).
+    full_dtype = dtype if dtype in ("float16", "float32") else "float16"
+    item = DTYPES[full_dtype]
     c, s = model.cfg.channels, model.cfg.loss_size
+    on_disk = disk_bytes(out)
+    notes = []
+    lost = (errors.get("features") or {}).get("relative_rmse", 0.0)
+    if quantization is not None and lost > 0.2:
+        notes.append(f"quantisation error is {lost:.2f} of the columns' spread: these features vary little on the "
+                     f"scale of a {quantize} step; encode with --quantize range, a smaller --quant-step, or float16.")
     return {
         "store": str(out), "format": fmt, "rows": n, "features": encoder.n_features, "dims_kept": active.n_active,
         "dims_total": active.n_dims, "kl_share_kept": summary["kl_share_active"], "statistic": statistic,
-        "dtype": dtype, "bytes_on_disk": _disk_bytes(out),
+        "dtype": dtype, "quantization": quantization, "codec": store_codec,
+        "bytes_on_disk": on_disk, "bytes_per_image": on_disk / n, "error": errors.get("features"),
+        "error_std": errors.get("features_std"), "full_latents_dtype": full_dtype,
         "full_latents_bytes": n * active.total_scalars_per_image() * item,
         "raw_pixel_bytes": n * c * s * s, "rows_written": written_rows, "seconds": seconds,
-        "images_per_s": written_rows / seconds if seconds > 0 else 0.0,
+        "images_per_s": written_rows / seconds if seconds > 0 else 0.0, "notes": notes,
     }
 
 
@@ -173,19 +219,9 @@ def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None 
         attrs = enc.attrs
         n = enc.features.shape[0]
         lo, hi = _parse_rows(rows, n)
-        ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
-        sha = file_sha256(ckpt_path)
-        if sha != attrs.get("checkpoint_sha256"):
-            raise UserError(f"checkpoint '{ckpt_path}' is not the one store '{store}' was encoded with "
-                            "(sha256 differs).")
         dev = auto_device(device)
-        model, _ = load_model(ckpt_path, ema=True, device=dev)
-        active = _active_from_store(enc, model)
-        encoder = Encoder(model, active, statistic="mean")
-        stored_cols = np.stack([np.asarray(enc.dims[k]) for k in ("layer", "variate", "y", "x")], 1)
-        mine = np.stack([getattr(encoder.columns, k) for k in ("layer", "variate", "y", "x")], 1)
-        if stored_cols.shape != mine.shape or not np.array_equal(stored_cols, mine):
-            raise UserError(f"store '{store}' has columns that do not match its own dims table.")
+        encoder, ckpt_path = store_encoder(enc, ckpt, device=dev)
+        model = encoder.model
         features = torch.from_numpy(np.asarray(enc.features[lo:hi], dtype=np.float32)).to(dev)
         g = torch.Generator(device=dev).manual_seed(seed)
         images = encoder.decode(features, temperature=temperature, generator=g)
@@ -197,30 +233,32 @@ def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None 
             "temperature": temperature}
 
 
-def _active_from_store(enc, model) -> ActiveSet:
-    """Rebuild the active set (which dims are kept) from a store's dims table."""
-    from .kl_analysis import DimTable
+def _calibrate(encoder: Encoder, batches, dtype: str, scheme: str, step: float, device, seed: int) -> dict:
+    """Quantisers for the store's value arrays, from the encodings of calibration images."""
+    feats, stds, priors = [], [], []
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 - 1)
+    for batch in batches:
+        f, s, p = encoder.encode_with_prior(prepare_batch(encoder.model.cfg, batch, device=device), generator=g)
+        feats.append(f.cpu().numpy())
+        priors.append(p.cpu().numpy())
+        if s is not None:
+            stds.append(s.cpu().numpy())
+    prior = np.concatenate(priors)
+    out = {"features": fit_quantizer(np.concatenate(feats), dtype, scheme=scheme, step=step, prior_std=prior)}
+    if stds:
+        out["features_std"] = fit_quantizer(np.concatenate(stds), dtype, scheme=scheme, step=step, prior_std=prior)
+    return out
 
-    shapes = model.cfg.layer_shapes()
-    layer = np.asarray(enc.dims["layer"])
-    variate = np.asarray(enc.dims["variate"])
-    y, x = np.asarray(enc.dims["y"]), np.asarray(enc.dims["x"])
-    kl = np.asarray(enc.dims["avg_kl"], dtype=np.float64)
-    # A damaged or foreign dims table must be a one-sentence refusal, not an IndexError below.
-    in_range = (layer >= 0) & (layer < len(shapes))
-    if in_range.all():
-        limits = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)[layer]
-        in_range = ((variate >= 0) & (variate < limits[:, 0]) & (y >= 0) & (y < limits[:, 1])
-                    & (x >= 0) & (x < limits[:, 2]))
-    if not in_range.all():
-        raise UserError(f"store '{enc.path}' has dims that do not exist in the latent layers of its checkpoint's "
-                        "model.")
-    # Element-level table of the stored columns is enough to rebuild the masks exactly.
-    table = DimTable(layer=layer.astype(np.int32), variate=variate.astype(np.int32), y=y.astype(np.int32),
-                     x=x.astype(np.int32), resolution=np.array([shapes[k][1] for k in layer], dtype=np.int32),
-                     avg_kl=kl, active_units=np.zeros(len(layer)))
-    return ActiveSet(granularity="element", table=table, selected=np.arange(len(layer)), rule="stored",
-                     value=float("nan"), layer_shapes=shapes, n_images=int(enc.attrs.get("kl_images", 0)))
+
+def _finite(values: np.ndarray, first_row: int, data: str, split: str) -> np.ndarray:
+    """The chunk's encodings, or a UserError naming the rows the checkpoint turned into NaN/inf."""
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):
+        rows = first_row + bad
+        raise UserError(f"the checkpoint produced NaN or infinite latents for {len(rows)} image(s) of {data}:{split} "
+                        f"(rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}); nothing was "
+                        f"written for them.")
+    return values
 
 
 def _columns_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -246,12 +284,6 @@ def _parse_rows(text: str, n: int) -> tuple[int, int]:
 
 def _active_path(store: Path) -> Path:
     return store.with_name(store.name.rsplit(".", 1)[0] + ".active.json")
-
-
-def _disk_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 __all__ = ["encode_to_store", "decode_store"]

@@ -93,16 +93,25 @@ class Encoder:
     @torch.no_grad()
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model-scale images (B, C, H, W) -> features (B, K) and, for mean+std, stds (B, K)."""
+        features, stds, _ = self.encode_with_prior(x, generator=generator)
+        return features, stds
+
+    @torch.no_grad()
+    def encode_with_prior(self, x: torch.Tensor, *, generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`encode` plus the prior std of every kept scalar (B, K), the scale that
+        quantising in units of the prior (:mod:`.quantize`) needs."""
         posterior = "sample" if self.statistic == "sample" else "mean"
         out = self.model(x, active=self._active_masks, posterior=posterior, masked="mean", generator=generator)
-        feats, stds = [], []
+        feats, stds, priors = [], [], []
         for layer, mask in zip(out.layers, self._masks):
             source = layer.z if self.statistic == "sample" else layer.q_mean
             feats.append(source[:, mask].float())
+            priors.append(layer.p_std[:, mask].float())
             if self.statistic == "mean+std":
                 stds.append(layer.q_std[:, mask].float())
         features = torch.cat(feats, dim=1)
-        return features, (torch.cat(stds, dim=1) if stds else None)
+        return features, (torch.cat(stds, dim=1) if stds else None), torch.cat(priors, dim=1)
 
     def given(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Scatter (B, K) features into per-layer (values, mask) for the generative path."""
@@ -129,3 +138,46 @@ class Encoder:
         """What decoding a posterior-mean encoding of ``x`` must reproduce."""
         return self.model.reconstruct(x, active=self._active_masks, posterior="mean", masked="mean",
                                       deterministic=True)
+
+
+def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> tuple[Encoder, object]:
+    """The :class:`Encoder` whose columns are an opened store's (``enc``), on the store's
+    checkpoint (or ``ckpt``, which must have the same sha256); returns it and the checkpoint path.
+
+    The active set is rebuilt from the store's dims table at element granularity, which
+    gives exactly the stored columns; a table that does not fit the model is a UserError.
+    """
+    from .checkpoints import file_sha256, load_model, resolve_checkpoint
+    from .errors import UserError
+    from .kl_analysis import DimTable
+
+    attrs = enc.attrs
+    if ckpt is None and not attrs.get("checkpoint"):
+        raise UserError(f"store '{enc.path}' records no checkpoint; pass one explicitly.")
+    ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
+    if file_sha256(ckpt_path) != attrs.get("checkpoint_sha256"):
+        raise UserError(f"checkpoint '{ckpt_path}' is not the one store '{enc.path}' was encoded with "
+                        "(sha256 differs).")
+    model, _ = load_model(ckpt_path, ema=True, device=device)
+    shapes = model.cfg.layer_shapes()
+    layer, variate, y, x = (np.asarray(enc.dims[k]) for k in ("layer", "variate", "y", "x"))
+    # A damaged or foreign dims table must be a one-sentence refusal, not an IndexError below.
+    in_range = (layer >= 0) & (layer < len(shapes))
+    if in_range.all():
+        limits = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)[layer]
+        in_range = ((variate >= 0) & (variate < limits[:, 0]) & (y >= 0) & (y < limits[:, 1])
+                    & (x >= 0) & (x < limits[:, 2]))
+    if not in_range.all():
+        raise UserError(f"store '{enc.path}' has dims that do not exist in the latent layers of its checkpoint's "
+                        "model.")
+    table = DimTable(layer=layer.astype(np.int32), variate=variate.astype(np.int32), y=y.astype(np.int32),
+                     x=x.astype(np.int32), resolution=np.array([shapes[k][1] for k in layer], dtype=np.int32),
+                     avg_kl=np.asarray(enc.dims["avg_kl"], dtype=np.float64), active_units=np.zeros(len(layer)))
+    active = ActiveSet(granularity="element", table=table, selected=np.arange(len(layer)), rule="stored",
+                       value=float("nan"), layer_shapes=shapes, n_images=int(attrs.get("kl_images", 0)))
+    encoder = Encoder(model, active, statistic=statistic)
+    stored = np.stack([layer, variate, y, x], 1)
+    mine = np.stack([getattr(encoder.columns, k) for k in ("layer", "variate", "y", "x")], 1)
+    if stored.shape != mine.shape or not np.array_equal(stored, mine):
+        raise UserError(f"store '{enc.path}' has columns that do not match its own dims table.")
+    return encoder, ckpt_path

@@ -35,6 +35,8 @@ from .errors import UserError
 MODELS = ("logreg", "linear-svm", "knn", "mlp")
 #: Models with an L2 penalty on a linear weight vector, for which RowSpaceProjection is exact.
 LINEAR_MODELS = ("logreg", "linear-svm")
+#: The C grids of the linear models (the streaming probe uses the same ones).
+C_GRIDS = {"logreg": [0.001, 0.01, 0.1, 1.0, 10.0], "linear-svm": [0.01, 0.1, 1.0]}
 
 
 class RowSpaceProjection(TransformerMixin, BaseEstimator):
@@ -103,9 +105,9 @@ def _model_and_grid(model: str, *, seed: int, n_train: int, n_classes: int, cv: 
         # Five decades. Standardised wide features want strong regularisation: on 5,000
         # Fashion-MNIST rows every feature set chose the lowest C of a 0.1..10 grid, and then
         # of a 0.01..10 one; small C values also converge fastest.
-        return LogisticRegression(max_iter=1000), {"C": [0.001, 0.01, 0.1, 1.0, 10.0]}
+        return LogisticRegression(max_iter=1000), {"C": C_GRIDS["logreg"]}
     if model == "linear-svm":
-        return LinearSVC(max_iter=5000, random_state=seed), {"C": [0.01, 0.1, 1.0]}
+        return LinearSVC(max_iter=5000, random_state=seed), {"C": C_GRIDS["linear-svm"]}
     if model == "knn":
         ks = [k for k in (5, 15) if k <= fold_train] or [max(1, fold_train)]
         return KNeighborsClassifier(), {"n_neighbors": ks}

@@ -15,6 +15,11 @@ a feature extractor in a :class:`~sklearn.pipeline.Pipeline` or tuned with
                         LogisticRegression(max_iter=500))
     clf.fit(digits.data, digits.target)
 
+``ActiveLatents(store="train.zarr")`` instead takes everything from an existing store
+(checkpoint, columns, statistic, quantisation), so ``transform`` gives new images exactly
+the features a downstream model trained on that store has seen. The store is verified
+first (:func:`~vdvae_latents.verify.verify_store`): a damaged one is refused.
+
 Inputs are images, so the usual "any (n_samples, n_features) array" contract of
 scikit-learn is narrowed: ``X`` is either flattened images ``(N, H*W*C)`` in H, W, C
 order (the layout of ``load_digits().data``) or an ``(N, H, W, C)`` array, where
@@ -80,6 +85,12 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         Where the model runs.
     seed : int, default=0
         Seeds the posterior samples of the KL measurement (and of ``statistic="sample"``).
+    store : str or path-like, default=None
+        A store written by ``vdvl encode``: ``fit`` then uses its checkpoint (unless
+        ``checkpoint`` names the same weights elsewhere), its columns, its statistic and,
+        for an int8/uint8 store, its quantisation (``transform`` rounds to the stored
+        grid); ``keep``, ``threshold``, ``granularity`` and ``statistic`` are not used. A
+        store with a missing, corrupt or non-finite chunk is refused.
 
     Attributes
     ----------
@@ -105,7 +116,7 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, checkpoint=None, *, keep=0.03, threshold=None, granularity="variate", statistic="mean",
-                 input_max=255.0, batch_size=256, device="cpu", seed=0):
+                 input_max=255.0, batch_size=256, device="cpu", seed=0, store=None):
         # scikit-learn's rule: store the parameters untouched; all validation is in fit,
         # so that clone / set_params / GridSearchCV see exactly what the user passed.
         self.checkpoint = checkpoint
@@ -117,6 +128,7 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
+        self.store = store
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None):
@@ -133,6 +145,8 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         -------
         self : ActiveLatents
         """
+        if self.store is not None:
+            return self._fit_from_store(X)
         # Cheap parameter checks first: a typo should not cost a model load.
         self._check_params()
         keep, threshold = self._selection_rule()
@@ -154,6 +168,32 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         self.checkpoint_sha256_ = info["sha256"]
         self.n_images_ = stats.n_images_
         self.n_features_out_ = encoder.n_features * (2 if self.statistic == "mean+std" else 1)
+        self.quantizers_ = {}
+        return self
+
+    def _fit_from_store(self, X):
+        """fit() with ``store``: everything from the (verified) store, nothing measured."""
+        from .checkpoints import file_sha256
+        from .encoding import store_encoder
+        from .stores import StoreError, open_encodings
+        from .verify import verify_store
+
+        report = verify_store(self.store)
+        if not report["ok"]:
+            raise StoreError(report["summary"])
+        with open_encodings(self.store) as enc:
+            encoder, ckpt_path = store_encoder(enc, self.checkpoint, device=self.device,
+                                               statistic=enc.attrs.get("statistic", "mean"))
+            quantizers, n_images = dict(enc.quantizers), int(enc.attrs.get("kl_images", 0))
+        X = self._validated_pixels(X, encoder.model.cfg, reset=True)
+        self.model_ = encoder.model
+        self.active_set_ = encoder.active
+        self.encoder_ = encoder
+        self.checkpoint_path_ = str(ckpt_path)
+        self.checkpoint_sha256_ = file_sha256(ckpt_path)
+        self.n_images_ = n_images
+        self.n_features_out_ = encoder.n_features * (2 if encoder.statistic == "mean+std" else 1)
+        self.quantizers_ = quantizers
         return self
 
     def _selection_rule(self) -> tuple[float | None, float | None]:
@@ -217,10 +257,16 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         chunks = []
         for batch in self._uint8_batches(X, cfg):
             feats, stds = self.encoder_.encode(prepare_batch(cfg, batch, device=device), generator=generator)
+            values = [self._as_stored("features", feats.cpu().numpy())]
             if stds is not None:
-                feats = torch.cat([feats, stds], dim=1)
-            chunks.append(feats.cpu().numpy())
+                values.append(self._as_stored("features_std", stds.cpu().numpy()))
+            chunks.append(np.concatenate(values, axis=1))
         return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def _as_stored(self, name: str, values: np.ndarray) -> np.ndarray:
+        """Values as the store holds them: on its quantisation grid for an integer store."""
+        q = getattr(self, "quantizers_", {}).get(name)
+        return values if q is None else q.dequantize(q.quantize(values))
 
     def get_feature_names_out(self, input_features=None):
         """Column names ``l{layer}_v{variate}_y{y}_x{x}`` (``..._std`` for the std columns of mean+std).

@@ -1,0 +1,86 @@
+"""Helpers for the store tests: random-weight run directories (no training) and the three
+ways a store gets damaged (a deleted chunk, a flipped byte, a NaN)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from vdvae_latents.config import ModelConfig
+from vdvae_latents.imported_run import write_imported_run
+from vdvae_latents.presets import get_preset
+from vdvae_latents.stores import StoreWriter, open_encodings
+from vdvae_latents.vae import VAE
+
+#: A 32x32 RGB model small enough for tests (the CIFAR-10 layout).
+RGB32 = ModelConfig(image_size=32, channels=3, n_mixtures=2, resolutions=(1, 4, 32), up_blocks=(1, 1, 1),
+                    down_blocks=(1, 1, 1), widths=(16, 16, 8), bottleneck=0.5, variates=2, name="rgb32-test")
+
+
+def random_run(run_dir: Path, cfg: ModelConfig | None = None, seed: int = 0) -> Path:
+    """A run directory with one checkpoint of freshly initialised weights (posterior biases
+    spread out, so the posterior means differ between images and from the prior)."""
+    cfg = cfg or get_preset("tiny").config
+    torch.manual_seed(seed)
+    state = VAE(cfg).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    for key, value in state.items():
+        if key.endswith("posterior_params.bias"):
+            state[key] = value + torch.randn(value.shape, generator=g) * 0.7
+    return write_imported_run(run_dir, cfg, state, state, step=1, source={"kind": "random test weights"})
+
+
+def chunk_file(store: Path, array: str, chunk: int) -> Path:
+    """The file of a Zarr store holding chunk ``chunk`` of a row array."""
+    with open_encodings(store, verify=False) as enc:
+        raw = getattr(enc, array).raw
+        return store / raw.path / raw.metadata.encode_chunk_key((chunk,) + (0,) * (raw.ndim - 1))
+
+
+def delete_chunk(store: Path, chunk: int, array: str = "features") -> None:
+    """Zarr: remove the chunk's file. HDF5 cannot lose one chunk of a file, so the same state
+    is made by a store whose chunk was never written although flagged (a lost write)."""
+    if store.suffix == ".zarr":
+        chunk_file(store, array, chunk).unlink()
+        return
+    with h5py.File(store, "r+") as f:
+        ds = f[array]
+        data = ds[...]
+        del f[array]
+        kwargs = {k: getattr(ds, k) for k in ("chunks", "compression", "compression_opts", "shuffle")}
+        new = f.create_dataset(array, shape=data.shape, dtype=data.dtype, fillvalue=ds.fillvalue, **kwargs)
+        rows = kwargs["chunks"][0]
+        for c in range(int(np.ceil(len(data) / rows))):
+            if c != chunk:
+                new[c * rows:(c + 1) * rows] = data[c * rows:(c + 1) * rows]
+
+
+def flip_byte(store: Path, chunk: int, array: str = "features") -> None:
+    """Invert one byte in the middle of the chunk's stored (compressed) bytes."""
+    if store.suffix == ".zarr":
+        path, offset, size = chunk_file(store, array, chunk), 0, None
+    else:
+        with h5py.File(store, "r") as f:
+            ds = f[array]
+            info = ds.id.get_chunk_info_by_coord((chunk * ds.chunks[0],) + (0,) * (ds.ndim - 1))
+        path, offset, size = store, info.byte_offset, info.size
+    data = bytearray(path.read_bytes())
+    where = offset + (size or len(data)) // 2
+    data[where] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def write_nan(store: Path, chunk: int, row_in_chunk: int = 1) -> None:
+    """Rewrite one chunk (through the writer, checksum and all) with a NaN feature."""
+    with open_encodings(store) as enc:
+        lo, hi = enc.chunk_range(chunk)
+        rows = {name: np.asarray(getattr(enc, name)[lo:hi]) for name in
+                ("features", "features_std", "labels", "sample_index", "source_index", "source_names")
+                if getattr(enc, name) is not None}
+    rows["features"][row_in_chunk, 0] = np.nan
+    writer = StoreWriter.open(store)
+    writer.write_chunk(chunk, rows.pop("features"), **rows)
+    writer.finalize()
