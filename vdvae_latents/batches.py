@@ -45,3 +45,33 @@ def prepare_batch(cfg: ModelConfig, images: torch.Tensor | np.ndarray, *, dynami
     # also reads as channels-last, and convolutions then pick other kernels (outputs differ
     # by float rounding). Copying makes results independent of the caller's memory layout.
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+FIXED_BINARIZATION_SEED = 101  # any constant: what matters is that every evaluation draws the same bits
+
+
+def fixed_binarization(images: np.ndarray) -> np.ndarray:
+    """One fixed random binarisation of an evaluation split (uint8 NHWC in, 0/255 out).
+
+    The official binarized-MNIST protocol scores val/test on one Bernoulli draw of the
+    grey levels, made once, rather than on the 0.5 threshold. Image ``i`` of the split
+    gets its own generator seeded with ``FIXED_BINARIZATION_SEED + i``, so its bits do not
+    depend on batch sizes, limits or ranks, and every model is scored on the same bits.
+    The result (0 or 255) passes the evaluation threshold unchanged.
+    """
+    images = np.asarray(images)
+    flat = torch.from_numpy(np.ascontiguousarray(images)).reshape(len(images), -1).float() / 255.0
+    out = torch.empty_like(flat)
+    g = torch.Generator()
+    for i in range(len(flat)):
+        g.manual_seed(FIXED_BINARIZATION_SEED + i)
+        out[i] = (torch.rand(flat.shape[1], generator=g) < flat[i]).float()
+    return (out * 255).to(torch.uint8).reshape(images.shape).numpy()
+
+
+def evaluation_images(cfg: ModelConfig, images: np.ndarray, binarization: str = "threshold") -> np.ndarray:
+    """The pixels an evaluation scores: binary models with ``binarization="sampled"`` see
+    :func:`fixed_binarization`; everything else is passed through unchanged."""
+    if cfg.output == "bernoulli" and binarization == "sampled":
+        return fixed_binarization(images)
+    return images

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .recipes import Recipe, recipe_for_preset
 
 # Table 3 parameter counts (millions) that the presets are tested against.
 PAPER_PARAMETERS_M = {
@@ -35,6 +36,11 @@ class Preset:
     # Training defaults that go with the model (used by `vdvl train`).
     batch_size: int = 16
     lr: float = 1e-3
+
+    @property
+    def recipe(self) -> Recipe:
+        """The rest of the training defaults: the official recipe for paper presets (recipes.py)."""
+        return recipe_for_preset(self.name)
 
 
 def _c1(image_size, channels, n_bits, res, up, down, widths, bottleneck, variates, **kw) -> ModelConfig:

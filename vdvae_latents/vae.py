@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .blocks import AvgPoolCell, LayerPlan, LayerResult, ResidualCell, StridedPool, TopDownBlock, Unpool, conv
+from .checkpointing import run_checkpointed
 from .config import ModelConfig
 from .heads import make_head
 
@@ -75,6 +76,10 @@ class VAE(nn.Module):
     Inputs are images in [-1, 1], shape (B, C, image_size, image_size) (already
     padded when ``cfg.pad`` > 0; binary data as -1/1).
     """
+
+    # Recompute each bottom-up cell and top-down block in the backward pass (set by
+    # training from train.checkpoint_activations): exact gradients, far less memory.
+    checkpoint_activations: bool = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -138,7 +143,8 @@ class VAE(nn.Module):
         h = self.input_conv(x)
         skips: list[torch.Tensor] = [None] * len(self.cfg.resolutions)  # type: ignore[list-item]
         for i in reversed(range(len(self.cfg.resolutions))):
-            h = self.down_cells[i](h)
+            for cell in self.down_cells[i]:
+                h = self._call(cell, h)
             skips[i] = self.skip_proj[i](h)
             h = self.pools[i](h)
         return skips
@@ -160,10 +166,18 @@ class VAE(nn.Module):
                 if bias is not None:
                     state = state + bias
             for block in blocks:
-                state, result = block(state, None if skips is None else skips[i], plans[k])
+                state, result = self._call(block, state, None if skips is None else skips[i], plans[k])
                 results.append(result)
                 k += 1
         return state * self.final_gain + self.final_bias, results
+
+    def _call(self, block: nn.Module, *args):
+        """Run one block, under activation checkpointing when training asks for it."""
+        if not (self.checkpoint_activations and torch.is_grad_enabled()):
+            return block(*args)
+        plan = args[-1] if isinstance(args[-1], LayerPlan) else None
+        generator = plan.generator if plan is not None else None
+        return run_checkpointed(block, *args, generator=generator, uses_global_rng=plan is not None and generator is None)
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: torch.Tensor, *, active: Sequence[Mask] | None = None, posterior: str = "sample",
