@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +97,7 @@ def main() -> None:
                "checkpoint": str(ckpt), "data": f"{args.data}:{args.split}", "keep": args.keep,
                "dims_kept": active.n_active, "dims_total": active.n_dims,
                "kl_share_kept": active.summary()["kl_share_active"], "rows": rows}
-    results = ROOT / "benchmarks" / "results"
+    results = args.results
     results.mkdir(parents=True, exist_ok=True)
     (results / f"encode-{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# encode ({tag}), {summary['date']}", "",

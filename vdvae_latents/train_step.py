@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +80,28 @@ def build_model(run: RunConfig, device: torch.device) -> tuple[VAE, EMA, torch.o
     ema.to(device)
     model.checkpoint_activations = tcfg.checkpoint_activations
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        if tcfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = tcfg.tf32
+        torch.backends.cudnn.allow_tf32 = tcfg.tf32
+    if tcfg.channels_last:  # NHWC: oneDNN (CPU) and cuDNN convolutions skip layout reorders
+        model.to(memory_format=torch.channels_last)
     return model, ema, make_optimizer(model, tcfg)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_for(device: torch.device, tcfg: TrainConfig):
+    """bf16 autocast on CUDA (``bf16``) or on a CPU with native bf16 (``cpu_bf16``); fp32 otherwise."""
+    if device.type == "cuda" and tcfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and tcfg.cpu_bf16 and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- KL balancing
@@ -140,11 +158,30 @@ class TrainStep:
         net: torch.nn.Module = model
         if world_size > 1:
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if self.tcfg.compile and device.type == "cuda":
-            net = torch.compile(net)
         self.net = net
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and self.tcfg.bf16
-                         else contextlib.nullcontext())
+        # Compiled lazily: inductor builds its kernels in the first step (minutes on a small CPU);
+        # where it cannot (no C++ compiler, no Triton, an unsupported op) the step runs eagerly.
+        self.compiled = torch.compile(net) if self.tcfg.compile else None
+        self.compile_checked = False
+        self.autocast = autocast_for(device, self.tcfg)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None):
+        if self.compiled is None:
+            return self.net(x, generator=generator)
+        if self.compile_checked:
+            return self.compiled(x, generator=generator)
+        state = generator.get_state() if generator is not None else None
+        try:
+            out = self.compiled(x, generator=generator)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly instead
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''});"
+                          " training continues without it.", RuntimeWarning, stacklevel=2)
+            self.compiled = None
+            if state is not None:
+                generator.set_state(state)  # the eager pass draws the noise the compiled one would have
+            return self.net(x, generator=generator)
+        self.compile_checked = True
+        return out
 
     def loss(self, out, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(training loss in nats/dim, per-image NLL (B,), per-image KL (B,))."""
@@ -160,10 +197,12 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, step: int, generator: torch.Generator | None = None) -> StepStats:
         tcfg = self.tcfg
+        if tcfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
             group["lr"] = tcfg.lr_at(step)
         with self.autocast:
-            out = self.net(x, generator=generator)
+            out = self.forward(x, generator)
         loss, nll, kl = self.loss(out, step)
         del out  # the graph holds what backward needs; the rest goes now
         loss.backward()

@@ -195,8 +195,6 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
                 flip = torch.rand(len(images), generator=g) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             x = prepare_batch(mcfg, images, dynamic_binarize=True, generator=g, device=device)
-            if device.type == "cuda" and tcfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
 
             stats = train_step(x, step, generator=step_generator(tcfg.seed, step, env.rank, device))
             skips += int(stats.skipped)
