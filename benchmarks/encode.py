@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--formats", nargs="*", default=["zarr", "h5"])
+    ap.add_argument("--dtypes", nargs="*", default=["float16", "float32"])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = ap.parse_args()
 
@@ -72,8 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         active_file = active.save(Path(tmp) / "active.json")
         bare = min(bare_pass(model, encoder, images, args.batch_size, device) for _ in range(args.repeats))
-        for fmt in ("zarr", "h5"):
-            for dtype in ("float16", "float32"):
+        for fmt in args.formats:
+            for dtype in args.dtypes:
                 best, result = float("inf"), None
                 for r in range(args.repeats):
                     out = Path(tmp) / f"s{r}.{fmt}"

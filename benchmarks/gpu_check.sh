@@ -36,14 +36,14 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$SECONDS
 
 if [ "$DRY" = 1 ]; then
-  SMALL=tiny; BIG=digits-cpu; B_SMALL=8; B_BIG=16; STEPS=1; WARMUP=1; TRAIN_STEPS=40; DEVICE=cpu; TAG=dry-run
-  DATA=digits; PRECISIONS="fp32"; COMPILE="false"
+  SMALL=tiny; BIG=digits-cpu; B_SMALL=8; B_BIG=16; STEPS=1; WARMUP=1; TRAIN_STEPS=30; DEVICE=cpu; TAG=dry-run
+  DATA=digits; PRECISIONS="fp32"; COMPILE="false"; SMOKE=(--in-process); ENCODE=(--formats zarr --dtypes float16)
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu_check.sh: no CUDA device is available (use --dry-run on a CPU)." >&2; exit 2; }
   SMALL=cifar10-c1; BIG=cifar10-vdvae; B_SMALL=16; B_BIG=32; STEPS=10; WARMUP=3; TRAIN_STEPS=300; DEVICE=cuda
   TAG="gpu-$("$PY" -c "import torch, re; print(re.sub('[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-'))")"
-  DATA="$WORK/digits32.npz"; PRECISIONS="fp32 tf32 bf16"; COMPILE="false true"
+  DATA="$WORK/digits32.npz"; PRECISIONS="fp32 tf32 bf16"; COMPILE="false true"; SMOKE=(); ENCODE=()
   "$PY" - "$DATA" <<'EOF'
 import sys
 import numpy as np
@@ -68,7 +68,7 @@ for p in $PRECISIONS; do
   for c in $COMPILE; do CASES+=("$SMALL:$B_SMALL:$SETS,train.compile=$c,train.device=$DEVICE"); done
 done
 "$PY" "$ROOT/benchmarks/train_step.py" --cases "${CASES[@]}" --steps "$STEPS" --warmup "$WARMUP" \
-  --results "$OUT" --tag "$TAG-speed" --note "gpu_check.sh stage 1"
+  --results "$OUT" --tag "$TAG-speed" --note "gpu_check.sh stage 1" ${SMOKE[@]+"${SMOKE[@]}"}
 
 # 2. memory: the paper's comparison, without and with activation checkpointing
 CASES=()
@@ -77,7 +77,8 @@ for ck in false true; do
   CASES+=("$BIG:$B_BIG:train.checkpoint_activations=$ck,train.device=$DEVICE")
 done
 "$PY" "$ROOT/benchmarks/train_step.py" --cases "${CASES[@]}" --steps "$STEPS" --warmup 1 \
-  --results "$OUT" --tag "$TAG-memory" --note "gpu_check.sh stage 2 (paper, Table 3: 8 GB vs 32 GB)"
+  --results "$OUT" --tag "$TAG-memory" --note "gpu_check.sh stage 2 (paper, Table 3: 8 GB vs 32 GB)" \
+  ${SMOKE[@]+"${SMOKE[@]}"}
 
 # 3. a short real training run: the loss must fall and nothing may be skipped
 "$PY" -m cli.main train --preset "$SMALL" --data "$DATA" --run-dir "$WORK/run" --steps "$TRAIN_STEPS" \
@@ -99,6 +100,6 @@ EOF
 
 # 4. encoding throughput on the trained run
 "$PY" "$ROOT/benchmarks/encode.py" --ckpt "$WORK/run" --data "$DATA" --split test --repeats 1 \
-  --results "$OUT" --tag "$TAG"
+  --results "$OUT" --tag "$TAG" ${ENCODE[@]+"${ENCODE[@]}"}
 
 echo "gpu_check.sh: done in $((SECONDS - START)) s; results in $OUT (tag $TAG)"

@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: benchmarks/results)")
     ap.add_argument("--note", default="", help="load conditions etc., written into the results")
     ap.add_argument("--no-write", action="store_true", help="print the rows only")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every case in this process (a smoke test: the memory figures are then not per case)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -171,7 +173,8 @@ def main() -> None:
     rows = []
     for rnd in range(args.rounds):
         for case in cases:
-            row = {**measure(case, args.steps, args.warmup), "round": rnd}
+            one = run_one(case, args.steps, args.warmup) if args.in_process else measure(case, args.steps, args.warmup)
+            row = {**one, "round": rnd}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if not args.no_write:

@@ -188,3 +188,27 @@ class TestActConv:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             act_conv(conv, x, "silu")
         assert [t.shape for t in saved if not isinstance(t, torch.nn.Parameter)] == [x.shape]
+
+
+def test_compile_failure_falls_back_to_the_same_eager_step(monkeypatch):
+    def broken_compile(net):
+        def run(*args, **kwargs):
+            kwargs["generator"].manual_seed(999)  # a failed attempt may consume the generator
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    def one_step(compile_flag: bool):
+        run = resolve_run_config(preset="tiny", overrides={"train.compile": str(compile_flag)},
+                                 train_overrides={"batch_size": 8})
+        model, ema, opt = build_model(run, torch.device("cpu"))
+        step = TrainStep(model, ema, opt, run, torch.device("cpu"))
+        x = torch.rand(8, 1, 8, 8) * 2 - 1
+        stats = step(x, 0, torch.Generator().manual_seed(5))
+        return stats, model.state_dict()
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        compiled, w_compiled = one_step(True)
+    eager, w_eager = one_step(False)
+    assert torch.equal(compiled.nll, eager.nll) and compiled.grad_norm == eager.grad_norm
+    assert all(torch.equal(w_compiled[k], w_eager[k]) for k in w_eager)
