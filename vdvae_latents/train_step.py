@@ -174,8 +174,9 @@ class TrainStep:
         try:
             out = self.compiled(x, generator=generator)
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly instead
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''});"
-                          " training continues without it.", RuntimeWarning, stacklevel=2)
+            reason = str(err).splitlines()[0] if str(err) else ""
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {reason}); training continues without it.",
+                          RuntimeWarning, stacklevel=2)
             self.compiled = None
             if state is not None:
                 generator.set_state(state)  # the eager pass draws the noise the compiled one would have

@@ -175,9 +175,10 @@ class VAE(nn.Module):
         """Run one block, under activation checkpointing when training asks for it."""
         if not (self.checkpoint_activations and torch.is_grad_enabled()):
             return block(*args)
-        plan = args[-1] if isinstance(args[-1], LayerPlan) else None
+        plan = args[-1] if isinstance(args[-1], LayerPlan) else None  # top-down blocks sample; cells do not
         generator = plan.generator if plan is not None else None
-        return run_checkpointed(block, *args, generator=generator, uses_global_rng=plan is not None and generator is None)
+        return run_checkpointed(block, *args, generator=generator,
+                                uses_global_rng=plan is not None and generator is None)
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: torch.Tensor, *, active: Sequence[Mask] | None = None, posterior: str = "sample",
