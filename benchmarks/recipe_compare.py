@@ -13,7 +13,9 @@ such. Variants:
 * ``official-ema-warmup``: the same with the project's EMA warm-up, to separate the EMA from
   the KL schedule;
 * ``project-kl-scaled``: the project's recipe plus the official KL ramp and balancing scaled
-  to the run (ramp over the first 10%, balancing over the first 20% of the steps).
+  to the run (ramp over the first 10%, balancing over the first 20% of the steps);
+* ``project-cpu-bf16``: the project's recipe in bf16 autocast (``train.cpu_bf16``), to see
+  what the faster precision costs.
 
     python benchmarks/recipe_compare.py --preset fashion-mnist-cpu --data fashion-mnist --steps 600
 
@@ -54,6 +56,7 @@ def variants(steps: int) -> dict[str, dict]:
         "official-ema-warmup": {**official, "ema_warmup": True},
         "project-kl-scaled": {"kl_warmup_steps": max(1, steps // 10), "kl_weight_min": 1e-4,
                               "kl_balance_steps": max(1, steps // 5)},
+        "project-cpu-bf16": {"cpu_bf16": True},
     }
 
 

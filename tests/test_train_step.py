@@ -67,6 +67,10 @@ class TestRecipes:
         t = resolve_run_config(preset="fashion-mnist-cpu").train
         assert t.lr_schedule == "cosine" and t.ema_warmup and t.kl_balance_steps == 0
         assert recipe_for_preset("tiny") is RECIPES["cpu"] and get_preset("tiny").recipe is RECIPES["cpu"]
+        from vdvae_latents.presets import describe
+
+        assert describe(get_preset("cifar10-c2"))["recipe"] == "cifar10"
+        assert describe(get_preset("ffhq256-vdvae"))["recipe"] == "ffhq256-vdvae"
         t = resolve_run_config(preset="cifar10-c1", overrides={"train.kl_balance_steps": "0",
                                                                "train.grad_skip_threshold": "500.5"}).train
         assert t.kl_balance_steps == 0 and t.grad_skip_threshold == 500.5

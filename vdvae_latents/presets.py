@@ -180,6 +180,7 @@ def describe(preset: Preset) -> dict:
         "output": cfg.output,
         "n_bits": cfg.n_bits,
         "description": preset.description,
+        "recipe": preset.recipe.name,
     }
     if preset.name in PAPER_PARAMETERS_M:
         row["paper_parameters_m"] = PAPER_PARAMETERS_M[preset.name]
