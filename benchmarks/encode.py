@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--formats", nargs="*", default=["zarr", "h5"])
+    ap.add_argument("--dtypes", nargs="*", default=["float16", "float32"])
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,8 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         active_file = active.save(Path(tmp) / "active.json")
         bare = min(bare_pass(model, encoder, images, args.batch_size, device) for _ in range(args.repeats))
-        for fmt in ("zarr", "h5"):
-            for dtype in ("float16", "float32"):
+        for fmt in args.formats:
+            for dtype in args.dtypes:
                 best, result = float("inf"), None
                 for r in range(args.repeats):
                     out = Path(tmp) / f"s{r}.{fmt}"
@@ -96,7 +99,7 @@ def main() -> None:
                "checkpoint": str(ckpt), "data": f"{args.data}:{args.split}", "keep": args.keep,
                "dims_kept": active.n_active, "dims_total": active.n_dims,
                "kl_share_kept": active.summary()["kl_share_active"], "rows": rows}
-    results = ROOT / "benchmarks" / "results"
+    results = args.results
     results.mkdir(parents=True, exist_ok=True)
     (results / f"encode-{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# encode ({tag}), {summary['date']}", "",

@@ -1,15 +1,19 @@
-"""Training-step throughput and peak memory per preset and batch size.
+"""Training-step throughput and peak memory per preset, batch size and training options.
 
-Times the real code path (prepare_batch -> VAE.forward -> backward -> Adamax step ->
-EMA update), after warm-up steps, in a fresh subprocess per configuration so the
-peak-memory figure belongs to that configuration alone (RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA; bf16 autocast on CUDA as in training).
+Drives the real step of ``vdvl train`` (:class:`vdvae_latents.train_step.TrainStep`:
+forward, loss with the recipe's KL weight and balancing, backward, gradient norm,
+skipping, schedule, Adamax/AdamW update, EMA) on batches made by the training's own
+``prepare_batch`` from random uint8 pixels, after warm-up steps. Every measurement runs
+in a fresh subprocess, so its peak memory belongs to it alone (process peak RSS on
+CPU, ``torch.cuda.max_memory_allocated`` on CUDA). Cases are
+``PRESET:BATCH[:KEY=VALUE,...]`` with ``--set`` syntax (``train.x=...`` or model
+fields); ``--rounds N`` repeats the whole list, interleaved, for noisy machines.
 
     python benchmarks/train_step.py                 # default set for this device
-    python benchmarks/train_step.py --cases tiny:64 fashion-mnist-cpu:32 --steps 10
-    python benchmarks/train_step.py --paper-memory  # cifar10-c1 @16 vs cifar10-vdvae @32, and equal batch
+    python benchmarks/train_step.py --cases cifar10-c1:16 cifar10-c1:16:train.checkpoint_activations=true
+    python benchmarks/train_step.py --paper-memory  # cifar10-c1 @16 vs cifar10-vdvae @32 (with checkpointing)
 
-Results go to benchmarks/results/train_step-<device>.json and .md with the machine.
+Results go to benchmarks/results/train_step-<tag>.json and .md with the machine.
 """
 
 from __future__ import annotations
@@ -26,61 +30,66 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CPU_CASES = ["tiny:64", "fashion-mnist-cpu:32", "cifar10-c1:4", "cifar10-vdvae:4"]
+CPU_CASES = ["tiny:64", "fashion-mnist-cpu:32", "cifar10-c1:16",
+             "cifar10-c1:16:train.checkpoint_activations=true"]
 CUDA_CASES = ["fashion-mnist-cpu:256", "cifar10-c1:16", "cifar10-c2:16", "cifar10-vdvae:16", "cifar10-vdvae:32",
               "imagenet32-c1:16"]
-PAPER_MEMORY = ["cifar10-c1:16", "cifar10-vdvae:32", "cifar10-c1:32", "cifar10-vdvae:16"]
+# The paper's Table 3 memory comparison. cifar10-vdvae @32 without checkpointing needs more
+# than the 24 GiB development machine has (killed at 22.9 GB), so on a CPU it runs with it.
+PAPER_MEMORY = ["cifar10-c1:16", "cifar10-c1:16:train.checkpoint_activations=true",
+                "cifar10-vdvae:32:train.checkpoint_activations=true"]
 
 
-def run_one(preset: str, batch: int, steps: int, warmup: int) -> dict:
+def parse_case(case: str) -> tuple[str, int, dict[str, str]]:
+    preset, batch, *rest = case.split(":", 2)
+    sets = dict(item.split("=", 1) for item in rest[0].split(",")) if rest and rest[0] else {}
+    return preset, int(batch), sets
+
+
+def run_one(case: str, steps: int, warmup: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from vdvae_latents.presets import get_preset
-    from vdvae_latents.training import EMA
-    from vdvae_latents.vae import VAE
+    from vdvae_latents.batches import prepare_batch
+    from vdvae_latents.runconfig import resolve_run_config
+    from vdvae_latents.train_step import TrainStep, build_model
+    from vdvae_latents.training import pick_device, step_generator, DistEnv
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    cfg = get_preset(preset).config
-    torch.manual_seed(0)
-    model = VAE(cfg).to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    ema = EMA(model, 0.9999)
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-4)
-    x = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    if cfg.output == "bernoulli":
-        x = (x > 0).float() * 2 - 1
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    preset, batch, sets = parse_case(case)
+    run = resolve_run_config(preset=preset, overrides=sets, train_overrides={"batch_size": batch})
+    cfg, tcfg = run.model, run.train
+    device = pick_device(tcfg.device, DistEnv())
+    model, ema, optimizer = build_model(run, device)
+    step_fn = TrainStep(model, ema, optimizer, run, device)
 
-    def step() -> None:
-        with autocast:
-            out = model(x)
-        loss = (out.nll.float() + out.kl_per_image.float()).mean() / cfg.dims_per_image
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        opt.step()
-        ema.update(model)
+    size = cfg.loss_size
+    pixels = torch.Generator().manual_seed(0)
 
-    for _ in range(warmup):
-        step()
-    if cuda:
+    def batch_at(step: int) -> torch.Tensor:
+        images = torch.randint(0, 256, (batch, cfg.channels, size, size), dtype=torch.uint8, generator=pixels)
+        return prepare_batch(cfg, images, dynamic_binarize=True, generator=step_generator(tcfg.seed, step, 0),
+                             device=device)
+
+    skipped = 0
+    for step in range(warmup):
+        skipped += step_fn(batch_at(step), step, step_generator(tcfg.seed, step, 0, device)).skipped
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    row = {"preset": preset, "batch": batch, "steps": steps, "seconds_per_step": seconds / steps,
-           "images_per_s": batch * steps / seconds, "parameters": sum(p.numel() for p in model.parameters())}
-    if cuda:
+    seconds = 0.0
+    for step in range(warmup, warmup + steps):
+        x = batch_at(step)
+        t0 = time.perf_counter()
+        stats = step_fn(x, step, step_generator(tcfg.seed, step, 0, device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        skipped += stats.skipped
+    row = {"case": case, "preset": preset, "batch": batch, "sets": sets, "steps": steps,
+           "seconds_per_step": seconds / steps, "images_per_s": batch * steps / seconds,
+           "parameters": sum(p.numel() for p in model.parameters()), "skipped": skipped,
+           "loss_nats_per_dim": float(stats.nll + stats.kl) / cfg.dims_per_image}
+    if device.type == "cuda":
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         row["memory_kind"] = "cuda max_memory_allocated"
     else:
@@ -107,17 +116,54 @@ def machine() -> dict:
     return info
 
 
+def measure(case: str, steps: int, warmup: int) -> dict:
+    """One case in its own process (a failure becomes a row with the reason)."""
+    cmd = [sys.executable, __file__, "--one", case, "--steps", str(steps), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    if proc.returncode < 0:  # killed by a signal: on Linux almost always the OOM killer
+        err = f"killed by signal {-proc.returncode} (likely out of memory)"
+    else:
+        err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+    preset, batch, sets = parse_case(case)
+    return {"case": case, "preset": preset, "batch": batch, "sets": sets, "error": err}
+
+
+def write_results(tag: str, rows: list[dict], note: str, results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "train_step", "date": time.strftime("%Y-%m-%d"), "machine": machine(), "note": note,
+              "rows": rows}
+    (results / f"train_step-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# train_step ({tag}), {result['date']}", "", f"Machine: `{json.dumps(result['machine'])}`", "",
+             "| case | params | s/step | images/s | peak memory (GB) | skipped |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | | error: {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['case']} | {r['parameters'] / 1e6:.1f}M | {r['seconds_per_step']:.3f} | "
+                         f"{r['images_per_s']:.2f} | {r['peak_memory_gb']:.2f} | {r['skipped']} |")
+    lines += ["", f"Memory is {next((r['memory_kind'] for r in rows if 'memory_kind' in r), '')}. {note}"]
+    (results / f"train_step-{tag}.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="*", help="preset:batch pairs")
+    ap.add_argument("--cases", nargs="*", help="PRESET:BATCH[:KEY=VALUE,...] cases")
     ap.add_argument("--paper-memory", action="store_true", help="the paper's Table 3 memory comparison")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the case list, interleaved")
     ap.add_argument("--tag", default=None, help="results file suffix (default: cpu or cuda)")
-    ap.add_argument("--one", nargs=2, metavar=("PRESET", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: benchmarks/results)")
+    ap.add_argument("--note", default="", help="load conditions etc., written into the results")
+    ap.add_argument("--no-write", action="store_true", help="print the rows only")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every case in this process (a smoke test: the memory figures are then not per case)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.warmup)))
+        print(json.dumps(run_one(args.one, args.steps, args.warmup)))
         return
 
     import torch
@@ -125,36 +171,15 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     cases = args.cases or (PAPER_MEMORY if args.paper_memory else (CUDA_CASES if cuda else CPU_CASES))
     rows = []
-    for case in cases:
-        preset, batch = case.split(":")
-        cmd = [sys.executable, __file__, "--one", preset, batch, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            if proc.returncode < 0:  # killed by a signal: on Linux almost always the OOM killer
-                err = f"killed by signal {-proc.returncode} (likely out of memory)"
-            else:
-                err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-            row = {"preset": preset, "batch": int(batch), "error": err}
-        else:
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    tag = args.tag or ("cuda" if cuda else "cpu")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "train_step", "date": time.strftime("%Y-%m-%d"), "machine": machine(), "rows": rows}
-    (RESULTS / f"train_step-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# train_step ({tag}), {result['date']}", "", f"Machine: `{json.dumps(result['machine'])}`", "",
-             "| preset | batch | params | s/step | images/s | peak memory (GB) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['preset']} | {r['batch']} | | error: {r['error']} | | |")
-        else:
-            lines.append(f"| {r['preset']} | {r['batch']} | {r['parameters'] / 1e6:.1f}M | "
-                         f"{r['seconds_per_step']:.3f} | {r['images_per_s']:.1f} | {r['peak_memory_gb']:.2f} |")
-    lines.append("")
-    lines.append(f"Memory is {rows[0].get('memory_kind', '')}; steps={args.steps} after {args.warmup} warm-up steps.")
-    (RESULTS / f"train_step-{tag}.md").write_text("\n".join(lines) + "\n")
+    for rnd in range(args.rounds):
+        for case in cases:
+            one = run_one(case, args.steps, args.warmup) if args.in_process else measure(case, args.steps, args.warmup)
+            row = {**one, "round": rnd}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if not args.no_write:
+        note = f"{args.steps} timed steps after {args.warmup} warm-up steps, one process per row. {args.note}"
+        write_results(args.tag or ("cuda" if cuda else "cpu"), rows, note.strip(), args.results)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the final result as JSON."),
 ) -> None:
-    """Train (or resume) a model: Adamax, warm-up + cosine, EMA, update skipping, atomic checkpoints.
+    """Train (or resume) a model with its preset's training recipe, EMA, update skipping, checkpoints.
 
     Under `torchrun --nproc_per_node N vdvl train ...` it trains with DDP (NCCL on GPUs, gloo on CPUs).
     Ctrl-C / SIGTERM saves a checkpoint and exits cleanly.

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vdvae_latents import checkpoints as ckpt
+from vdvae_latents import train_step
 from vdvae_latents.errors import ConfigError
 from vdvae_latents.runconfig import RunConfig, TrainConfig, dump_toml, load_run_config, resolve_run_config
 from vdvae_latents.training import EMA, train
@@ -61,12 +62,46 @@ class TestSchedule:
 
     def test_kl_warmup(self):
         cfg = TrainConfig(kl_warmup_steps=10)
-        assert cfg.kl_weight_at(0) == pytest.approx(0.1)
-        assert cfg.kl_weight_at(9) == 1.0
+        assert [cfg.kl_weight_at(s) for s in (0, 5, 10, 20)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
         assert TrainConfig().kl_weight_at(0) == 1.0
 
+    def test_official_kl_ramp(self):
+        # Efficient-VDVAE's LinearBetaSchedule: clamp((s - start) / (start + steps), min, 1).
+        cfg = TrainConfig(kl_warmup_start=21, kl_warmup_steps=5000, kl_weight_min=1e-4)
+        assert cfg.kl_weight_at(0) == pytest.approx(1e-4) and cfg.kl_weight_at(21) == pytest.approx(1e-4)
+        assert cfg.kl_weight_at(21 + 5021 // 2) == pytest.approx(0.5, abs=1e-3)
+        assert cfg.kl_weight_at(5042) == pytest.approx(1.0) and cfg.kl_weight_at(10**6) == 1.0
+
+    def test_official_lr_schedule_follows_torch_cosine_recursion(self):
+        # Brute force: torch's CosineAnnealingLR recursion, stepped once per update from the
+        # rate the warm-up left, with the floor after T (see TrainConfig.lr_at).
+        w, start, period, base, floor = 10, 40, 300, 1e-3, 2e-4
+        cfg = TrainConfig(steps=400, lr=base, min_lr=floor, lr_schedule="official", warmup_steps=w,
+                          decay_start=start, decay_steps=period)
+        lr = None
+        for s in range(400):
+            if s < start:
+                lr = base * min(1.0, s / w)
+            elif s <= period:
+                ratio = (1 + math.cos(math.pi * s / period)) / (1 + math.cos(math.pi * (s - 1) / period))
+                lr = floor + (lr - floor) * ratio
+            else:
+                lr = floor
+            assert cfg.lr_at(s) == pytest.approx(lr, rel=1e-9, abs=1e-15), s
+        assert cfg.lr_at(0) == 0.0 and cfg.lr_at(5) == pytest.approx(base / 2)
+
+    def test_official_schedule_without_decay_is_warmup_then_constant(self):
+        cfg = TrainConfig(lr=2e-4, min_lr=2e-4, lr_schedule="official", warmup_steps=100, decay_steps=0)
+        assert [cfg.lr_at(s) for s in (0, 50, 100, 10**6)] == pytest.approx([0.0, 1e-4, 2e-4, 2e-4])
+
+    def test_kl_balancing_window(self):
+        cfg = TrainConfig(kl_balance_steps=3)
+        assert [cfg.kl_balance_at(s) for s in range(5)] == [True, True, True, True, False]
+        assert not TrainConfig().kl_balance_at(0)
+
     @pytest.mark.parametrize("field,value", [("steps", 0), ("lr", -1.0), ("ema_decay", 1.0), ("optimizer", "sgd"),
-                                             ("device", "tpu"), ("min_lr", 1.0)])
+                                             ("device", "tpu"), ("min_lr", 1.0), ("lr_schedule", "step"),
+                                             ("eval_binarization", "coin"), ("kl_weight_min", 2.0)])
     def test_bad_settings_name_the_field(self, field, value):
         with pytest.raises(ConfigError, match=field):
             TrainConfig(**{field: value})
@@ -193,15 +228,15 @@ class TestUpdateSkipping:
             assert torch.equal(payload["model"][k], v)
 
     def test_nan_gradient_norm_is_skipped_and_counted(self, tmp_path, monkeypatch):
-        real = torch.nn.utils.clip_grad_norm_
+        real = train_step.gradient_norm
         calls = {"n": 0}
 
-        def flaky(params, max_norm, *a, **k):
+        def flaky(params, max_norm):
             calls["n"] += 1
-            norm = real(params, max_norm, *a, **k)
+            norm = real(params, max_norm)
             return torch.tensor(float("nan")) if calls["n"] == 2 else norm
 
-        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", flaky)
+        monkeypatch.setattr(train_step, "gradient_norm", flaky)
         result = train(tmp_path / "r", tiny_run(steps=4), quiet=True)
         assert result.skips == 1
         lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

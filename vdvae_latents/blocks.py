@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .act_conv import act_conv
 from .distributions import gaussian_kl, gaussian_sample, softplus_std
 
 
@@ -58,17 +59,17 @@ class ResidualCell(nn.Module):
             raise ValueError("a residual cell needs equal input and output widths")
         k = 3 if resolution > 1 else 1
         self.residual = residual
-        self.act = activation_fn(activation)
+        self.activation = activation
         self.c1 = nn.Conv2d(in_ch, mid_ch, 1) if init == "xavier" else conv(in_ch, mid_ch, 1)
         self.c2 = conv(mid_ch, mid_ch, k, init=init)
         self.c3 = conv(mid_ch, mid_ch, k, init=init)
         self.c4 = conv(mid_ch, out_ch, 1, scale=0.0 if zero_last else last_scale, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c1(self.act(x))
-        h = self.c2(self.act(h))
-        h = self.c3(self.act(h))
-        h = self.c4(self.act(h))
+        h = act_conv(self.c1, x, self.activation)  # = c1(act(x)), keeping only x for the backward pass
+        h = act_conv(self.c2, h, self.activation)
+        h = act_conv(self.c3, h, self.activation)
+        h = act_conv(self.c4, h, self.activation)
         return x + h if self.residual else h
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batches import check_images_fit, prepare_batch
+from .batches import check_images_fit, evaluation_images, prepare_batch
 from .checkpoints import load_model
 from .data import open_images, resolve_workers
 from .errors import UserError
@@ -47,6 +47,11 @@ def stream(images, batch_size: int, workers: int | None, dev: torch.device, worl
                           pin_memory=dev.type == "cuda")
 
 
+def _eval_binarization(info: dict) -> str:
+    """How the run scores binary data (its train setting; the 0.5 threshold for older runs)."""
+    return (info.get("train_config") or {}).get("eval_binarization", "threshold")
+
+
 def eval_checkpoint(path: str | Path, data: str, *, split: str = "test", iw_samples: int = 0,
                     batch_size: int = 256, limit: int | None = None, seed: int = 0, device: str = "auto",
                     workers: int | None = None, progress=None) -> dict:
@@ -58,7 +63,8 @@ def eval_checkpoint(path: str | Path, data: str, *, split: str = "test", iw_samp
     images = open_images(data, split=split, limit=limit)
     check_images_fit(model.cfg, images.shape, data)
     start = time.perf_counter()
-    result = evaluate(model, stream(images, batch_size, workers, dev), seed=seed, iw_samples=iw_samples,
+    pixels = evaluation_images(model.cfg, stream(images, batch_size, workers, dev), _eval_binarization(info))
+    result = evaluate(model, pixels, seed=seed, iw_samples=iw_samples,
                       device=dev, progress=progress)
     out = {"checkpoint": str(info["path"]), "step": info["step"], "data": data, "split": split,
            "seconds": time.perf_counter() - start, **result.as_dict()}
@@ -220,7 +226,8 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
         if sweep:
             test = open_images(data, split=sweep_split, limit=limit)
             check_images_fit(model.cfg, test.shape, data)
-            rows = pruning_sweep(model, test, active, sweep, batch_size=batch_size, seed=seed, device=dev)
+            pixels = evaluation_images(model.cfg, test, _eval_binarization(info), batch_size=batch_size)
+            rows = pruning_sweep(model, pixels, active, sweep, batch_size=batch_size, seed=seed, device=dev)
             result["sweep"] = {"split": sweep_split, "n_images": len(test), "rows": rows}
             active.extra["sweep"] = result["sweep"]
         active.save(out)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .config import ModelConfig
 from .errors import ConfigError
 from .openai_layout import openai_config
+from .recipes import Recipe, recipe_for_preset
 
 # Table 3 parameter counts (millions) that the presets are tested against.
 PAPER_PARAMETERS_M = {
@@ -39,6 +40,11 @@ class Preset:
     # Training defaults that go with the model (used by `vdvl train`).
     batch_size: int = 16
     lr: float = 1e-3
+
+    @property
+    def recipe(self) -> Recipe:
+        """The rest of the training defaults: the official recipe for paper presets (recipes.py)."""
+        return recipe_for_preset(self.name)
 
 
 OFFICIAL_BETA = 0.6931472  # the official .cfg files' gradient smoothing beta (ln 2 to 7 digits)
@@ -213,6 +219,7 @@ def describe(preset: Preset) -> dict:
         "output": cfg.output,
         "n_bits": cfg.n_bits,
         "description": preset.description,
+        "recipe": preset.recipe.name,
     }
     if preset.name in PAPER_PARAMETERS_M:
         row["paper_parameters_m"] = PAPER_PARAMETERS_M[preset.name]

@@ -32,22 +32,29 @@ from .presets import get_preset
 class TrainConfig:
     """Optimisation settings (defaults follow the paper and its public code)."""
 
-    steps: int = 1000                 # total optimisation steps (the cosine schedule spans them)
+    steps: int = 1000                 # total optimisation steps (the "cosine" schedule spans them)
     batch_size: int = 16              # global batch (split across DDP ranks)
     optimizer: str = "adamax"         # "adamax" (Efficient-VDVAE) | "adamw" (VDVAE) | "adam"
     lr: float = 1e-3
     min_lr: float = 2e-4              # floor of the cosine decay
+    lr_schedule: str = "cosine"       # "cosine" (the run's own length) | "official" (Efficient-VDVAE's steps)
     warmup_steps: int = 100           # linear warm-up from 0
     decay_start: int = 0              # cosine decay starts here (after warm-up) ...
-    decay_steps: int = 0              # ... and lasts this long; 0 = until `steps`
+    decay_steps: int = 0              # cosine: lasts this long (0 = until `steps`); official: ends at this step
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True           # EMA decay min(decay, (1+n)/(10+n)); false: the plain decay (official)
     grad_skip_threshold: float = 800.0  # skip the update when the grad norm is NaN or >= this (0 = never)
     grad_clip: float = 0.0            # clip the grad norm to this (0 = no clipping)
-    kl_warmup_steps: int = 0          # linear KL weight 0 -> 1 over these steps (NVAE-style; 0 = off)
+    kl_warmup_steps: int = 0          # linear KL weight ramp (NVAE-style; 0 = off): see kl_weight_at
+    kl_warmup_start: int = 0          # ... which starts at this step
+    kl_weight_min: float = 0.0        # ... floor of the KL weight during the ramp
+    kl_balance_steps: int = 0         # NVAE KL balancing (gamma) on steps 0..N (0 = off)
+    kl_balance_scaled: bool = True    # balance by per-element KL (official "scaled_gamma") or per-layer KL
+    eval_binarization: str = "threshold"  # binary data at evaluation: "threshold" (>= 0.5) | "sampled" (fixed draw)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -57,8 +64,11 @@ class TrainConfig:
     flip: bool = False                # random horizontal flips
     device: str = "auto"              # auto | cpu | cuda
     bf16: bool = True                 # bf16 autocast on CUDA
-    compile: bool = False             # torch.compile the model (CUDA)
-    channels_last: bool = True        # channels_last memory format on CUDA
+    tf32: bool = True                 # TF32 matmuls and convolutions on CUDA
+    cpu_bf16: bool = False            # bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); else fp32
+    compile: bool = False             # torch.compile the forward pass (falls back to eager where it cannot)
+    channels_last: bool = True        # channels_last (NHWC) weights and activations in training
+    checkpoint_activations: bool = False  # recompute each block in the backward pass (less memory, more time)
     num_workers: int = -1             # DataLoader worker processes per rank (-1 = auto: data.resolve_workers)
 
     def __post_init__(self) -> None:
@@ -84,13 +94,44 @@ class TrainConfig:
             raise bad("optimizer", f"must be adamax, adamw or adam, not '{self.optimizer}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", f"must be auto, cpu or cuda, not '{self.device}'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"must be {' or '.join(LR_SCHEDULES)}, not '{self.lr_schedule}'")
+        if self.lr_schedule == "official" and self.decay_steps:
+            if self.decay_steps <= self.decay_start:
+                raise bad("decay_steps", f"must exceed decay_start ({self.decay_start}) with the official "
+                          f"schedule, where it is the step the cosine ends at, not {self.decay_steps}")
+            if self.warmup_steps > self.decay_start:
+                raise bad("decay_start", f"must not precede the end of the warm-up ({self.warmup_steps}) with the "
+                          f"official schedule, not {self.decay_start}")
+        if not 0 <= self.kl_weight_min <= 1:
+            raise bad("kl_weight_min", f"must be in [0, 1], not {self.kl_weight_min}")
+        if self.eval_binarization not in EVAL_BINARIZATIONS:
+            raise bad("eval_binarization", f"must be {' or '.join(EVAL_BINARIZATIONS)}, not "
+                      f"'{self.eval_binarization}'")
 
     def lr_at(self, step: int) -> float:
-        """Learning rate for update ``step`` (0-based): linear warm-up, then cosine to ``min_lr``.
+        """Learning rate for update ``step`` (0-based).
 
-        The cosine is measured from its own start (``decay_start``, or the end of the
-        warm-up if later), so a warm-up does not eat into the decay.
+        ``"cosine"`` (the project's): linear warm-up ``lr * (step + 1) / warmup_steps``, then a
+        cosine from ``lr`` to ``min_lr``, measured from its own start (``decay_start``, or the
+        end of the warm-up if later) over ``decay_steps`` (0: to the end of the run), so a
+        warm-up does not eat into the decay.
+
+        ``"official"``: the trajectory of Efficient-VDVAE's ``NarrowCosineDecay`` (a
+        subclass of torch's ``CosineAnnealingLR`` with ``T_max = decay_steps``), stepped
+        once per update from the start: ``lr * min(1, step / warmup_steps)`` (0 at the
+        first update) and constant until ``decay_start``; from there torch's recursion
+        ``l_s - floor = (l_{s-1} - floor) * (1 + cos(pi s / T)) / (1 + cos(pi (s-1) / T))``
+        telescopes to a cosine of the absolute step, rescaled to be continuous at
+        ``decay_start``, that reaches ``min_lr`` at step ``decay_steps`` and stays there.
+        (torch's cosine is periodic, but the official code keeps its rates as float32
+        tensors, in which the first step of the climb past ``decay_steps`` rounds away for
+        every shipped config, so its runs stay on the floor; before that step the float32
+        recursion drifts from this exact form by at most 0.16% of ``lr``.)
+        ``decay_steps = 0``: no decay, openai/VDVAE's linear warm-up to a constant rate.
         """
+        if self.lr_schedule == "official":
+            return self._official_lr(step)
         if self.warmup_steps and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         start = max(self.decay_start, self.warmup_steps)
@@ -98,16 +139,47 @@ class TrainConfig:
         t = min(max(step - start, 0) / length, 1.0)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
 
+    def _official_lr(self, step: int) -> float:
+        def warm(s: int) -> float:
+            return self.lr * min(1.0, s / self.warmup_steps) if self.warmup_steps else self.lr
+
+        if not self.decay_steps or step < self.decay_start:
+            return warm(step)
+        period = self.decay_steps
+        if step >= period:
+            return self.min_lr
+        before = max(self.decay_start - 1, 0)  # the rate the recursion starts from (the initial lr at 0)
+        start_lr = warm(before) if self.decay_start else self.lr
+        ratio = (1 + math.cos(math.pi * step / period)) / (1 + math.cos(math.pi * before / period))
+        return self.min_lr + (start_lr - self.min_lr) * ratio
+
     def kl_weight_at(self, step: int) -> float:
+        """Weight of the KL term at update ``step`` (0-based).
+
+        The official (NVAE-style) linear ramp, exactly as Efficient-VDVAE computes it:
+        ``clamp((step - start) / (start + steps), kl_weight_min, 1)`` with ``start =
+        kl_warmup_start`` and ``steps = kl_warmup_steps`` (its denominator is ``start +
+        steps``, so the ramp reaches 1 at ``2 * start + steps``). 1 when ``kl_warmup_steps``
+        is 0.
+        """
         if not self.kl_warmup_steps:
             return 1.0
-        return min(1.0, (step + 1) / self.kl_warmup_steps)
+        start = self.kl_warmup_start
+        return min(1.0, max(self.kl_weight_min, (step - start) / (start + self.kl_warmup_steps)))
 
+    def kl_balance_at(self, step: int) -> bool:
+        """Whether KL balancing (gamma) weighs the layers at update ``step`` (official: step <= N)."""
+        return self.kl_balance_steps > 0 and step <= self.kl_balance_steps
+
+
+LR_SCHEDULES = ("cosine", "official")
+EVAL_BINARIZATIONS = ("threshold", "sampled")
 
 # Settings that change the optimisation trajectory: a resumed run must keep them.
-TRAJECTORY_FIELDS = ("batch_size", "seed", "optimizer", "lr", "min_lr", "warmup_steps", "decay_start",
-                     "decay_steps", "beta1", "beta2", "eps", "weight_decay", "ema_decay", "grad_skip_threshold",
-                     "grad_clip", "kl_warmup_steps", "flip")
+TRAJECTORY_FIELDS = ("batch_size", "seed", "optimizer", "lr", "min_lr", "lr_schedule", "warmup_steps", "decay_start",
+                     "decay_steps", "beta1", "beta2", "eps", "weight_decay", "ema_decay", "ema_warmup",
+                     "grad_skip_threshold", "grad_clip", "kl_warmup_steps", "kl_warmup_start", "kl_weight_min",
+                     "kl_balance_steps", "kl_balance_scaled", "flip")
 
 
 @dataclass(frozen=True)
@@ -157,6 +229,7 @@ def _train_from(values: dict[str, Any], preset: str | None) -> TrainConfig:
     base = TrainConfig()
     if preset:
         p = get_preset(preset)
+        base = replace(base, **p.recipe.settings)
         base = replace(base, batch_size=p.batch_size, lr=p.lr, min_lr=min(base.min_lr, p.lr))
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoints as ckpt
 from .atomic import write_text
-from .batches import check_images_fit, prepare_batch
+from .batches import check_images_fit, evaluation_images, prepare_batch
 from .data import LazyImages, TrainLoader, open_images, resolve_workers
 from .errors import ConfigError
 from .runconfig import RunConfig, dump_toml, load_run_config
+from .train_step import EMA, TrainStep, build_model
 from .vae import VAE
 
 CONFIG_NAME = "config.toml"
@@ -77,49 +77,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
     return g
-
-
-# ----------------------------------------------------------------------------- EMA
-class EMA:
-    """Exponential moving average of the weights (the weights used for evaluation).
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) over the n updates so far, so
-    that a short run's EMA is not stuck near the initial weights (with 0.9999 the
-    average would need ~10k updates to forget them).
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        decay = self.current_decay()
-        self.updates += 1
-        state = model.state_dict()
-        floats = [(self.shadow[k], v) for k, v in state.items() if v.dtype.is_floating_point]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [b.detach() for _, b in floats], 1.0 - decay)
-        for k, v in state.items():
-            if not v.dtype.is_floating_point:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    kind = {"adamax": torch.optim.Adamax, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.optimizer]
-    return kind(model.parameters(), **kwargs)
 
 
 # ----------------------------------------------------------------------------- results
@@ -191,17 +148,7 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
     batches_per_epoch = loader.batches_per_epoch  # the last partial batch of an epoch is dropped
 
     # --- model, optimiser, EMA (same init on every rank: seeded)
-    torch.manual_seed(tcfg.seed)
-    model = VAE(mcfg)
-    ema = EMA(model, tcfg.ema_decay)
-    model.to(device)
-    ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        if tcfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, tcfg)
+    model, ema, optimizer = build_model(run, device)
 
     # --- resume
     start_step, skips = 0, 0
@@ -230,14 +177,7 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(config_path, dump_toml(run.to_dict()), what="run config")
 
-    net: torch.nn.Module = model
-    if env.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tcfg.compile and device.type == "cuda":
-        net = torch.compile(net)
-
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tcfg.bf16
-                else contextlib.nullcontext())
+    train_step = TrainStep(model, ema, optimizer, run, device, env.world_size)
     logger = _MetricsLogger(run_dir, enabled=env.is_main)
     progress = _Progress(total=tcfg.steps, start=start_step, quiet=quiet or not env.is_main)
     window = _Window()
@@ -251,39 +191,18 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
     with _StopFlag() as flag, contextlib.closing(iter(loader.steps(start_step, end))) as batches:
         while step < end:
             epoch = step // batches_per_epoch
+            window.begin()
             g = step_generator(tcfg.seed, step, env.rank)
             images = next(batches).images
             if tcfg.flip:
                 flip = torch.rand(len(images), generator=g) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             x = prepare_batch(mcfg, images, dynamic_binarize=True, generator=g, device=device)
-            if device.type == "cuda" and tcfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
 
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = tcfg.lr_at(step)
-            with autocast:
-                out = net(x, generator=step_generator(tcfg.seed, step, env.rank, device))
-            nll, kl = out.nll.float(), out.kl_per_image.float()
-            beta = tcfg.kl_weight_at(step)
-            loss = (nll + beta * kl).mean() / mcfg.dims_per_image
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            skip = not math.isfinite(grad_norm) or (tcfg.grad_skip_threshold > 0 and grad_norm >= tcfg.grad_skip_threshold)
-            if skip:
-                skips += 1  # grads are all-reduced, so every rank takes the same decision
-            else:
-                optimizer.step()
-                ema.update(model)
+            stats = train_step(x, step, generator=step_generator(tcfg.seed, step, env.rank, device))
+            skips += int(stats.skipped)
             step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            window.add(nll=nll.mean().item(), kl=kl.mean().item(), grad_norm=grad_norm, seconds=dt,
-                       images=tcfg.batch_size)
+            window.add(stats, images=tcfg.batch_size)
 
             stop_now = flag.stop
             if env.world_size > 1:  # all ranks stop together when any rank was signalled
@@ -330,7 +249,7 @@ def _save(run_dir, env, run, model, ema, optimizer, step, skips, data_position) 
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
             "optimizer": _to_cpu(optimizer.state_dict()),
-            "scheduler": {"kind": "warmup-cosine", "step": step},
+            "scheduler": {"kind": run.train.lr_schedule, "step": step},
             "rng": {"torch": torch.get_rng_state()},
             "data_position": data_position,
             "skips": skips,
@@ -364,6 +283,7 @@ def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.d
     val_options = dict(split="val", seed=run.train.seed, limit=run.train.val_limit or None)
     val = open_images(run.data, **val_options) if train_set is None else train_set.split_as(**val_options)
     shard = val.shard(env.rank, env.world_size).batches(max(1, run.train.batch_size), pin_memory=device.type == "cuda")
+    shard = evaluation_images(run.model, shard, run.train.eval_binarization, rank=env.rank, world_size=env.world_size)
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema.state_dict())
     try:
@@ -386,31 +306,40 @@ def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.d
 
 # ----------------------------------------------------------------------------- logging
 class _Window:
-    """Averages the per-step numbers between two log lines."""
+    """Averages the per-step numbers between two log lines.
+
+    The loss values stay on the device until a log line needs them, so logging is the
+    only host synchronisation besides the step's skip decision. The wall time runs from
+    the first step of the window (data included) to the flush.
+    """
 
     def __init__(self) -> None:
         self.reset()
         self.last: dict = {}
 
     def reset(self) -> None:
-        self.n, self.nll, self.kl, self.gn, self.seconds, self.images = 0, 0.0, 0.0, 0.0, 0.0, 0
+        self.n, self.nll, self.kl, self.gn, self.images, self.t0 = 0, 0.0, 0.0, 0.0, 0, None
 
-    def add(self, *, nll, kl, grad_norm, seconds, images) -> None:
+    def begin(self) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def add(self, stats, *, images) -> None:
         self.n += 1
-        self.nll += nll
-        self.kl += kl
-        self.gn = max(self.gn, grad_norm) if math.isfinite(grad_norm) else float("nan")
-        self.seconds += seconds
+        self.nll = self.nll + stats.nll
+        self.kl = self.kl + stats.kl
+        self.gn = max(self.gn, stats.grad_norm) if math.isfinite(stats.grad_norm) else float("nan")
         self.images += images
 
     def flush(self, *, step, lr, skips, dims, binary, epoch) -> dict:
         n = max(self.n, 1)
-        nll, kl = self.nll / n, self.kl / n
+        nll, kl = float(self.nll) / n, float(self.kl) / n
+        seconds = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
         ln2 = math.log(2)
         m = {"step": step, "epoch": epoch, "loss": (nll + kl) / dims, "nats_per_dim": (nll + kl) / dims,
              "bits_per_dim": (nll + kl) / dims / ln2, "recon_bits_per_dim": nll / dims / ln2,
              "kl_bits_per_dim": kl / dims / ln2, "grad_norm": self.gn, "lr": lr, "skips": skips,
-             "images_per_s": self.images / self.seconds if self.seconds > 0 else 0.0, "time": time.time()}
+             "images_per_s": self.images / seconds if seconds > 0 else 0.0, "time": time.time()}
         if binary:
             m.update(nats_per_image=nll + kl, recon_nats_per_image=nll, kl_nats_per_image=kl)
         self.last = m

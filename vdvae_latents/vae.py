@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .blocks import AvgPoolCell, LayerPlan, LayerResult, ResidualCell, StridedPool, TopDownBlock, Unpool, conv
+from .checkpointing import run_checkpointed
 from .config import ModelConfig
 from .heads import make_head
 from .likelihoods import truncate_bits
@@ -76,6 +77,10 @@ class VAE(nn.Module):
     Inputs are images in [-1, 1], shape (B, C, image_size, image_size) (already
     padded when ``cfg.pad`` > 0; binary data as -1/1).
     """
+
+    # Recompute each bottom-up cell and top-down block in the backward pass (set by
+    # training from train.checkpoint_activations): exact gradients, far less memory.
+    checkpoint_activations: bool = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -160,7 +165,8 @@ class VAE(nn.Module):
         for i in reversed(range(len(cfg.resolutions))):
             cells, projections = self.down_cells[i], self.skip_proj[i]
             if not isinstance(projections, nn.ModuleList):
-                h = cells(h)
+                for cell in cells:
+                    h = self._call(cell, h)
                 per_res[i] = [projections(h)]
             else:
                 # Groups run last to first: the skip taken nearest the image feeds the
@@ -169,7 +175,7 @@ class VAE(nn.Module):
                 down_groups = cfg.skip_groups(i)[1]
                 for k in reversed(range(len(down_groups))):
                     for cell in cells[start:start + down_groups[k]]:
-                        h = cell(h)
+                        h = self._call(cell, h)
                     start += down_groups[k]
                     per_res[i].insert(0, projections[k](h))
             h = self.pools[i](h)
@@ -195,12 +201,21 @@ class VAE(nn.Module):
                     state = state + bias
             for block in blocks:
                 skip = None if skips is None else skips[self.skip_of_layer[k]]
-                state, result = block(state, skip, plans[k])
+                state, result = self._call(block, state, skip, plans[k])
                 results.append(result)
                 k += 1
         if self.final_gain is not None:
             state = state * self.final_gain + self.final_bias
         return state, results
+
+    def _call(self, block: nn.Module, *args):
+        """Run one block, under activation checkpointing when training asks for it."""
+        if not (self.checkpoint_activations and torch.is_grad_enabled()):
+            return block(*args)
+        plan = args[-1] if isinstance(args[-1], LayerPlan) else None  # top-down blocks sample; cells do not
+        generator = plan.generator if plan is not None else None
+        return run_checkpointed(block, *args, generator=generator,
+                                uses_global_rng=plan is not None and generator is None)
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: torch.Tensor, *, active: Sequence[Mask] | None = None, posterior: str = "sample",
