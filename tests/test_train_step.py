@@ -104,6 +104,24 @@ class TestFixedBinarization:
         assert torch.equal(x[:, :, 2:30, 2:30] > 0, torch.from_numpy(bits == 255).permute(0, 3, 1, 2))
 
 
+    def test_streamed_and_sharded_splits_get_the_in_memory_bits(self, tmp_path):
+        from vdvae_latents.data import open_images
+
+        grey = np.random.default_rng(1).integers(0, 256, (23, 28, 28, 1), dtype=np.uint8)
+        np.save(tmp_path / "grey.npy", grey[..., 0])
+        mnist = get_preset("mnist-c1").config
+        lazy = open_images(str(tmp_path / "grey.npy"), "all")
+        expected = torch.from_numpy(fixed_binarization(grey)).permute(0, 3, 1, 2)
+        streamed = torch.cat(list(evaluation_images(mnist, lazy, "sampled", batch_size=5)))
+        assert torch.equal(streamed, expected)
+        assert len(evaluation_images(mnist, lazy, "sampled")) == 23  # what the pruning sweep sizes by
+        for world in (2, 3):  # each rank streams its shard: every image keeps its split's bits
+            for rank in range(world):
+                loader = lazy.shard(rank, world).batches(4)
+                got = torch.cat(list(evaluation_images(mnist, loader, "sampled", rank=rank, world_size=world)))
+                assert torch.equal(got, expected[rank::world])
+
+
 def _grads(model: VAE) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
