@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vdvae_latents.errors import UserError
+from vdvae_latents.quantize import DEFAULT_STEP as DEFAULT_QUANT_STEP
 
 app = typer.Typer(
     name="vdvl",
@@ -374,8 +375,8 @@ def encode(
     quantize: str = typer.Option("std-step", "--quantize", help="With int8/uint8: std-step (a step of "
                                  "--quant-step column stds), prior-step (--quant-step prior stds) or range (each "
                                  "column's calibration range over 256 levels)."),
-    quant_step: float = typer.Option(0.25, "--quant-step", help="With std-step/prior-step: the step in standard "
-                                     "deviations."),
+    quant_step: float = typer.Option(DEFAULT_QUANT_STEP, "--quant-step", help="With std-step/prior-step: the step "
+                                     "in standard deviations."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Compression, e.g. zstd:9+transpose (Zarr) or "
                                         "gzip:9:shuffle (HDF5); default: the measured best."),
     granularity: str = typer.Option("variate", "--granularity", help="With --keep/--threshold: variate or element."),

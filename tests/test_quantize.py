@@ -169,9 +169,9 @@ def test_encode_int8_reports_its_error_and_resumes_with_its_quantiser(tmp_path: 
     active = tmp_path / "q.active.json"  # the first encode saved its active set: no more KL passes
     base = tuple("--active" if a == "--keep" else active if a == "25%" else a for a in base)
     code, stdout, _ = run_cli(capsys, *base, "--out", tmp_path / "t.zarr", "--dtype", "int8")
-    assert code == 0 and "features error (int8 std-step step 0.25 column std)" in stdout
+    assert code == 0 and "features error (int8 std-step step 0.125 column std)" in stdout
     code, stdout, _ = run_cli(capsys, *base, "--out", tmp_path / "p.zarr", "--dtype", "int8", "--quantize", "prior-step")
-    assert code == 0 and "features error (int8 prior-step step 0.25 prior std)" in stdout
+    assert code == 0 and "features error (int8 prior-step step 0.125 prior std)" in stdout
     assert "note: quantisation error" in stdout  # random weights: the means vary far less than a prior step
 
     # resume: the stored quantiser continues the store, identical to an uninterrupted run
