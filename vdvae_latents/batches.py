@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .data import binarize, to_model_input
+from .data import LazyImages, binarize, to_model_input
 from .errors import DataError
 
 
@@ -107,6 +107,6 @@ def evaluation_images(cfg: ModelConfig, images, binarization: str = "threshold",
         return images
     if isinstance(images, np.ndarray):
         return fixed_binarization(images)
-    if hasattr(images, "batches") and hasattr(images, "read"):  # LazyImages
+    if isinstance(images, LazyImages):
         return _FixedBinarizedBatches(images.batches(batch_size), len(images))
     return _FixedBinarizedBatches(images, rank=rank, world_size=world_size)

@@ -119,8 +119,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
             else:
                 quantizers = None
                 if calib is not None:
-                    batches = (images.read(calib[b:b + batch_size]) for b in range(0, len(calib), batch_size))
-                    quantizers = _calibrate(encoder, batches, dtype, quantize, quant_step, dev, seed)
+                    calib_batches = (images.read(calib[b:b + batch_size]) for b in range(0, len(calib), batch_size))
+                    quantizers = _calibrate(encoder, calib_batches, dtype, quantize, quant_step, dev, seed)
                 writer = StoreWriter.create(out, n_rows=n, dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
                                             with_std=statistic == "mean+std", has_labels=images.labels is not None,
                                             has_source_names=images.source_names is not None, quantizers=quantizers,
