@@ -113,9 +113,13 @@ class Unpool(nn.Module):
         super().__init__()
         self.conv = conv(in_ch, out_ch, 1, init=init)
         self.factor = factor
+        # From a 1x1 input interpolate cannot tell the layout and returns NCHW; a channels_last
+        # model (train.channels_last) asks for NHWC so the blocks above do not mix layouts.
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(F.leaky_relu(self.conv(x), 0.1), scale_factor=self.factor, mode="nearest")
+        out = F.interpolate(F.leaky_relu(self.conv(x), 0.1), scale_factor=self.factor, mode="nearest")
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
 
 @dataclass
@@ -183,15 +187,21 @@ class TopDownBlock(nn.Module):
         v, p = self.variates, self.prior(state)
         if self.efficient:
             width = state.shape[1]
-            residual, params = p[:, :width], self.prior_params(p[:, width:])
-            return params[:, :v], self.std(params[:, v:]), residual
-        return p[:, :v], self.std(p[:, v:2 * v]), p[:, 2 * v:]
+            # split, not two slices: one backward node writes both gradients into one
+            # tensor of the input's layout (two slices would each zero-fill a full-size,
+            # contiguous-format gradient and add them: slow transposes under channels_last).
+            residual, features = p.split([width, width], dim=1)
+            mean, raw = self.prior_params(features).split(v, dim=1)
+            return mean, self.std(raw), residual
+        mean, raw, residual = p.split([v, v, p.shape[1] - 2 * v], dim=1)
+        return mean, self.std(raw), residual
 
     def posterior_stats(self, state: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.posterior(torch.cat([state, skip], dim=1))
         if self.efficient:
             q = self.posterior_params(q)
-        return q[:, :self.variates], self.std(q[:, self.variates:])
+        mean, raw = q.split(self.variates, dim=1)
+        return mean, self.std(raw)
 
     def std(self, raw: torch.Tensor) -> torch.Tensor:
         return softplus_std(raw, self.latent_beta) if self.efficient else torch.exp(raw)

@@ -46,9 +46,10 @@ class MixtureOfLogisticsHead(nn.Module):
         raw = _widen(_crop(self.out(h), self.pad))
         b, _, hh, ww = raw.shape
         m, c = self.m, self.c
-        logits = raw[:, :m]
-        means = raw[:, m:m + m * c].reshape(b, m, c, hh, ww)
-        scale_raw = raw[:, m + m * c:m + 2 * m * c].reshape(b, m, c, hh, ww)
+        # One split (not slices): its backward fills one gradient tensor in the input's layout.
+        logits, means, scale_raw, coeff_raw = raw.split([m, m * c, m * c, raw.shape[1] - m * (1 + 2 * c)], dim=1)
+        means = means.reshape(b, m, c, hh, ww)
+        scale_raw = scale_raw.reshape(b, m, c, hh, ww)
         if self.scale_kind == "exp":
             scales = torch.exp(scale_raw.clamp(min=self.floor))
         elif self.scale_kind == "logstd":
@@ -56,7 +57,7 @@ class MixtureOfLogisticsHead(nn.Module):
         else:
             scales = softplus_std(scale_raw, self.beta)
             scales = scales.clamp(min=math.exp(self.floor))
-        coeffs = torch.tanh(raw[:, m + 2 * m * c:].reshape(b, m, 3, hh, ww)) if c == 3 else None
+        coeffs = torch.tanh(coeff_raw.reshape(b, m, 3, hh, ww)) if c == 3 else None
         return dict(logit_weights=logits, means=means, scales=scales, coeffs=coeffs)
 
     def log_prob(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .runconfig import RunConfig, TrainConfig
+from .blocks import Unpool
 from .vae import VAE
 
 
@@ -84,6 +85,9 @@ def build_model(run: RunConfig, device: torch.device) -> tuple[VAE, EMA, torch.o
         torch.backends.cudnn.allow_tf32 = tcfg.tf32
     if tcfg.channels_last:  # NHWC: oneDNN (CPU) and cuDNN convolutions skip layout reorders
         model.to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if isinstance(module, Unpool):
+                module.channels_last = True
     return model, ema, make_optimizer(model, tcfg)
 
 
@@ -188,7 +192,9 @@ class TrainStep:
         """(training loss in nats/dim, per-image NLL (B,), per-image KL (B,))."""
         tcfg = self.tcfg
         nll = out.nll.float()
-        kl_layers = torch.stack([layer.kl.float().flatten(1).sum(1) for layer in out.layers], dim=1)  # (B, L)
+        # sum over (V, H, W), not flatten(1): flattening a channels_last tensor copies it to NCHW,
+        # and the KL's backward pass would then run in NCHW against NHWC inputs.
+        kl_layers = torch.stack([layer.kl.float().sum((1, 2, 3)) for layer in out.layers], dim=1)  # (B, L)
         if tcfg.kl_balance_at(step):
             kl_term = balanced_kl(kl_layers.mean(0), self.elements if tcfg.kl_balance_scaled else None)
         else:

@@ -44,7 +44,7 @@ class VAEOutput:
 
     @property
     def kl_per_image(self) -> torch.Tensor:
-        return sum(k.flatten(1).sum(1) for k in self.kl)
+        return sum(k.sum((1, 2, 3)) for k in self.kl)
 
     @property
     def elbo_per_image(self) -> torch.Tensor:
