@@ -12,11 +12,12 @@ three for a CPU: the posterior noise, ``Tensor.cuda`` and the output sampler's o
 on the tensors' device.
 
 Each measurement is a fresh process (``--one``), so its peak RSS is its own, and
-``--rounds`` interleaves it with ``benchmarks/train_step.py``'s measurement of the
-matching vdvl preset (the real ``vdvl train`` step), so both see the same machine::
+``--rounds`` interleaves it with ``benchmarks/train_step.py``'s measurements of the
+matching vdvl preset (the real ``vdvl train`` step; several cases: defaults, fp32,
+checkpointing), so all see the same machine::
 
     python benchmarks/official_train_step.py --cfg egs/cifar10_C1.cfg --batch 16 \\
-        --vdvl-case cifar10-c1:16 --rounds 2
+        --vdvl-case cifar10-c1:16 cifar10-c1:16:train.cpu_bf16=false --rounds 2
 
 Results: benchmarks/results/official_train_step-<tag>.json and .md.
 """
@@ -159,7 +160,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--vdvl-case", default=None, help="the benchmarks/train_step.py case to interleave with")
+    ap.add_argument("--vdvl-case", nargs="*", default=[],
+                    help="benchmarks/train_step.py cases to interleave with (each round: official, then these)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--note", default="")
@@ -178,8 +180,8 @@ def main() -> None:
     for r in range(args.rounds):
         rows.append({"round": r, **measure_official(args, checkout)})
         print(json.dumps(rows[-1]), flush=True)
-        if args.vdvl_case:
-            rows.append({"round": r, **measure_vdvl(args.vdvl_case, args.steps, args.warmup)})
+        for case in args.vdvl_case:
+            rows.append({"round": r, **measure_vdvl(case, args.steps, args.warmup)})
             print(json.dumps(rows[-1]), flush=True)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from train_step import machine

@@ -96,6 +96,13 @@ def run_one(case: str, steps: int, warmup: int) -> dict:
     else:
         row["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         row["memory_kind"] = "process peak RSS"
+        # RSS also counts the torch runtime and the heap glibc keeps after frees; the tensors
+        # themselves, as CUDA's max_memory_allocated counts them, come from one profiled step.
+        step = warmup + steps
+        row["tensor_peak_gb"] = cpu_tensor_peak_gb(
+            lambda x: step_fn(x, step, step_generator(tcfg.seed, step, 0, device)), batch_at(step),
+            held=[*model.state_dict().values(), *ema.shadow.values(),
+                  *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))])
         # What a step needs beyond the state every variant holds alike (process and weights at
         # set-up, the gradients, the optimiser's moments): activations and temporaries. This
         # is the part activation checkpointing can shrink.
@@ -105,6 +112,29 @@ def run_one(case: str, steps: int, warmup: int) -> dict:
         row["fixed_state_gb"] = fixed
         row["step_memory_gb"] = row["peak_memory_gb"] - fixed
     return row
+
+
+def cpu_tensor_peak_gb(run_step, x, held) -> float:
+    """Peak bytes of live CPU tensors in one step ``run_step(x)``: max_memory_allocated's CPU twin.
+
+    The profiler's allocation events carry the running total of the bytes allocated since
+    it started, less those freed again; its maximum is the step's own peak, on top of the
+    tensors ``held`` when the step begins (weights, EMA, optimiser state) and the batch.
+    """
+    import torch
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_step(x)
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            peak = max(peak, event.extra_fields.total_allocated)
+    start = sum(t.numel() * t.element_size() for t in [*held, x] if isinstance(t, torch.Tensor))
+    return (start + peak) / 2**30
 
 
 def _current_rss_gb() -> float:
@@ -154,16 +184,23 @@ def write_results(tag: str, rows: list[dict], note: str, results: Path = RESULTS
               "rows": rows}
     (results / f"train_step-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# train_step ({tag}), {result['date']}", "", f"Machine: `{json.dumps(result['machine'])}`", "",
-             "| case | params | s/step | images/s | peak memory (GiB) | of which step (GiB) | skipped |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | params | s/step | images/s | peak memory (GiB) | of which step (GiB) | tensor peak (GiB) "
+             "| skipped |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | | error: {r['error']} | | | | |")
+            lines.append(f"| {r['case']} | | error: {r['error']} | | | | | |")
         else:
             step_mem = f"{r['step_memory_gb']:.2f}" if "step_memory_gb" in r else ""
+            tensors = f"{r['tensor_peak_gb']:.2f}" if "tensor_peak_gb" in r else ""
             lines.append(f"| {r['case']} | {r['parameters'] / 1e6:.1f}M | {r['seconds_per_step']:.3f} | "
-                         f"{r['images_per_s']:.2f} | {r['peak_memory_gb']:.2f} | {step_mem} | {r['skipped']} |")
+                         f"{r['images_per_s']:.2f} | {r['peak_memory_gb']:.2f} | {step_mem} | {tensors} | "
+                         f"{r['skipped']} |")
     lines += ["", f"Memory is {next((r['memory_kind'] for r in rows if 'memory_kind' in r), '')}. {note}"]
+    if any("tensor_peak_gb" in r for r in rows):
+        lines += ["", "Step memory: peak RSS less the state present before the first step (process, weights, "
+                      "EMA, gradients, optimiser moments). Tensor peak: the most bytes of live tensors in one "
+                      "profiled step, that state included, i.e. what CUDA's max_memory_allocated counts "
+                      "(no torch runtime, no heap the allocator keeps after frees)."]
     (results / f"train_step-{tag}.md").write_text("\n".join(lines) + "\n")
 
 

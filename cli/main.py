@@ -39,6 +39,14 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
+def _leave_process_group() -> None:
+    """End the torchrun process group the library joined, before the process exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @app.command()
 def presets(
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
@@ -133,6 +141,7 @@ def train(
         train_overrides={"steps": steps, "batch_size": batch_size, "lr": lr, "device": device,
                          "checkpoint_every": checkpoint_every, "num_workers": workers})
     result = train_run(run_dir, run, quiet=quiet or as_json)
+    _leave_process_group()
     summary = {"run_dir": str(result.run_dir), "step": result.step, "skips": result.skips,
                "interrupted": result.interrupted,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,

@@ -234,3 +234,33 @@ def test_compile_failure_falls_back_to_the_same_eager_step(monkeypatch):
     eager, w_eager = one_step(False)
     assert torch.equal(compiled.nll, eager.nll) and compiled.grad_norm == eager.grad_norm
     assert all(torch.equal(w_compiled[k], w_eager[k]) for k in w_eager)
+
+
+class TestCpuBf16Default:
+    """bf16 autocast is the CPU default only where the CPU computes bf16 natively."""
+
+    def _autocast(self, monkeypatch, machine: str, avx512_bf16: bool, amx: bool, **train):
+        import platform
+
+        from vdvae_latents import train_step
+        from vdvae_latents.runconfig import TrainConfig
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+        monkeypatch.setattr(platform, "machine", lambda: machine)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        return train_step.autocast_for(torch.device("cpu"), TrainConfig(**train))
+
+    def test_on_by_default_with_avx512_bf16_or_amx(self, monkeypatch):
+        for avx512_bf16, amx in ((True, False), (False, True)):
+            ctx = self._autocast(monkeypatch, "x86_64", avx512_bf16, amx)
+            assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+
+    def test_plain_avx512_keeps_fp32(self, monkeypatch):
+        # oneDNN would accept bf16 here but emulate it, slower than fp32
+        ctx = self._autocast(monkeypatch, "x86_64", False, False)
+        assert not isinstance(ctx, torch.autocast)
+
+    def test_can_be_switched_off(self, monkeypatch):
+        ctx = self._autocast(monkeypatch, "x86_64", True, True, cpu_bf16=False)
+        assert not isinstance(ctx, torch.autocast)

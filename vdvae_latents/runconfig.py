@@ -65,7 +65,7 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
     bf16: bool = True                 # bf16 autocast on CUDA
     tf32: bool = True                 # TF32 matmuls and convolutions on CUDA
-    cpu_bf16: bool = False            # bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); else fp32
+    cpu_bf16: bool = True             # bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); fp32 on others
     compile: bool = False             # torch.compile the forward pass (falls back to eager where it cannot)
     channels_last: bool = True        # channels_last (NHWC) weights and activations in training
     checkpoint_activations: bool = False  # recompute each block in the backward pass (less memory, more time)

@@ -10,7 +10,9 @@ step outlives it: outputs and gradients are released before the next forward pas
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
+import platform
 import warnings
 from dataclasses import dataclass
 
@@ -92,11 +94,20 @@ def build_model(run: RunConfig, device: torch.device) -> tuple[VAE, EMA, torch.o
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX; Arm: its BF16 extension).
+
+    oneDNN also accepts bf16 on x86 CPUs with plain AVX-512, but emulates it there, and
+    emulated bf16 trains slower than fp32, so those CPUs keep fp32.
+    """
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
     except (AttributeError, RuntimeError):
         return False
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(probe() for probe in probes if probe is not None)
+    return True  # on Arm, oneDNN reports bf16 only where the CPU has the BF16 instructions
 
 
 def autocast_for(device: torch.device, tcfg: TrainConfig):
@@ -220,6 +231,19 @@ class TrainStep:
             self.ema.update(self.model)
         self.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next forward pass
         return StepStats(nll.detach().mean(), kl.detach().mean(), norm, skipped)
+
+    def close(self) -> None:
+        """Drop the DDP wrapper now, while the interpreter is fully alive.
+
+        Its reducer keeps gloo work objects that hold tensors; left for interpreter
+        shutdown, their destruction needs the GIL of a finalising interpreter and aborts
+        the process (SIGABRT, "terminate called without an active exception") once in a
+        few runs, after training has finished. DDP's hooks form reference cycles, hence
+        the collection.
+        """
+        if self.net is not self.model:
+            self.net = self.compiled = None
+            gc.collect()
 
 
 __all__ = ["EMA", "make_optimizer", "build_model", "balanced_kl", "gradient_norm", "StepStats", "TrainStep"]

@@ -234,6 +234,7 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
         validation = validate(model, ema, run, env, device, train_set)
         logger.log({"step": step, "validation": validation})
     logger.close()
+    train_step.close()
     return TrainResult(run_dir, step, skips, interrupted, last_ckpt, window.last, validation, model, ema)
 
 
