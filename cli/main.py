@@ -40,7 +40,7 @@ def _print_json(obj) -> None:
 
 
 def _leave_process_group() -> None:
-    """End the torchrun process group the library joined, before the process exits."""
+    """End the torchrun process group the library joined (train, analyze-kl, encode), before exit."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -141,7 +141,6 @@ def train(
         train_overrides={"steps": steps, "batch_size": batch_size, "lr": lr, "device": device,
                          "checkpoint_every": checkpoint_every, "num_workers": workers})
     result = train_run(run_dir, run, quiet=quiet or as_json)
-    _leave_process_group()
     summary = {"run_dir": str(result.run_dir), "step": result.step, "skips": result.skips,
                "interrupted": result.interrupted,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
@@ -661,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: maps errors to the exit-code contract."""
     try:
         result = app(args=argv, prog_name="vdvl", standalone_mode=False)
+        _leave_process_group()  # only after success: a rank that failed must not wait on the others
         return result if isinstance(result, int) else 0
     except UserError as err:
         _fail(str(err))

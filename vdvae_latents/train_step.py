@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .runconfig import RunConfig, TrainConfig
 from .blocks import Unpool
+from .runconfig import RunConfig, TrainConfig
 from .vae import VAE
 
 
@@ -237,8 +237,8 @@ class TrainStep:
 
         Its reducer keeps gloo work objects that hold tensors; left for interpreter
         shutdown, their destruction needs the GIL of a finalising interpreter and aborts
-        the process (SIGABRT, "terminate called without an active exception") once in a
-        few runs, after training has finished. DDP's hooks form reference cycles, hence
+        the process (SIGABRT, "terminate called without an active exception") in about one
+        run of ten, after training has finished. DDP's hooks form reference cycles, hence
         the collection.
         """
         if self.net is not self.model:
