@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # train_step.py: vdvl's measurement and the machine description
 
 
 def _cfg_with_batch(cfg: Path, batch: int) -> Path:
@@ -143,7 +144,6 @@ def measure_official(args, checkout: Path) -> dict:
 
 
 def measure_vdvl(case: str, steps: int, warmup: int) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from train_step import measure  # one fresh process per measurement
 
     row = measure(case, steps, warmup)
@@ -183,7 +183,6 @@ def main() -> None:
         for case in args.vdvl_case:
             rows.append({"round": r, **measure_vdvl(case, args.steps, args.warmup)})
             print(json.dumps(rows[-1]), flush=True)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from train_step import machine
 
     commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True).stdout

@@ -99,17 +99,15 @@ def run_one(case: str, steps: int, warmup: int) -> dict:
         row["memory_kind"] = "process peak RSS"
         # RSS also counts the torch runtime and the heap glibc keeps after frees; the tensors
         # themselves, as CUDA's max_memory_allocated counts them, come from one profiled step.
+        moments = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
         step = warmup + steps
         row["tensor_peak_gb"] = cpu_tensor_peak_gb(
             lambda x: step_fn(x, step, step_generator(tcfg.seed, step, 0, device)), batch_at(step),
-            held=[*model.state_dict().values(), *ema.shadow.values(),
-                  *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))])
+            held=[*model.state_dict().values(), *ema.shadow.values(), *moments])
         # What a step needs beyond the state every variant holds alike (process and weights at
         # set-up, the gradients, the optimiser's moments): activations and temporaries. This
         # is the part activation checkpointing can shrink.
-        fixed = setup_rss + (sum(p.numel() * p.element_size() for p in model.parameters())
-                             + sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                                   for t in state.values() if torch.is_tensor(t))) / 2**30
+        fixed = setup_rss + (_nbytes(model.parameters()) + _nbytes(moments)) / 2**30
         row["fixed_state_gb"] = fixed
         row["step_memory_gb"] = row["peak_memory_gb"] - fixed
     return row
@@ -134,8 +132,11 @@ def cpu_tensor_peak_gb(run_step, x, held) -> float:
         stack.extend(event.children)
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
             peak = max(peak, event.extra_fields.total_allocated)
-    start = sum(t.numel() * t.element_size() for t in [*held, x] if isinstance(t, torch.Tensor))
-    return (start + peak) / 2**30
+    return (_nbytes([*held, x]) + peak) / 2**30
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _current_rss_gb() -> float:

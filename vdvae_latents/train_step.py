@@ -55,10 +55,6 @@ class EMA:
             if not v.dtype.is_floating_point:
                 self.shadow[k].copy_(v)
 
-    def to(self, device: torch.device) -> "EMA":
-        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
-        return self
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
@@ -78,9 +74,7 @@ def build_model(run: RunConfig, device: torch.device) -> tuple[VAE, EMA, torch.o
     tcfg = run.train
     torch.manual_seed(tcfg.seed)
     model = VAE(run.model)
-    ema = EMA(model, tcfg.ema_decay, warmup=tcfg.ema_warmup)
     model.to(device)
-    ema.to(device)
     model.checkpoint_activations = tcfg.checkpoint_activations
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tcfg.tf32
@@ -90,6 +84,9 @@ def build_model(run: RunConfig, device: torch.device) -> tuple[VAE, EMA, torch.o
         for module in model.modules():
             if isinstance(module, Unpool):
                 module.channels_last = True
+    # Made last, so the averages share the weights' device and layout (the per-step lerp
+    # then runs on matching strides).
+    ema = EMA(model, tcfg.ema_decay, warmup=tcfg.ema_warmup)
     return model, ema, make_optimizer(model, tcfg)
 
 
