@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the data sets")
     ap.add_argument("--lock", help="run each command under `flock -s LOCK` (a shared machine's CPU lock)")
     args = ap.parse_args()
-    vdvl = [sys.executable, "-m", "cli.main"]
+    vdvl = [sys.executable, "-m", "vdvae_latents"]
     rows = []
     args.root.mkdir(parents=True, exist_ok=True)
     try:

@@ -27,12 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import machine  # noqa: E402
-from vdvae_latents.batches import prepare_batch  # noqa: E402
-from vdvae_latents.checkpoints import load_model, resolve_checkpoint  # noqa: E402
+from vdvae_latents.model.inputs import prepare_batch  # noqa: E402
+from vdvae_latents.model.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from vdvae_latents.data import load_images  # noqa: E402
-from vdvae_latents.encode_job import encode_to_store  # noqa: E402
-from vdvae_latents.encoding import Encoder  # noqa: E402
-from vdvae_latents.kl_analysis import LatentKL, build_active_set, parse_keep  # noqa: E402
+from vdvae_latents.stores.encode import encode_to_store  # noqa: E402
+from vdvae_latents.latents.encoder import Encoder  # noqa: E402
+from vdvae_latents.latents.stats import LatentKL
+from vdvae_latents.latents.active_set import build_active_set, parse_keep  # noqa: E402
 
 
 def bare_pass(model, encoder, images, batch_size: int, device) -> float:

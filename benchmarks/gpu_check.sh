@@ -81,7 +81,7 @@ done
   ${SMOKE[@]+"${SMOKE[@]}"}
 
 # 3. a short real training run: the loss must fall and nothing may be skipped
-"$PY" -m cli.main train --preset "$SMALL" --data "$DATA" --run-dir "$WORK/run" --steps "$TRAIN_STEPS" \
+"$PY" -m vdvae_latents train --preset "$SMALL" --data "$DATA" --run-dir "$WORK/run" --steps "$TRAIN_STEPS" \
   --device "$DEVICE" --set train.log_every=10 --set train.val_limit=256 --set train.checkpoint_every=100000 --quiet
 "$PY" - "$WORK/run/metrics.jsonl" "$OUT/gpu_check-$TAG-train.json" "$SMALL" "$TRAIN_STEPS" <<'EOF'
 import json, sys

@@ -29,17 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import machine  # noqa: E402
-from vdvae_latents.probe_protocol import RowSpaceProjection  # noqa: E402
+from vdvae_latents.downstream.protocol import RowSpaceProjection  # noqa: E402
 
 
 def full_latents(store: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     import torch
 
-    from vdvae_latents.batches import prepare_batch
-    from vdvae_latents.checkpoints import load_model
+    from vdvae_latents.model.inputs import prepare_batch
+    from vdvae_latents.model.checkpoints import load_model
     from vdvae_latents.data import load_images
-    from vdvae_latents.probes import full_latent_means
-    from vdvae_latents.stores import open_encodings
+    from vdvae_latents.downstream.inputs import full_latent_means
+    from vdvae_latents.stores.reader import open_encodings
 
     with open_encodings(store) as enc:
         attrs = dict(enc.attrs)

@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import machine  # noqa: E402
-from vdvae_latents.stores import StoreWriter, disk_bytes, open_encodings  # noqa: E402
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.schema import disk_bytes
+from vdvae_latents.stores.reader import open_encodings  # noqa: E402
 
 
 def synthetic_store(path: Path, rows: int, features: int, classes: int, chunk_rows: int, seed: int = 0) -> None:
@@ -78,7 +80,7 @@ def main() -> None:
         print(f"wrote {args.store} in {time.perf_counter() - start:.0f} s", flush=True)
     with open_encodings(args.store) as enc:
         rows, features = enc.n_rows, enc.n_features
-    cmd = [sys.executable, "-m", "cli.main", "probe", str(args.store), "--baselines", "none", "--seeds", "1",
+    cmd = [sys.executable, "-m", "vdvae_latents", "probe", str(args.store), "--baselines", "none", "--seeds", "1",
            "--json", *args.probe_args.split()]
     start = time.perf_counter()
     child = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

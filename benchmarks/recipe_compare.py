@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import machine  # noqa: E402
-from vdvae_latents.evaluate import evaluate  # noqa: E402
+from vdvae_latents.model.evaluation import evaluate  # noqa: E402
 from vdvae_latents.data import load_images  # noqa: E402
-from vdvae_latents.recipes import RECIPES  # noqa: E402
-from vdvae_latents.runconfig import resolve_run_config  # noqa: E402
-from vdvae_latents.training import train  # noqa: E402
+from vdvae_latents.train.recipes import RECIPES  # noqa: E402
+from vdvae_latents.train.run_config import resolve_run_config  # noqa: E402
+from vdvae_latents.train.loop import train  # noqa: E402
 
 # The official settings that are about the optimisation (not the data set or its length).
 OFFICIAL_KEYS = ("lr_schedule", "warmup_steps", "decay_start", "decay_steps", "kl_warmup_start", "kl_warmup_steps",

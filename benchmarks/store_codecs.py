@@ -38,12 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import machine  # noqa: E402
-from vdvae_latents.batches import prepare_batch  # noqa: E402
+from vdvae_latents.model.inputs import prepare_batch  # noqa: E402
 from vdvae_latents.data import load_images  # noqa: E402
-from vdvae_latents.encoding import store_encoder  # noqa: E402
-from vdvae_latents.quantize import CALIBRATION_ROWS, calibration_rows, fit_quantizer  # noqa: E402
-from vdvae_latents.store_backends import default_codec  # noqa: E402
-from vdvae_latents.stores import OWN_ATTRS, StoreWriter, disk_bytes, open_encodings  # noqa: E402
+from vdvae_latents.stores.decode import store_encoder  # noqa: E402
+from vdvae_latents.stores.codes import CALIBRATION_ROWS, calibration_rows, fit_quantizer  # noqa: E402
+from vdvae_latents.stores.backends import default_codec  # noqa: E402
+from vdvae_latents.stores.schema import OWN_ATTRS, disk_bytes
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.reader import open_encodings  # noqa: E402
 
 ZARR_CODECS = ["blosc:zstd:5:shuffle", "blosc:zstd:9:shuffle", "blosc:zstd:5:bitshuffle", "blosc:lz4:5:shuffle",
                "zstd:3", "zstd:9", "zstd:19", "zstd:9+transpose", "blosc:zstd:5:shuffle+transpose"]
@@ -115,7 +117,7 @@ def main() -> None:
     ap.add_argument("--codecs", choices=["all", "default"], default="all", help="size every codec or only the default")
     ap.add_argument("--tag", default="fashion-mnist")
     args = ap.parse_args()
-    from vdvae_latents.probes import run_probe
+    from vdvae_latents.downstream.probe import run_probe
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vdvl-codecs-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Training-step throughput and peak memory per preset, batch size and training options.
 
-Drives the real step of ``vdvl train`` (:class:`vdvae_latents.train_step.TrainStep`:
+Drives the real step of ``vdvl train`` (:class:`vdvae_latents.train.step.TrainStep`:
 forward, loss with the recipe's KL weight and balancing, backward, gradient norm,
 skipping, schedule, Adamax/AdamW update, EMA) on batches made by the training's own
 ``prepare_batch`` from random uint8 pixels, after warm-up steps. Every measurement runs
@@ -51,10 +51,11 @@ def run_one(case: str, steps: int, warmup: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from vdvae_latents.batches import prepare_batch
-    from vdvae_latents.runconfig import resolve_run_config
-    from vdvae_latents.train_step import TrainStep, build_model
-    from vdvae_latents.training import pick_device, step_generator, DistEnv
+    from vdvae_latents.model.inputs import prepare_batch
+    from vdvae_latents.train.run_config import resolve_run_config
+    from vdvae_latents.train.step import TrainStep, build_model
+    from vdvae_latents.core.runtime import pick_device, DistEnv
+    from vdvae_latents.train.loop import step_generator
 
     preset, batch, sets = parse_case(case)
     run = resolve_run_config(preset=preset, overrides=sets, train_overrides={"batch_size": batch})

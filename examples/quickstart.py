@@ -20,11 +20,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vdvae_latents.encode_job import decode_store, encode_to_store
-from vdvae_latents.pipeline import analyze_checkpoint, eval_checkpoint, reconstruct_images, sample_images
-from vdvae_latents.probes import plot_probe, run_probe
-from vdvae_latents.runconfig import resolve_run_config
-from vdvae_latents.training import train
+from vdvae_latents.stores.decode import decode_store
+from vdvae_latents.stores.encode import encode_to_store
+from vdvae_latents.latents.analyze import analyze_checkpoint
+from vdvae_latents.model.evaluation import eval_checkpoint
+from vdvae_latents.model.generate import reconstruct_images, sample_images
+from vdvae_latents.downstream.probe import plot_probe, run_probe
+from vdvae_latents.train.run_config import resolve_run_config
+from vdvae_latents.train.loop import train
 
 console = Console(width=120)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from vdvae_latents.runconfig import resolve_run_config
-from vdvae_latents.training import train
+from vdvae_latents.train.run_config import resolve_run_config
+from vdvae_latents.train.loop import train
 
 run_dir = Path(sys.argv[1])
 run = resolve_run_config(preset="tiny", data="digits")

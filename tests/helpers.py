@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cli.main import main
+from vdvae_latents.cli import main
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

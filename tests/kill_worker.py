@@ -19,7 +19,7 @@ if mode == "train":
     sys.path.insert(0, os.path.dirname(__file__))
     from test_data_streaming import streaming_run
 
-    from vdvae_latents.training import train
+    from vdvae_latents.train.loop import train
 
     train(a, streaming_run(b), quiet=True, on_step=lambda step, _: die() if step == n else None)
 else:

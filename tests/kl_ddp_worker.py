@@ -47,7 +47,7 @@ def fixed_images() -> np.ndarray:
 def main(out_dir: Path) -> None:
     import torch.distributed as dist
 
-    from vdvae_latents.kl_analysis import LatentKL
+    from vdvae_latents.latents.stats import LatentKL
 
     torch.set_num_threads(1)
     dist.init_process_group(backend="gloo")

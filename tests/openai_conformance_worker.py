@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for cli.main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from cli.main import main as vdvl  # noqa: E402
-from vdvae_latents.checkpoints import load_model  # noqa: E402
-from vdvae_latents.openai_layout import get_openai_hps, openai_to_vdvl  # noqa: E402
+from vdvae_latents.cli import main as vdvl  # noqa: E402
+from vdvae_latents.model.checkpoints import load_model  # noqa: E402
+from vdvae_latents.model.openai_hps import get_openai_hps
+from vdvae_latents.interop.openai import openai_to_vdvl  # noqa: E402
 
 NOISE_SEED = 1234
 

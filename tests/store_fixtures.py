@@ -9,11 +9,12 @@ import h5py
 import numpy as np
 import torch
 
-from vdvae_latents.config import ModelConfig
-from vdvae_latents.imported_run import write_imported_run
-from vdvae_latents.presets import get_preset
-from vdvae_latents.stores import StoreWriter, open_encodings
-from vdvae_latents.vae import VAE
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.interop.run_dir import write_imported_run
+from vdvae_latents.train.presets import get_preset
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.reader import open_encodings
+from vdvae_latents.model.vae import VAE
 
 #: A 32x32 RGB model small enough for tests (the CIFAR-10 layout).
 RGB32 = ModelConfig(image_size=32, channels=3, n_mixtures=2, resolutions=(1, 4, 32), up_blocks=(1, 1, 1),

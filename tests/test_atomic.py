@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from vdvae_latents.atomic import atomic_file, save_figure, write_text
-from vdvae_latents.errors import CheckpointError, UserError
+from vdvae_latents.core.atomic import atomic_file, save_figure, write_text
+from vdvae_latents.core.errors import CheckpointError, UserError
 
 
 def leftovers(folder):

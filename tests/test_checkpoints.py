@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.checkpoints: full-payload round trips, model rebuilding,
+"""Tests for vdvae_latents.model.checkpoints: full-payload round trips, model rebuilding,
 atomic writes, the safe loader's refusals, run-directory helpers and `vdvl info`."""
 
 from __future__ import annotations
@@ -14,24 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdvae_latents import checkpoints as ck
-from vdvae_latents.checkpoints import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    checkpoint_path,
-    describe_run,
-    file_sha256,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model,
-    prune_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
+from vdvae_latents.model import checkpoints as ck
+from vdvae_latents.model.checkpoints import (
+    FORMAT_NAME, FORMAT_VERSION, checkpoint_path, describe_run, file_sha256, latest_checkpoint, list_checkpoints,
+    load_checkpoint, load_model, prune_checkpoints, resolve_checkpoint, save_checkpoint,
 )
-from vdvae_latents.errors import CheckpointError, UserError
-from vdvae_latents.presets import get_preset
-from vdvae_latents.vae import VAE, count_parameters
+from vdvae_latents.core.errors import CheckpointError, UserError
+from vdvae_latents.train.presets import get_preset
+from vdvae_latents.model.vae import VAE, count_parameters
 
 CFG = get_preset("tiny").config
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from vdvae_latents import load_images
-from vdvae_latents.kl_analysis import ActiveSet
-from vdvae_latents.runconfig import resolve_run_config
-from vdvae_latents.training import train
+from vdvae_latents.latents.active_set import ActiveSet
+from vdvae_latents.train.run_config import resolve_run_config
+from vdvae_latents.train.loop import train
 from helpers import run_cli
 
 N_VARIATES = 20          # tiny: 5 layers x 4 variates

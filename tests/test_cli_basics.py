@@ -1,7 +1,7 @@
 """The `vdvl` CLI's exit-code contract and its `presets` / `model` commands.
 
 Contract: exit 0 on success; exit 2 with ONE plain sentence on stderr (no traceback)
-for bad usage or bad input. Most tests call ``cli.main.main(argv)`` in-process; one
+for bad usage or bad input. Most tests call ``vdvae_latents.cli.main(argv)`` in-process; one
 class runs real processes to check the exit status the shell sees.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import main
-from vdvae_latents.presets import PRESETS
+from vdvae_latents.cli import main
+from vdvae_latents.train.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ class TestRealProcess:
     @staticmethod
     def _run(*argv: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, "-m", "cli.main", *argv], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "vdvae_latents", *argv], capture_output=True, text=True,
                               cwd=REPO, env=env, timeout=120)
 
     def test_bad_option_exit_status_is_2(self):

@@ -9,7 +9,7 @@ import math
 import pytest
 from PIL import Image
 
-from cli.main import main
+from vdvae_latents.cli import main
 from helpers import run_cli
 
 

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from vdvae_latents.config import ModelConfig
-from vdvae_latents.errors import ConfigError, UserError
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.core.errors import ConfigError, UserError
 
 
 def small(**changes) -> ModelConfig:

@@ -28,17 +28,17 @@ import torch
 
 # ============================================================== Efficient-VDVAE (official code)
 
-from vdvae_latents.checkpoints import load_model
-from vdvae_latents.hparams_cfg import read_hparams
-from vdvae_latents.import_efficient import _mol_permutation, config_from_hparams, import_efficient_vdvae
-from vdvae_latents.presets import get_preset
-from vdvae_latents.vae import count_parameters
+from vdvae_latents.model.checkpoints import load_model
+from vdvae_latents.interop.hparams_cfg import read_hparams
+from vdvae_latents.interop.efficient import _mol_permutation, config_from_hparams, import_efficient_vdvae
+from vdvae_latents.train.presets import get_preset
+from vdvae_latents.model.vae import count_parameters
 
 EFFICIENT_HARNESS = Path(__file__).with_name("efficient_reference.py")
 # cifar10_C1_5bit: cifar10_C1 with the 5-bit settings of egs/ffhq256_5bits_C1.cfg (num_bits 5,
 # min_mol_logscale -14), the official 5-bit data path at CIFAR-10's size.
 EFFICIENT_CONFIGS = ["cifar10_C1", "cifar10_C1_5bit", "imagenet32_C1", "binarized_mnist_baseline"]
-# The egs config each c1/c2 preset is (see vdvae_latents/presets.py).
+# The egs config each c1/c2 preset is (see vdvae_latents/train/presets.py).
 EFFICIENT_PRESET_CONFIGS = {
     "cifar10-c1": "cifar10_C1", "cifar10-c2": "cifar10_baseline",
     "imagenet32-c1": "imagenet32_C1", "imagenet32-c2": "imagenet32_baseline",
@@ -234,9 +234,9 @@ def test_openai_mol_likelihood_matches_the_reference_where_it_falls_back(low_bit
     density fallback) equals vdvl's head on the reordered channels, for 8-bit and 5-bit FFHQ targets."""
     import torch
 
-    from vdvae_latents.config import ModelConfig
-    from vdvae_latents.heads import MixtureOfLogisticsHead
-    from vdvae_latents.openai_layout import mol_channel_order
+    from vdvae_latents.model.config import ModelConfig
+    from vdvae_latents.model.heads import MixtureOfLogisticsHead
+    from vdvae_latents.interop.openai import mol_channel_order
 
     helpers = _openai_module("vae_helpers", tmp_path)
     dt, m, b, s = getattr(torch, dtype), 10, 2, 16

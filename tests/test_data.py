@@ -25,7 +25,7 @@ from vdvae_latents.data import (
     load_images,
     to_model_input,
 )
-from vdvae_latents.errors import DataError
+from vdvae_latents.core.errors import DataError
 
 # ------------------------------------------------------------------------ helpers
 
@@ -484,7 +484,7 @@ def test_unrecognised_file(tmp_path):
 
 
 def test_data_error_is_a_user_error():
-    from vdvae_latents.errors import UserError
+    from vdvae_latents.core.errors import UserError
 
     assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
 

@@ -20,12 +20,12 @@ import zarr
 from helpers import assert_one_line_error, run_cli
 from PIL import Image
 
-from vdvae_latents import checkpoints as ckpt
+from vdvae_latents.model import checkpoints as ckpt
 from vdvae_latents.data import TrainOrder, load_images, open_images, pack_images
 from vdvae_latents.data import array_files
-from vdvae_latents.errors import ConfigError, DataError
-from vdvae_latents.runconfig import resolve_run_config
-from vdvae_latents.training import train
+from vdvae_latents.core.errors import ConfigError, DataError
+from vdvae_latents.train.run_config import resolve_run_config
+from vdvae_latents.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

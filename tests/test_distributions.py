@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.distributions against closed forms and Monte Carlo."""
+"""Tests for vdvae_latents.model.distributions against closed forms and Monte Carlo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vdvae_latents.distributions import gaussian_kl, gaussian_log_prob, gaussian_sample, softplus_std
+from vdvae_latents.model.distributions import gaussian_kl, gaussian_log_prob, gaussian_sample, softplus_std
 
 LN2 = math.log(2.0)
 

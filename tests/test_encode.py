@@ -1,6 +1,6 @@
 """`vdvl encode` / `vdvl decode` end to end on a real (30-step, tiny-preset) digits checkpoint.
 
-Stores are written through ``cli.main.main`` (or a real ``python -m cli.main`` process) and
+Stores are written through ``vdvae_latents.cli.main(argv)`` (or a real ``python -m vdvae_latents`` process) and
 checked against closed forms and independent calls: the features against the model's own
 posterior means picked out by hand, the active set against a top-k of the per-variate KL,
 the checkpoint hash against hashlib, the decoded PNG against the pruned reconstruction
@@ -33,16 +33,19 @@ import torch
 import zarr
 from PIL import Image
 
-from cli.main import main
-from vdvae_latents import stores
-from vdvae_latents.batches import prepare_batch
-from vdvae_latents.checkpoints import load_checkpoint, load_model, save_checkpoint
+from vdvae_latents.cli import main
+from vdvae_latents.stores import writer as stores
+from vdvae_latents.model.inputs import prepare_batch
+from vdvae_latents.model.checkpoints import load_checkpoint, load_model, save_checkpoint
 from vdvae_latents.data import load_images
-from vdvae_latents.encoding import Encoder
-from vdvae_latents.kl_analysis import ActiveSet, LatentKL, build_active_set
-from vdvae_latents.runconfig import resolve_run_config
-from vdvae_latents.stores import StoreError, StoreWriter, open_encodings
-from vdvae_latents.training import train
+from vdvae_latents.latents.encoder import Encoder
+from vdvae_latents.latents.active_set import ActiveSet, build_active_set
+from vdvae_latents.latents.stats import LatentKL
+from vdvae_latents.train.run_config import resolve_run_config
+from vdvae_latents.stores.backends import StoreError
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.reader import open_encodings
+from vdvae_latents.train.loop import train
 from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -637,7 +640,7 @@ def test_resume_after_an_unwritable_store_midway(capsys, monkeypatch, tmp_path, 
 
 def test_resume_after_kill_9(capsys, tmp_path, run_dir, ref_train):
     out = tmp_path / "killed.zarr"
-    cmd = [sys.executable, "-m", "cli.main", "encode", str(run_dir), "--data", "digits", "--split", "train",
+    cmd = [sys.executable, "-m", "vdvae_latents", "encode", str(run_dir), "--data", "digits", "--split", "train",
            "--keep", "25%", "--out", str(out), "--chunk-rows", "16", "--batch-size", "16", "--device", "cpu",
            "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -875,7 +878,7 @@ def test_two_process_encode_equals_one_process(tmp_path, run_dir, ref_dir):
         encode_quietly(run_dir, single, "--keep", "25%", "--chunk-rows", "32")
     out = tmp_path / "ddp.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "cli.main", "encode", str(run_dir), "--data", "digits",
+           "--master_port", str(_free_port()), "-m", "vdvae_latents", "encode", str(run_dir), "--data", "digits",
            "--split", "test", "--keep", "25%", "--out", str(out), "--chunk-rows", "32", "--device", "cpu", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.evaluate against manual float64 loops and closed forms.
+"""Tests for vdvae_latents.model.evaluation against manual float64 loops and closed forms.
 
 The model is the ``tiny`` preset (8x8 grayscale) with its posterior biases perturbed:
 a freshly initialised posterior almost equals the prior (KL ~ 1e-3 nats), which would
@@ -15,12 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from vdvae_latents import VAE, get_preset
-from vdvae_latents.batches import prepare_batch
-from vdvae_latents.blocks import LayerResult
+from vdvae_latents.model.inputs import prepare_batch
+from vdvae_latents.model.blocks import LayerResult
 from vdvae_latents.data import ImageDataset, ImageSet
-from vdvae_latents.errors import DataError
-from vdvae_latents.evaluate import EvalResult, evaluate, iw_log_weights, iw_seed
-from vdvae_latents.vae import VAEOutput
+from vdvae_latents.core.errors import DataError
+from vdvae_latents.model.evaluation import EvalResult, evaluate, iw_log_weights, iw_seed
+from vdvae_latents.model.vae import VAEOutput
 
 LN2 = math.log(2.0)
 

@@ -11,8 +11,8 @@ import builtins
 
 import pytest
 
-from vdvae_latents.errors import ConfigError
-from vdvae_latents.hparams_cfg import MAX_SEQUENCE, parse_hparams, parse_value, read_hparams
+from vdvae_latents.core.errors import ConfigError
+from vdvae_latents.interop.hparams_cfg import MAX_SEQUENCE, parse_hparams, parse_value, read_hparams
 
 
 @pytest.mark.parametrize("text,expected", [

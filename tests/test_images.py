@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.images: uint8 conversion, grid layout and PNG writing."""
+"""Tests for vdvae_latents.data.grids: uint8 conversion, grid layout and PNG writing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from vdvae_latents.data import to_model_input
-from vdvae_latents.errors import UserError
-from vdvae_latents.images import MIN_TILE_PIXELS, PAD_VALUE, make_grid, save_grid, to_uint8
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.data.grids import MIN_TILE_PIXELS, PAD_VALUE, make_grid, save_grid, to_uint8
 
 
 def random_uint8(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -15,18 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
-from vdvae_latents.checkpoints import file_sha256, load_checkpoint, load_model
-from vdvae_latents.config import ModelConfig
-from vdvae_latents.errors import CheckpointError, ConfigError
-from vdvae_latents.hparams_cfg import parse_hparams
-from vdvae_latents.import_efficient import (
-    config_from_hparams,
-    import_efficient_vdvae,
-    official_layout,
-    to_official_state,
+from vdvae_latents.cli import main
+from vdvae_latents.model.checkpoints import file_sha256, load_checkpoint, load_model
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.core.errors import CheckpointError, ConfigError
+from vdvae_latents.interop.hparams_cfg import parse_hparams
+from vdvae_latents.interop.efficient import (
+    config_from_hparams, import_efficient_vdvae, official_layout, to_official_state,
 )
-from vdvae_latents.vae import VAE
+from vdvae_latents.model.vae import VAE
 
 # 8x8 RGB; 8x8: blocks 0-1, 4x4: blocks 2-3, 1x1: blocks 4-5.
 TINY_CFG = """

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from helpers import assert_one_line_error, run_cli
-from vdvae_latents.checkpoints import file_sha256, load_checkpoint, load_model
-from vdvae_latents.errors import CheckpointError
-from vdvae_latents.import_openai import import_openai_vdvae
-from vdvae_latents.openai_layout import OPENAI_HPS, OpenAIHps, openai_config, vdvl_to_openai
-from vdvae_latents.vae import VAE
+from vdvae_latents.model.checkpoints import file_sha256, load_checkpoint, load_model
+from vdvae_latents.core.errors import CheckpointError
+from vdvae_latents.interop.openai import import_openai_vdvae
+from vdvae_latents.model.openai_hps import OPENAI_HPS, OpenAIHps, openai_config
+from vdvae_latents.interop.openai import vdvl_to_openai
+from vdvae_latents.model.vae import VAE
 
 TINY = OpenAIHps("tiny-openai", "ffhq_256", 8, "8x1,8d2,4x1,4d4,1x1", "1x1,4m1,4x1,8m4,8x1", 8,
                  -112.87, 1 / 69.85, custom_widths={4: 16, 1: 16}, zdim=3, num_mixtures=2, low_bit=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vdvae_latents.checkpoints import describe_run, load_checkpoint, load_model, list_checkpoints
-from vdvae_latents.errors import CheckpointError
-from vdvae_latents.imported_run import write_imported_run
-from vdvae_latents.presets import get_preset
-from vdvae_latents.vae import VAE
+from vdvae_latents.model.checkpoints import describe_run, load_checkpoint, load_model, list_checkpoints
+from vdvae_latents.core.errors import CheckpointError
+from vdvae_latents.interop.run_dir import write_imported_run
+from vdvae_latents.train.presets import get_preset
+from vdvae_latents.model.vae import VAE
 
 
 def test_imported_weights_load_back_exactly(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.kl_analysis: the streamed KL / active-units statistics against
+"""Tests for vdvae_latents.latents.active_set: the streamed KL / active-units statistics against
 brute-force numpy averages, the selection rules against hand-computed answers, the
 active set's masks, counts and persistence, and the two-process reduction.
 
@@ -24,18 +24,13 @@ import pytest
 import torch
 
 from vdvae_latents import VAE, ModelConfig, load_images
-from vdvae_latents import kl_analysis
-from vdvae_latents.batches import prepare_batch
-from vdvae_latents.errors import UserError
-from vdvae_latents.kl_analysis import (
-    ActiveSet,
-    DimTable,
-    LatentKL,
-    build_active_set,
-    parse_keep,
-    rank_dimensions,
-    select_dimensions,
+from vdvae_latents.latents import active_set as kl_analysis
+from vdvae_latents.model.inputs import prepare_batch
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.latents.active_set import (
+    ActiveSet, build_active_set, parse_keep, rank_dimensions, select_dimensions,
 )
+from vdvae_latents.latents.stats import DimTable, LatentKL
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("kl_ddp_worker", ROOT / "tests" / "kl_ddp_worker.py")

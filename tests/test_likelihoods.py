@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.likelihoods against closed forms and brute-force sums.
+"""Tests for vdvae_latents.model.likelihoods against closed forms and brute-force sums.
 
 References are written out here in float64 numpy/math (logistic CDF differences with
 infinite outer edges), never by calling the code under test a second time.
@@ -13,12 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from vdvae_latents.likelihoods import (
-    bernoulli_log_prob,
-    discretized_mol_log_prob,
-    quantize,
-    sample_bernoulli,
-    sample_mol,
+from vdvae_latents.model.likelihoods import (
+    bernoulli_log_prob, discretized_mol_log_prob, quantize, sample_bernoulli, sample_mol,
 )
 
 # ---------------------------------------------------------------- reference helpers

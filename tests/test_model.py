@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from vdvae_latents.config import ModelConfig
-from vdvae_latents.presets import get_preset
-from vdvae_latents.vae import VAE
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.train.presets import get_preset
+from vdvae_latents.model.vae import VAE
 
 
 CONFIGS = {

@@ -13,11 +13,11 @@ import tomllib
 import pytest
 import torch
 
-from vdvae_latents.config import ModelConfig
-from vdvae_latents.errors import ConfigError
-from vdvae_latents.likelihoods import discretized_mol_log_prob
-from vdvae_latents.runconfig import dump_toml
-from vdvae_latents.vae import VAE, count_parameters, skip_of_layer
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.core.errors import ConfigError
+from vdvae_latents.model.likelihoods import discretized_mol_log_prob
+from vdvae_latents.train.run_config import dump_toml
+from vdvae_latents.model.vae import VAE, count_parameters, skip_of_layer
 
 # 8x8 grayscale, resolutions (1, 4, 8): 8x8 has two skips, read by 1 and 2 top-down blocks and
 # fed by 1 and 2 bottom-up cells (listed in top-down order).

@@ -9,15 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vdvae_latents.config import ModelConfig
-from vdvae_latents.errors import ConfigError
-from vdvae_latents.heads import MixtureOfLogisticsHead
-from vdvae_latents.openai_layout import (
-    OPENAI_HPS, OpenAIHps, get_openai_hps, mol_channel_order, openai_config, openai_key_map, openai_to_vdvl,
-    parse_blocks, vdvl_to_openai,
-)
-from vdvae_latents.presets import get_preset
-from vdvae_latents.vae import VAE, count_parameters
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.core.errors import ConfigError
+from vdvae_latents.model.heads import MixtureOfLogisticsHead
+from vdvae_latents.model.openai_hps import OPENAI_HPS, OpenAIHps, get_openai_hps, openai_config, parse_blocks
+from vdvae_latents.interop.openai import mol_channel_order, openai_key_map, openai_to_vdvl, vdvl_to_openai
+from vdvae_latents.train.presets import get_preset
+from vdvae_latents.model.vae import VAE, count_parameters
 
 OPENAI_PARAMETERS = {
     "cifar10": 39_145_700, "imagenet32": 119_280_868, "imagenet64": 125_005_860,

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from vdvae_latents.batches import prepare_batch
-from vdvae_latents.blocks import AvgPoolCell
-from vdvae_latents.config import ModelConfig
-from vdvae_latents.heads import MixtureOfLogisticsHead
-from vdvae_latents.likelihoods import discretized_mol_log_prob, quantize, sample_mol, truncate_bits
-from vdvae_latents.vae import VAE
+from vdvae_latents.model.inputs import prepare_batch
+from vdvae_latents.model.blocks import AvgPoolCell
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.model.heads import MixtureOfLogisticsHead
+from vdvae_latents.model.likelihoods import discretized_mol_log_prob, quantize, sample_mol, truncate_bits
+from vdvae_latents.model.vae import VAE
 
 
 def vdvae_cfg(**changes) -> ModelConfig:

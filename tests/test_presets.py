@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from vdvae_latents.errors import ConfigError
-from vdvae_latents.presets import PAPER_PARAMETERS_M, PRESETS, describe, get_preset, preset_names
-from vdvae_latents.vae import VAE, count_parameters
+from vdvae_latents.core.errors import ConfigError
+from vdvae_latents.train.presets import PAPER_PARAMETERS_M, PRESETS, describe, get_preset, preset_names
+from vdvae_latents.model.vae import VAE, count_parameters
 
 # Table 3 of the paper (millions of parameters), written out independently.
 TABLE_3_M = {

@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from vdvae_latents.probe_protocol import RowSpaceProjection, probe_features, probe_pipeline
+from vdvae_latents.downstream.protocol import RowSpaceProjection, probe_features, probe_pipeline
 
 
 def wide_problem(n: int = 45, d: int = 300, classes: int = 3, seed: int = 0):
@@ -100,7 +100,7 @@ class TestPipeline:
         assert not [w for w in recwarn if "Persisting" in str(w.message)]
 
     def test_the_basis_is_computed_once_per_fold_not_per_grid_value(self, monkeypatch):
-        from vdvae_latents import probe_protocol
+        from vdvae_latents.downstream import protocol as probe_protocol
 
         calls = []
         fit = probe_protocol.RowSpaceProjection.fit

@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader
 
 from helpers import assert_one_line_error, run_cli
 from store_fixtures import random_run
-from vdvae_latents.encode_job import encode_to_store
-from vdvae_latents.errors import UserError
-from vdvae_latents.probe_stream import _Moments, blocks, default_epochs
-from vdvae_latents.probes import run_probe
-from vdvae_latents.stores import StoreWriter, open_encodings
-from vdvae_latents.torch_dataset import ChunkShuffleSampler, EncodingsDataset
+from vdvae_latents.stores.encode import encode_to_store
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.downstream.streaming import _Moments, blocks, default_epochs
+from vdvae_latents.downstream.probe import run_probe
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.reader import open_encodings
+from vdvae_latents.downstream.torch_dataset import ChunkShuffleSampler, EncodingsDataset
 
 
 def gaussian_classes(n: int, k: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

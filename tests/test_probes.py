@@ -1,4 +1,4 @@
-"""`vdvl probe` and vdvae_latents.probes: the protocol on plain arrays, the split discipline
+"""`vdvl probe` and vdvae_latents.downstream.probe: the protocol on plain arrays, the split discipline
 (test rows never reach model selection), every baseline, and the exit-code contract."""
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vdvae_latents import probes
+from vdvae_latents.downstream import probe as probes
 from vdvae_latents.data import load_images
-from vdvae_latents.errors import UserError
-from vdvae_latents.probe_inputs import ProbeInputs, StorePart
-from vdvae_latents.probes import plot_probe, probe_features, run_probe
-from vdvae_latents.stores import OWN_ATTRS, StoreWriter, open_encodings
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.downstream.inputs import ProbeInputs, StorePart
+from vdvae_latents.downstream.probe import plot_probe, run_probe
+from vdvae_latents.downstream.protocol import probe_features
+from vdvae_latents.stores.schema import OWN_ATTRS
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.reader import open_encodings
 from helpers import assert_one_line_error, run_cli
 
 
@@ -251,9 +254,9 @@ class TestPixelBaselines:
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
     """A real tiny checkpoint (2 training steps) and its 25% store of digits:test."""
-    from vdvae_latents.encode_job import encode_to_store
-    from vdvae_latents.runconfig import resolve_run_config
-    from vdvae_latents.training import train
+    from vdvae_latents.stores.encode import encode_to_store
+    from vdvae_latents.train.run_config import resolve_run_config
+    from vdvae_latents.train.loop import train
 
     root = tmp_path_factory.mktemp("enc")
     run = resolve_run_config(preset="tiny", data="digits")
@@ -293,7 +296,7 @@ class TestModelBaselines:
         assert rows["full"]["bytes_per_image"] == 4 * 644
         assert rows["random-unpruned"]["features"] == k and rows["random-unpruned"]["bytes_per_image"] == 4 * k
         # random keeps as many variates as the store; their sizes (1, 8x8 or 16x16 scalars) vary by draw.
-        from vdvae_latents.checkpoints import load_model
+        from vdvae_latents.model.checkpoints import load_model
 
         shapes = load_model(ckpt, device="cpu")[0].cfg.layer_shapes()
         expected = [probes.random_active_set(shapes, "variate", attrs["n_dims_kept"], seed).kept_scalars_per_image()
@@ -305,9 +308,10 @@ class TestModelBaselines:
     def test_full_latents_are_the_unpruned_posterior_means(self, encoded):
         import torch
 
-        from vdvae_latents.checkpoints import load_model
-        from vdvae_latents.encoding import Encoder
-        from vdvae_latents.kl_analysis import LatentKL, build_active_set
+        from vdvae_latents.model.checkpoints import load_model
+        from vdvae_latents.latents.encoder import Encoder
+        from vdvae_latents.latents.stats import LatentKL
+        from vdvae_latents.latents.active_set import build_active_set
 
         ckpt, store = encoded
         model, _ = load_model(ckpt, device="cpu")
@@ -318,7 +322,7 @@ class TestModelBaselines:
         full = inputs.full_latents(model, torch.device("cpu"), lambda message: None)
         # The same thing through the library's own all-dimensions active set.
         everything = build_active_set(LatentKL(batch_size=8).fit(model, imgs), keep=1.0)
-        from vdvae_latents.batches import prepare_batch
+        from vdvae_latents.model.inputs import prepare_batch
 
         expected, _ = Encoder(model, everything).encode(prepare_batch(model.cfg, imgs))
         np.testing.assert_allclose(full, expected.numpy(), rtol=1e-5, atol=1e-5)
@@ -326,9 +330,9 @@ class TestModelBaselines:
     def test_random_is_the_store_encoding_of_a_random_active_set(self, encoded):
         import torch
 
-        from vdvae_latents.batches import prepare_batch
-        from vdvae_latents.checkpoints import load_model
-        from vdvae_latents.encoding import Encoder
+        from vdvae_latents.model.inputs import prepare_batch
+        from vdvae_latents.model.checkpoints import load_model
+        from vdvae_latents.latents.encoder import Encoder
 
         ckpt, store = encoded
         model, _ = load_model(ckpt, device="cpu")

@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.pruning: the sweep against `evaluate`, direct masked forward
+"""Tests for vdvae_latents.latents.pruning: the sweep against `evaluate`, direct masked forward
 passes and closed forms (dimension counts, kept scalars, encoded bytes), parse_sweep,
 and the KL figure.
 
@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from vdvae_latents import load_images
-from vdvae_latents.batches import prepare_batch
-from vdvae_latents.errors import UserError
-from vdvae_latents.evaluate import evaluate
-from vdvae_latents.kl_analysis import ActiveSet, DimTable, LatentKL
-from vdvae_latents.pruning import DEFAULT_SWEEP, parse_sweep, plot_kl, pruning_sweep
+from vdvae_latents.model.inputs import prepare_batch
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.model.evaluation import evaluate
+from vdvae_latents.latents.active_set import ActiveSet
+from vdvae_latents.latents.stats import DimTable, LatentKL
+from vdvae_latents.latents.pruning import DEFAULT_SWEEP, parse_sweep, plot_kl, pruning_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("kl_ddp_worker", ROOT / "tests" / "kl_ddp_worker.py")
@@ -334,14 +335,14 @@ class TestFirstK:
     prior-mean decoding, and layers below K see exactly the unpruned posterior."""
 
     def test_all_layers_is_the_reconstruction(self, model, images):
-        from vdvae_latents.pipeline import first_k_decodes
+        from vdvae_latents.model.generate import first_k_decodes
 
         x = prepare_batch(model.cfg, images[:6])
         (got,) = first_k_decodes(model, x, [len(TINY_SHAPES)], posterior="mean")
         assert torch.equal(got, model.reconstruct(x, posterior="mean"))
 
     def test_no_layers_at_temperature_zero_is_the_prior_mean_decoding(self, model, images):
-        from vdvae_latents.pipeline import first_k_decodes
+        from vdvae_latents.model.generate import first_k_decodes
 
         x = prepare_batch(model.cfg, images[:6])
         (got,) = first_k_decodes(model, x, [0], temperature=0.0)

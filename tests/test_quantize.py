@@ -1,4 +1,4 @@
-"""vdvae_latents.quantize and quantised stores: the round trip keeps every unclipped value
+"""vdvae_latents.stores.codes and quantised stores: the round trip keeps every unclipped value
 within half a step of its column, clipping is counted exactly, the error record sums to
 closed forms, and every reader sees dequantised values."""
 
@@ -9,17 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vdvae_latents.errors import UserError
-from vdvae_latents.quantize import (
-    INT_DTYPES,
-    Quantizer,
-    calibration_rows,
-    count_clipped,
-    error_stats,
-    fit_quantizer,
-    summarise_errors,
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.stores.codes import (
+    INT_DTYPES, Quantizer, calibration_rows, count_clipped, error_stats, fit_quantizer, summarise_errors,
 )
-from vdvae_latents.stores import StoreWriter, open_encodings
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.reader import open_encodings
 
 K = 5
 
@@ -147,7 +142,7 @@ def test_encode_int8_reports_its_error_and_resumes_with_its_quantiser(tmp_path: 
 
     from helpers import assert_one_line_error, run_cli
     from store_fixtures import random_run
-    from vdvae_latents.encode_job import encode_to_store
+    from vdvae_latents.stores.encode import encode_to_store
 
     run = random_run(tmp_path / "run")
     out = tmp_path / "q.zarr"

@@ -23,14 +23,15 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils import get_tags
 from sklearn.utils.estimator_checks import check_estimator
 
-from vdvae_latents.batches import prepare_batch
-from vdvae_latents.checkpoints import load_model
-from vdvae_latents.encoding import Encoder
-from vdvae_latents.errors import UserError
-from vdvae_latents.kl_analysis import LatentKL, build_active_set
-from vdvae_latents.runconfig import resolve_run_config
-from vdvae_latents.sklearn_api import ActiveLatents
-from vdvae_latents.training import train
+from vdvae_latents.model.inputs import prepare_batch
+from vdvae_latents.model.checkpoints import load_model
+from vdvae_latents.latents.encoder import Encoder
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.latents.stats import LatentKL
+from vdvae_latents.latents.active_set import build_active_set
+from vdvae_latents.train.run_config import resolve_run_config
+from vdvae_latents.downstream.transformer import ActiveLatents
+from vdvae_latents.train.loop import train
 
 N_FIT = 300  # images most tests fit on: enough to exercise batching (batch_size=128 below), quick on CPU
 BATCH = 128

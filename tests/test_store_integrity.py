@@ -16,12 +16,14 @@ import zarr
 
 from helpers import assert_one_line_error, run_cli
 from store_fixtures import delete_chunk, flip_byte, random_run, write_nan
-from vdvae_latents.encode_job import encode_to_store
-from vdvae_latents.errors import UserError
-from vdvae_latents.sklearn_api import ActiveLatents
-from vdvae_latents.stores import StoreError, StoreWriter, open_encodings
-from vdvae_latents.torch_dataset import EncodingsDataset
-from vdvae_latents.verify import verify_store
+from vdvae_latents.stores.encode import encode_to_store
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.downstream.transformer import ActiveLatents
+from vdvae_latents.stores.backends import StoreError
+from vdvae_latents.stores.writer import StoreWriter
+from vdvae_latents.stores.reader import open_encodings
+from vdvae_latents.downstream.torch_dataset import EncodingsDataset
+from vdvae_latents.stores.verify import verify_store
 
 CHUNK = 64  # the digits test split (180 rows) -> chunks 0-63, 64-127, 128-179
 DAMAGES = {"deleted": delete_chunk, "flipped": flip_byte, "nan": write_nan}
@@ -125,7 +127,7 @@ def test_resume_rewrites_damaged_chunks(run, stores, tmp_path):
 
 
 def test_the_encoder_refuses_to_store_nan(run, tmp_path, monkeypatch):
-    from vdvae_latents.encoding import Encoder
+    from vdvae_latents.latents.encoder import Encoder
 
     real = Encoder.encode
 

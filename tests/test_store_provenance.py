@@ -17,8 +17,8 @@ from PIL import Image
 
 from store_fixtures import RGB32, random_run
 from vdvae_latents.data import load_images
-from vdvae_latents.encode_job import encode_to_store
-from vdvae_latents.stores import open_encodings
+from vdvae_latents.stores.encode import encode_to_store
+from vdvae_latents.stores.reader import open_encodings
 
 
 def gray(n: int, seed: int, size: int = 8) -> np.ndarray:
@@ -98,8 +98,9 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_active(tiny, tmp_path_factory) -> Path:
     """One active set for every source, so each encode is a single pass over its split."""
-    from vdvae_latents.checkpoints import load_model, file_sha256
-    from vdvae_latents.kl_analysis import LatentKL, build_active_set
+    from vdvae_latents.model.checkpoints import load_model, file_sha256
+    from vdvae_latents.latents.stats import LatentKL
+    from vdvae_latents.latents.active_set import build_active_set
 
     model, _ = load_model(tiny, device="cpu")
     stats = LatentKL(batch_size=64).fit(model, load_images("digits", "test").images[:64])

@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.stores: the Zarr/HDF5 encoding stores, their shared layout,
+"""Tests for vdvae_latents.stores.writer: the Zarr/HDF5 encoding stores, their shared layout,
 refusals, resuming (including after a real kill -9) and concurrent Zarr writers."""
 
 from __future__ import annotations
@@ -19,17 +19,12 @@ import numpy as np
 import pytest
 import zarr
 
-from vdvae_latents import stores
-from vdvae_latents.errors import UserError
-from vdvae_latents.stores import (
-    SCHEMA_NAME,
-    SCHEMA_VERSION,
-    Encodings,
-    StoreError,
-    StoreWriter,
-    open_encodings,
-    store_format,
-)
+from vdvae_latents.stores import writer as stores
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.stores.schema import SCHEMA_NAME, SCHEMA_VERSION
+from vdvae_latents.stores.reader import Encodings, open_encodings
+from vdvae_latents.stores.backends import StoreError, store_format
+from vdvae_latents.stores.writer import StoreWriter
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
 N_ROWS, N_FEATURES, CHUNK_ROWS = 53, 6, 8  # 7 chunks, the last one 5 rows long
@@ -123,7 +118,7 @@ def store_path(tmp_path: Path, fmt: str, name: str = "enc") -> Path:
 
 
 # A child process that resumes/writes a store slowly, printing each chunk it finished.
-# It loads vdvae_latents.stores without running the package __init__ (which imports torch), so
+# It loads vdvae_latents.stores.writer without running the package __init__ (which imports torch), so
 # that it starts in a fraction of a second.
 CHILD_WRITER = """
 import sys, time, types
@@ -131,7 +126,7 @@ package = types.ModuleType("vdvae_latents")
 package.__path__ = [sys.argv[6]]
 sys.modules["vdvae_latents"] = package
 import numpy as np
-from vdvae_latents.stores import StoreWriter
+from vdvae_latents.stores.writer import StoreWriter
 path, data, rank, world, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 d = np.load(data)
 w = StoreWriter.open(path)

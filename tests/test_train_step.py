@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from vdvae_latents.batches import evaluation_images, fixed_binarization, prepare_batch
-from vdvae_latents.presets import get_preset
-from vdvae_latents.recipes import RECIPES, recipe_for_preset
-from vdvae_latents.runconfig import resolve_run_config
-from vdvae_latents.train_step import EMA, TrainStep, balanced_kl, build_model
-from vdvae_latents.vae import VAE
+from vdvae_latents.model.inputs import evaluation_images, fixed_binarization, prepare_batch
+from vdvae_latents.train.presets import get_preset
+from vdvae_latents.train.recipes import RECIPES, recipe_for_preset
+from vdvae_latents.train.run_config import resolve_run_config
+from vdvae_latents.train.step import EMA, TrainStep, balanced_kl, build_model
+from vdvae_latents.model.vae import VAE
 
 
 class TestBalancedKL:
@@ -67,7 +67,7 @@ class TestRecipes:
         t = resolve_run_config(preset="fashion-mnist-cpu").train
         assert t.lr_schedule == "cosine" and t.ema_warmup and t.kl_balance_steps == 0
         assert recipe_for_preset("tiny") is RECIPES["cpu"] and get_preset("tiny").recipe is RECIPES["cpu"]
-        from vdvae_latents.presets import describe
+        from vdvae_latents.train.presets import describe
 
         assert describe(get_preset("cifar10-c2"))["recipe"] == "cifar10"
         assert describe(get_preset("ffhq256-vdvae"))["recipe"] == "ffhq256-vdvae"
@@ -78,7 +78,7 @@ class TestRecipes:
     def test_every_recipe_is_a_valid_train_config(self):
         from dataclasses import replace
 
-        from vdvae_latents.runconfig import TrainConfig
+        from vdvae_latents.train.config import TrainConfig
 
         for recipe in RECIPES.values():
             replace(TrainConfig(), **recipe.settings)
@@ -181,8 +181,8 @@ class TestActConv:
     @pytest.mark.parametrize("bf16", [False, True])
     @pytest.mark.parametrize("channels_last", [False, True])
     def test_matches_autograd_of_the_plain_path(self, activation, bf16, channels_last):
-        from vdvae_latents.act_conv import act_conv
-        from vdvae_latents.blocks import activation_fn
+        from vdvae_latents.model.act_conv import act_conv
+        from vdvae_latents.model.blocks import activation_fn
 
         torch.manual_seed(0)
         conv = torch.nn.Conv2d(6, 5, 3, padding=1)
@@ -202,7 +202,7 @@ class TestActConv:
             torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
 
     def test_keeps_only_the_input(self):
-        from vdvae_latents.act_conv import act_conv
+        from vdvae_latents.model.act_conv import act_conv
 
         conv = torch.nn.Conv2d(4, 4, 3, padding=1)
         x = torch.randn(2, 4, 8, 8, requires_grad=True)
@@ -242,8 +242,8 @@ class TestCpuBf16Default:
     def _autocast(self, monkeypatch, machine: str, avx512_bf16: bool, amx: bool, **train):
         import platform
 
-        from vdvae_latents import train_step
-        from vdvae_latents.runconfig import TrainConfig
+        from vdvae_latents.train import step as train_step
+        from vdvae_latents.train.config import TrainConfig
 
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
         monkeypatch.setattr(platform, "machine", lambda: machine)

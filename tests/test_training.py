@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdvae_latents import checkpoints as ckpt
-from vdvae_latents import train_step
-from vdvae_latents.errors import ConfigError
-from vdvae_latents.runconfig import RunConfig, TrainConfig, dump_toml, load_run_config, resolve_run_config
-from vdvae_latents.training import EMA, train
+from vdvae_latents.model import checkpoints as ckpt
+from vdvae_latents.train import step as train_step
+from vdvae_latents.core.errors import ConfigError
+from vdvae_latents.train.run_config import RunConfig, dump_toml, load_run_config, resolve_run_config
+from vdvae_latents.train.config import TrainConfig
+from vdvae_latents.train.step import EMA
+from vdvae_latents.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,7 +222,7 @@ class TestUpdateSkipping:
         result = train(tmp_path / "r", run, quiet=True)
         assert result.skips == 3
         torch.manual_seed(run.train.seed)
-        from vdvae_latents.vae import VAE
+        from vdvae_latents.model.vae import VAE
 
         init = VAE(run.model).state_dict()
         payload = final_state(tmp_path / "r")

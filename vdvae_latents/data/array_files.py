@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vdvae_latents.errors import DataError
+from vdvae_latents.core.errors import DataError
 
-from .readers import ProcessLocal, Reader, as_uint8, check_pixel_dtype, checked_labels, image_shape, runs
+from vdvae_latents.data.readers import (
+    ProcessLocal, Reader, as_uint8, check_pixel_dtype, checked_labels, image_shape, runs,
+)
 
 __all__ = ["IN_MEMORY_LIMIT", "read_npy", "read_npz", "read_downsampled_imagenet", "HDF5Reader", "ZarrReader",
            "is_downsampled_imagenet"]
@@ -443,6 +445,6 @@ class ZarrReader(_StoreArrayReader):
 
 
 def _packed_layout(root, path: Path) -> dict | None:
-    from .pack import packed_layout  # pack builds on the readers; imported here to avoid a cycle
+    from vdvae_latents.data.pack import packed_layout  # pack builds on the readers; imported here to avoid a cycle
 
     return packed_layout(root, path)

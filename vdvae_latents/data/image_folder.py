@@ -6,7 +6,7 @@ mode, not its pixels): that names an unreadable file or the first file of anothe
 (unless ``resize`` is given) before any work starts, and decides the channels exactly as
 reading everything would (one colour file makes the whole folder RGB). Pixels are
 decoded when a row is read. A file whose pixels turn out corrupt or truncated raises a
-:class:`~vdvae_latents.errors.DataError` naming it; ``skip_bad`` (``vdvl pack --skip-bad``)
+:class:`~vdvae_latents.core.errors.DataError` naming it; ``skip_bad`` (``vdvl pack --skip-bad``)
 drops files whose header cannot be read and lets the packer count the rest.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vdvae_latents.errors import DataError
+from vdvae_latents.core.errors import DataError
 
-from .readers import Reader
+from vdvae_latents.data.readers import Reader
 
 __all__ = ["ImageFolderReader", "IMAGE_SUFFIXES", "resize_images"]
 

@@ -24,9 +24,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from vdvae_latents.errors import DataError
+from vdvae_latents.core.errors import DataError
 
-from .splits import ImageSet, LazyImages
+from vdvae_latents.data.splits import ImageSet, LazyImages
 
 __all__ = ["Batch", "BatchReads", "BatchLoader", "TrainOrder", "TrainLoader", "ImageDataset", "consecutive",
            "resolve_workers"]
@@ -276,3 +276,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self._images[index], int(self._labels[index])
+
+
+def stream(images, batch_size: int, workers: int | None, dev: torch.device, world_size: int = 1):
+    """Batches of a lazy split for a job on ``dev``: ``workers`` processes (None: the default), pinned on CUDA."""
+    return images.batches(batch_size, workers=resolve_workers(workers, images, dev.type, world_size),
+                          pin_memory=dev.type == "cuda")

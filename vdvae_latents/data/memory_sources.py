@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vdvae_latents.errors import DataError
+from vdvae_latents.core.errors import DataError
 
-from .readers import ArrayReader, array_reader, concat_readers
+from vdvae_latents.data.readers import ArrayReader, array_reader, concat_readers
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs its IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

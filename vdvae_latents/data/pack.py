@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdvae_latents.errors import DataError, UserError
+from vdvae_latents.core.errors import DataError, UserError
 
-from .loading import BatchLoader, _ReadFailure, consecutive
-from .splits import LazyImages, _check_options
-from .sources import open_reader
+from vdvae_latents.data.loading import BatchLoader, _ReadFailure
+from vdvae_latents.data.splits import LazyImages, _check_options
+from vdvae_latents.data.sources import open_reader
 
 __all__ = ["PACK_SCHEMA", "pack_images", "packed_layout"]
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vdvae_latents.errors import DataError
+from vdvae_latents.core.errors import DataError
 
-from .image_folder import resize_images
-from .readers import Reader
-from .sources import open_reader
+from vdvae_latents.data.image_folder import resize_images
+from vdvae_latents.data.readers import Reader
+from vdvae_latents.data.sources import open_reader
 
 __all__ = ["SPLITS", "ImageSet", "LazyImages", "open_images", "load_images", "split_rows"]
 
@@ -137,14 +137,14 @@ class LazyImages:
     def batches(self, batch_size: int, *, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
         """Consecutive batches (:class:`~.loading.Batch`: uint8 NCHW images, labels, positions),
         read ahead by ``workers`` processes; re-iterable."""
-        from .loading import consecutive
+        from vdvae_latents.data.loading import consecutive
 
         return self.loader(consecutive(len(self), batch_size), workers=workers, pin_memory=pin_memory,
                            prefetch=prefetch)
 
     def loader(self, batches, *, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
         """Batches at the positions ``batches`` lists (an iterable of int arrays), as :meth:`batches` does."""
-        from .loading import BatchLoader
+        from vdvae_latents.data.loading import BatchLoader
 
         return BatchLoader(self, batches, workers=workers, pin_memory=pin_memory, prefetch=prefetch)
 

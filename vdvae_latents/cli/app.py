@@ -1,0 +1,102 @@
+"""`vdvl`: a thin typer app over the `vdvae_latents` library.
+
+Contract (shared with every command): exit 0 on success; exit 2 with one plain
+sentence on stderr for bad usage or bad input (no traceback); exit 1 for internal
+errors. ``--json`` prints a machine-readable result on stdout.
+
+Every command is a library call plus printing. The command modules import typer, rich
+and the library's ``core`` at the top and everything else inside the command, so
+``vdvl --help``, ``vdvl CMD --help`` and every usage error run without importing torch,
+scikit-learn or zarr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..core.errors import UserError
+from ..core.runtime import leave_process_group
+from . import analysis, data, imports, models, probes, stores, training
+
+app = typer.Typer(
+    name="vdvl",
+    help="Efficient-VDVAE latents: train, rank latent dimensions by KL, prune, encode, probe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# `vdvl import <kind> ...`: models trained by other code bases become ordinary run directories.
+import_app = typer.Typer(help="Turn checkpoints of other code bases into vdvl run directories.",
+                         no_args_is_help=True)
+
+# In the order `vdvl --help` lists them: the data flow, model -> train -> analyse -> store -> probe.
+COMMANDS = [
+    ("presets", models.presets),
+    ("model", models.model),
+    ("train", training.train),
+    ("eval", models.eval_),
+    ("sample", models.sample),
+    ("reconstruct", models.reconstruct),
+    ("first-k", models.first_k),
+    ("info", models.info),
+    ("analyze-kl", analysis.analyze_kl),
+    ("encode", stores.encode),
+    ("pack", data.pack),
+    ("decode", stores.decode),
+    ("verify", stores.verify),
+    ("probe", probes.probe),
+]
+for name, command in COMMANDS:
+    app.command(name)(command)
+import_app.command("efficient-vdvae")(imports.efficient_vdvae)
+import_app.command("openai-vdvae")(imports.openai_vdvae)
+app.add_typer(import_app, name="import")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: maps errors to the exit-code contract."""
+    try:
+        result = app(args=argv, prog_name="vdvl", standalone_mode=False)
+        leave_process_group()  # only after success: a rank that failed must not wait on the others
+        return result if isinstance(result, int) else 0
+    except UserError as err:
+        _fail(str(err))
+        return 2
+    except typer.Abort:
+        _fail("vdvl: aborted.")
+        return 130
+    except typer.Exit as err:
+        return err.exit_code
+    except BrokenPipeError:
+        return 0
+    except Exception as err:
+        # Usage errors (unknown option, bad value) come from typer's bundled click; they
+        # carry exit_code 2 and a one-line format_message(). Matched by shape, not class,
+        # so the CLI works with typer versions that bundle click and those that import it.
+        if type(err).__name__ == "NoArgsIsHelpError":
+            return 0  # `vdvl` alone: the help was printed, nothing went wrong
+        if getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message"):
+            ctx = getattr(err, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else "vdvl: "
+            _fail(where + _sentence(err.format_message()) + " (see --help).")
+            return 2
+        raise
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split())
+    return text[:1].lower() + text[1:] if text else text
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(message.rstrip() + "\n")
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,95 @@
+"""Where a job runs: the device it asks for, and torchrun's process group.
+
+Every command that computes picks its device here and, under ``torchrun``, joins the
+process group here, so training, analysis and encoding follow one rule. torch is
+imported inside the functions: ``core`` is imported by the CLI's start-up path, which
+must not pay for torch (``vdvl --help``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class DistEnv:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistEnv:
+    """Join the process group torchrun set up (no-op for a single process): NCCL on CUDA, gloo otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def leave_process_group() -> None:
+    """End the process group a command joined (a no-op when there is none or torch was never imported).
+
+    Called after a command succeeds, never after a failure, where a rank would wait on the others.
+    """
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def auto_device(name: str = "auto") -> torch.device:
+    """``--device auto|cpu|cuda`` as a torch device: auto takes CUDA when there is one."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available.")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def pick_device(name: str, env: DistEnv) -> torch.device:
+    """Training's device (the ``train.device`` setting): on CUDA this rank's local GPU, made current."""
+    import torch
+
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train setting 'device' is cuda but no CUDA device is available.")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def join_processes(dev: torch.device) -> tuple[torch.device, int, int]:
+    """Join torchrun's process group if there is one: (device for this rank, rank, world size).
+
+    The same mechanism training uses; on CUDA each rank takes its own local GPU.
+    """
+    import torch
+
+    env = init_distributed(dev.type)
+    if env.world_size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", env.local_rank)
+    return dev, env.rank, env.world_size
+
+
+__all__ = ["DistEnv", "init_distributed", "leave_process_group", "auto_device", "pick_device", "join_processes"]

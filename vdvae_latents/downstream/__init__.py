@@ -1,0 +1,17 @@
+"""Downstream: what the encodings are worth, and how to use them in other models.
+
+:func:`run_probe` (``vdvl probe``) fits scikit-learn probes on a store beside pixel, PCA,
+full-latent and random-dimension baselines under one protocol (``protocol``, ``feature_sets``,
+``inputs``), streaming feature sets that do not fit in memory (``streaming``).
+:class:`ActiveLatents` is the scikit-learn transformer (images -> active features) and
+:class:`EncodingsDataset` a torch Dataset over a store.
+"""
+
+from ..core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "probe": ["run_probe", "plot_probe", "BASELINES", "DEFAULT_BASELINES"],
+    "protocol": ["probe_features", "probe_pipeline", "RowSpaceProjection", "MODELS"],
+    "transformer": ["ActiveLatents"],
+    "torch_dataset": ["EncodingsDataset", "ChunkShuffleSampler"],
+})

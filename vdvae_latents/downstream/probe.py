@@ -1,0 +1,489 @@
+"""Downstream probes: how much label information the stored active dimensions carry.
+
+`vdvl probe` fits a scikit-learn classifier on a store's features and compares it, on
+exactly the same rows and protocol, with baselines of other sizes:
+
+===============  ==============================================================  ===========
+name             features                                                        bytes/image
+===============  ==============================================================  ===========
+active           the store's columns (the active latent dimensions)              K x itemsize
+pixels           the raw pixels of the same images (flattened, / 255)            H*W*C uint8
+full             every latent scalar: posterior means, unpruned forward pass     float32
+random           as many dimensions as the store keeps (same granularity), drawn float32
+                 at random and encoded exactly as the store was: pruned forward
+                 pass, the rest from the prior, posterior means
+random-unpruned  K columns drawn at random from ``full``                         float32
+pca              PCA of the pixels to K components, fitted on training rows only float32
+===============  ==============================================================  ===========
+
+``random`` is the control for the pruning claim: it keeps other dimensions and prunes the
+rest, so it differs from ``active`` only in *which* dimensions the KL ranking kept.
+``random-unpruned`` is a different question: in the unpruned pass even a dimension with
+~0 KL has a posterior mean close to its prior mean, a function of the layers above it,
+so a random subset of ``full`` can carry much of the image's information. Random draws
+are new for every seed.
+
+Protocol (one run per seed 0 .. seeds-1, identical for every feature set):
+
+1. Test rows: the rows of ``test_store`` when one is given, else a seeded stratified 20%
+   hold-out of the store's rows (the seed changes it).
+2. Training rows: the remaining rows; with ``max_train`` a seeded stratified subsample of
+   at most that many. Every feature set of one seed sees the same training and test rows.
+3. A ``Pipeline(StandardScaler, model)`` (logreg and linear-svm fit in the exact
+   coordinates of the training rows' span; see :mod:`~vdvae_latents.downstream.protocol`); its
+   hyper-parameters are chosen by a seeded, shuffled, stratified K-fold cross-validation
+   on the training rows only (:class:`~sklearn.model_selection.GridSearchCV`), refitted on
+   all training rows, and scored once on the test rows.
+
+Each report row gives the mean and standard deviation over the seeds (sample std,
+``ddof=1``; 0 for one seed) of the test accuracy and of the chosen hyper-parameters'
+CV accuracy, the hyper-parameters chosen per seed, and the mean fit time.
+
+``full``, ``random`` and ``random-unpruned`` need the store's checkpoint (or ``ckpt``);
+all baselines need the images (the store's ``data``/``split`` attributes). A
+baseline asked for explicitly that cannot run is a :class:`UserError`; one of the
+default set (``pixels``, ``random``) is skipped with a note instead, so `vdvl probe`
+works on any store without its checkpoint or data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vdvae_latents.core.atomic import save_figure
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.downstream.inputs import ProbeInputs, StorePart, check_same_encoding, full_latent_means, labels_of
+from vdvae_latents.downstream.protocol import MODELS, check_model, check_training_labels, probe_features
+from vdvae_latents.downstream.feature_sets import (
+    FLOAT32_BYTES, IN_MEMORY_FACTOR, FeatureSet, UsedValues, fixed_set, pca_set, random_active_set,
+    random_pruned_set, random_unpruned_set,
+)
+from vdvae_latents.downstream.streaming import STREAM_MODELS, block_rows_for, blocks, stream_probe
+
+BASELINES = ("pixels", "full", "random", "random-unpruned", "pca")
+#: Baselines that run the model, so need the store's checkpoint.
+MODEL_BASELINES = ("full", "random", "random-unpruned")
+#: What `vdvl probe` runs without --baselines; these are skipped (with a note) when their
+#: checkpoint or images are not available, instead of failing.
+DEFAULT_BASELINES = ("pixels", "random")
+HOLDOUT_FRACTION = 0.2
+STREAM_CHOICES = ("auto", "always", "never")
+#: Bytes a feature set may take in memory before `vdvl probe` streams it (--memory-budget).
+DEFAULT_MEMORY_BUDGET = 4e9
+
+Progress = Callable[[str], None]
+
+
+# ============================================================================ row selection
+
+
+def _stratified_pick(y: np.ndarray, n_pick: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``n_pick`` rows of ``y`` with each class in proportion.
+
+    Quotas are the floors of the exact shares, the leftover rows going to the classes with
+    the largest remainders, so the counts (and ``n_pick``) do not depend on the seed; only
+    which members are picked does.
+    """
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    exact = n_pick * counts / len(y)
+    quota = np.floor(exact).astype(np.int64)
+    leftover = int(n_pick - quota.sum())
+    quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
+    picked = [rng.choice(np.flatnonzero(inverse == k), int(quota[k]), replace=False) for k in range(len(classes))]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+@dataclass
+class _Split:
+    """One seed's rows, as indices into the pool (store rows, then test-store rows)."""
+
+    seed: int
+    train: np.ndarray
+    test: np.ndarray
+
+
+def _make_splits(y_store: np.ndarray, n_test_store: int, *, seeds: int, max_train: int | None,
+                 cv: int, store: Path) -> list[_Split]:
+    """The training and test rows of every seed; UserError if the labels cannot support them."""
+    n = len(y_store)
+    classes = np.unique(y_store)
+    if len(classes) < 2:
+        raise UserError(f"the labels of {store} have only one class ({classes[0]}); a probe needs at least 2.")
+    splits = []
+    for seed in range(seeds):
+        if n_test_store:
+            train, test = np.arange(n), n + np.arange(n_test_store)
+            where = f"the training rows of {store}"
+        else:
+            # Independent streams per purpose, so --max-train does not change the hold-out.
+            held = _stratified_pick(y_store, math.ceil(HOLDOUT_FRACTION * n), np.random.default_rng([seed, 1]))
+            test = held
+            train = np.setdiff1d(np.arange(n), held)
+            where = f"the training rows of {store} after the 20% hold-out"
+        if max_train is not None and max_train < len(train):
+            train = train[_stratified_pick(y_store[train], max_train, np.random.default_rng([seed, 2]))]
+            where += f" with --max-train {max_train}"
+        check_training_labels(y_store[train], cv, where)
+        splits.append(_Split(seed, train, test))
+    return splits
+
+
+# ============================================================================ inputs and feature sets
+
+
+def _parse_baselines(baselines: str | Sequence[str] | None) -> tuple[list[str], bool]:
+    """(names in order, explicit?). None means the default set, which may skip quietly."""
+    if baselines is None:
+        return list(DEFAULT_BASELINES), False
+    items = baselines.split(",") if isinstance(baselines, str) else list(baselines)
+    names: list[str] = []
+    for item in (str(i).strip().lower() for i in items):
+        if item in ("", "none"):
+            continue
+        if item not in BASELINES:
+            raise UserError(f"--baselines has an unknown baseline '{item}'; choose from {', '.join(BASELINES)}.")
+        if item not in names:
+            names.append(item)
+    return names, True
+
+
+def _store_dims(part: StorePart) -> tuple[str, int, int]:
+    """(granularity, dimensions kept, dimensions in all) as the store records them."""
+    attrs = part.attrs
+    try:
+        return str(attrs["granularity"]), int(attrs["n_dims_kept"]), int(attrs["n_dims_total"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{part.path} does not record its granularity and dimension counts, so the random "
+                        f"baseline cannot draw the same number of dimensions; was it written by vdvl encode?"
+                        ) from None
+
+
+# ============================================================================ the run
+
+
+def _checkpoint_for(part: StorePart, ckpt: str | Path | None, names: list[str], explicit: bool
+                    ) -> tuple[Path | None, str | None]:
+    """The checkpoint for full/random (sha256-checked), or (None, reason) to skip them."""
+    from vdvae_latents.model.checkpoints import file_sha256, resolve_checkpoint
+
+    if ckpt is not None:
+        path = resolve_checkpoint(ckpt)
+    else:
+        recorded = part.attrs.get("checkpoint")
+        if not recorded or not Path(recorded).exists():
+            reason = (f"the checkpoint {recorded} recorded in {part.path} does not exist" if recorded
+                      else f"{part.path} records no checkpoint")
+            if explicit:
+                raise UserError(f"--baselines {','.join(names)} needs the model, but {reason}; pass --ckpt PATH.")
+            return None, f"{reason} (pass --ckpt PATH)"
+        path = resolve_checkpoint(recorded)
+    expected = part.attrs.get("checkpoint_sha256")
+    if expected and file_sha256(path) != expected:
+        raise UserError(f"checkpoint {path} is not the one {part.path} was encoded with (its sha256 differs).")
+    return path, None
+
+
+def _summarise(fs: FeatureSet, results: list[dict]) -> dict:
+    acc = np.array([r["test_accuracy"] for r in results])
+    cv_acc = np.array([r["cv_accuracy"] for r in results])
+    ddof = 1 if len(results) > 1 else 0
+    per_seed = fs.features_per_seed or [fs.n_features] * len(results)
+    features = int(round(float(np.mean(per_seed))))
+    bytes_per_image = fs.bytes_per_image if not fs.features_per_seed else features * FLOAT32_BYTES
+    row = {
+        "name": fs.name, "description": fs.description, "features": features, "dtype": fs.dtype,
+        "bytes_per_image": int(bytes_per_image), "fit": "streaming" if fs.streaming else "in-memory",
+        "features_per_seed": [int(f) for f in per_seed],
+        "test_accuracy": float(acc.mean()), "test_accuracy_std": float(acc.std(ddof=ddof)),
+        "cv_accuracy": float(cv_acc.mean()), "cv_accuracy_std": float(cv_acc.std(ddof=ddof)),
+        "params": [r["params"] for r in results],
+        "fit_seconds": float(np.mean([r["fit_seconds"] for r in results])),
+        "test_accuracies": [float(a) for a in acc],
+        "convergence_warnings": int(sum(r["convergence_warnings"] for r in results)),
+    }
+    if fs.disk_bytes_per_image is not None:
+        row["disk_bytes_per_image"] = float(fs.disk_bytes_per_image)
+    if fs.streaming:
+        row["epochs"] = int(results[0]["epochs"])
+    return row
+
+
+def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str = "logreg",
+              baselines: str | Sequence[str] | None = None, test_store: str | Path | None = None,
+              ckpt: str | Path | None = None, max_train: int | None = None, seeds: int = 3, cv: int = 3,
+              device: str = "cpu", stream: str = "auto", memory_budget: float = DEFAULT_MEMORY_BUDGET,
+              epochs: int | None = None, progress: Progress | None = None) -> dict:
+    """Probe a store's features and the baselines on the same rows; returns the report.
+
+    Parameters:
+        store: a store written by `vdvl encode` (Zarr or HDF5).
+        labels: None (the store's labels), a ``.npy`` file with one integer label per row,
+            or a data spec whose split (the store's ``split`` attribute) has labels.
+        model: ``logreg`` (default), ``linear-svm``, ``knn`` or ``mlp``.
+        baselines: names from :data:`BASELINES` (a list or a comma-separated string). None
+            runs :data:`DEFAULT_BASELINES` and skips, with a note, those whose checkpoint or
+            images are missing; named baselines that cannot run raise :class:`UserError`.
+        test_store: the test split's store (same checkpoint and columns): its rows become
+            the test set instead of a 20% hold-out.
+        ckpt: the checkpoint for ``full``/``random`` instead of the one the store records.
+        max_train: at most this many training rows (seeded, stratified; the same for every
+            feature set of a seed). None: all of them.
+        seeds: number of seeds (0 .. seeds-1); cv: cross-validation folds.
+        device: where the full latents are computed (``cpu``, ``cuda`` or ``auto``).
+        stream: ``auto`` streams a feature set (:mod:`~vdvae_latents.downstream.streaming`) when its used rows
+            would need more than ``memory_budget`` bytes in memory; ``always``/``never``.
+        memory_budget: bytes an in-memory feature set may take (see ``stream``).
+        epochs: passes of a streamed fit (None: :func:`~vdvae_latents.downstream.streaming.default_epochs`).
+        progress: called with a short message before each step.
+
+    Returns:
+        A dict: ``store``, ``test_store``, ``model``, ``labels`` (their source), ``n_rows``,
+        ``n_train``, ``n_test``, ``n_classes``, ``chance_accuracy`` (share of the test rows
+        in the most frequent training class), ``seeds``, ``cv``, ``max_train``,
+        ``holdout_fraction`` (None with a test store), ``checkpoint`` (used for
+        full/random, else None), ``rows`` (one dict per feature set: ``name``,
+        ``description``, ``features``, ``dtype``, ``bytes_per_image``, ``fit`` (``in-memory``
+        or ``streaming``), ``test_accuracy`` and ``test_accuracy_std``, ``cv_accuracy`` and
+        ``cv_accuracy_std``, ``params`` (per seed), ``fit_seconds`` (mean per seed),
+        ``test_accuracies``, ``convergence_warnings``; the store's row adds
+        ``disk_bytes_per_image``), ``skipped`` (name and reason) and ``notes``.
+    """
+    from vdvae_latents.stores.schema import disk_bytes
+    from vdvae_latents.stores.reader import open_encodings
+
+    model = check_model(model)
+    for name, value, low in (("--seeds", seeds, 1), ("--cv", cv, 2), ("--max-train", max_train, 2),
+                             ("--epochs", epochs, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low):
+            raise UserError(f"{name} must be an integer of at least {low}, not {value!r}.")
+    if stream not in STREAM_CHOICES:
+        raise UserError(f"--stream must be one of {', '.join(STREAM_CHOICES)}, not '{stream}'.")
+    if not memory_budget > 0:
+        raise UserError(f"--memory-budget must be a positive number of bytes, not {memory_budget}.")
+    wanted, explicit = _parse_baselines(baselines)
+    store = Path(store)
+    test_path = Path(test_store) if test_store is not None else None
+    if test_path is not None and test_path.resolve() == store.resolve():
+        raise UserError(f"--test-store {test_path} is the store being probed; give the test split's store.")
+    say = progress or (lambda message: None)
+
+    with ExitStack() as stack:
+        parts: list[StorePart] = []
+        sources = []
+        for path, is_test in ((store, False),) + (((test_path, True),) if test_path is not None else ()):
+            enc = stack.enter_context(open_encodings(path))
+            sample_index = np.asarray(enc.sample_index, dtype=np.int64)
+            y, source = labels_of(enc, path, sample_index, labels, is_test=is_test)
+            parts.append(StorePart(path, enc, y, sample_index))
+            sources.append(source)
+        main = parts[0]
+        if len(parts) == 2:
+            check_same_encoding(main, parts[1])
+
+        # The pool: the store's rows, then the test store's. Splits index into it; `unit` is
+        # the store chunk of each pool row (streaming reads whole chunks).
+        pool_part = np.concatenate([np.full(len(p.labels), i) for i, p in enumerate(parts)])
+        pool_row = np.concatenate([np.arange(len(p.labels)) for p in parts])
+        unit = np.concatenate([i * (1 << 40) + np.arange(len(p.labels)) // p.enc.chunk_rows
+                               for i, p in enumerate(parts)])
+        y_pool = np.concatenate([p.labels for p in parts])
+        splits = _make_splits(main.labels, len(parts[1].labels) if len(parts) == 2 else 0, seeds=seeds,
+                              max_train=max_train, cv=cv, store=store)
+        used = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits]))
+        position = np.full(len(y_pool), -1, dtype=np.int64)
+        position[used] = np.arange(len(used))
+        inputs = ProbeInputs(parts, pool_part, pool_row, used)
+        memo = UsedValues()
+
+        def streamed(width: int) -> bool:
+            return stream == "always" or (stream == "auto" and len(used) * width * IN_MEMORY_FACTOR > memory_budget)
+
+        notes: list[str] = []
+        skipped: list[dict] = []
+
+        def skip(names: list[str], reason: str) -> None:
+            for name in names:
+                skipped.append({"name": name, "reason": reason})
+            notes.append(f"{' and '.join(names)} skipped: {reason}.")
+
+        k = main.n_features
+        store_dtype = np.dtype(main.enc.dtype)
+        active = fixed_set("active", "the store's active latent dimensions", store_dtype.name, store_dtype.itemsize, k,
+                           lambda: memo.get("active", lambda: inputs.store_rows(used)), inputs.store_rows,
+                           streamed(k))
+        active.disk_bytes_per_image = disk_bytes(main.path) / max(len(main.labels), 1)
+        feature_sets = [active]
+
+        # ---- the checkpoint first (full, random): a wrong --ckpt fails before any slow work
+        checkpoint = None
+        model_names = [n for n in wanted if n in MODEL_BASELINES]
+        if model_names:
+            checkpoint, reason = _checkpoint_for(main, ckpt, model_names, explicit)
+            if checkpoint is None:
+                skip(model_names, reason or "no checkpoint")
+                wanted = [n for n in wanted if n not in model_names]
+
+        # ---- images: pixels and pca use them, full and random encode them
+        n_pixels = 0
+        if wanted:
+            try:
+                say("loading images")
+                h, w, c = inputs.pixel_shape()  # loads and checks every used store's images
+                n_pixels = h * w * c
+            except UserError as exc:
+                if explicit:
+                    raise
+                skip(wanted, str(exc).rstrip("."))
+                wanted = []
+        used_pixels = lambda: memo.get("pixels", lambda: inputs.pixel_rows(used))  # noqa: E731
+
+        net = dev = None
+        if any(n in wanted for n in MODEL_BASELINES):
+            from vdvae_latents.model.checkpoints import load_model
+            from vdvae_latents.core.runtime import auto_device
+
+            dev = auto_device(device)
+            say("loading the checkpoint")
+            net, _ = load_model(checkpoint, ema=True, device=dev)
+        else:
+            checkpoint = None
+
+        for name in wanted:
+            if name == "pixels":
+                # One uint8 per pixel value: H*W*C bytes per image.
+                feature_sets.append(fixed_set("pixels", "raw pixels / 255", "uint8", 1, n_pixels, used_pixels,
+                                              inputs.pixel_rows, streamed(n_pixels)))
+            elif name == "pca":
+                pca_streamed = streamed(max(n_pixels, k))
+                block = block_rows_for(n_pixels)
+                feature_sets.append(pca_set(k, n_pixels, used_pixels, inputs.pixel_rows,
+                                            lambda split, block=block: blocks(split.train, unit, block), notes,
+                                            pca_streamed))
+            elif name in ("full", "random-unpruned"):
+                total = sum(v * hh * ww for v, hh, ww in net.cfg.layer_shapes())
+                full_rows = lambda rows: inputs.full_rows(net, rows, dev, say)  # noqa: E731
+                used_full = lambda: memo.get("full", lambda: inputs.full_latents(net, dev, say))  # noqa: E731
+                if name == "full":
+                    feature_sets.append(fixed_set("full", "every latent scalar (posterior means, unpruned)", "float32",
+                                                  FLOAT32_BYTES, total, used_full, full_rows, streamed(total)))
+                else:
+                    if k >= total:
+                        notes.append(f"random-unpruned: the store keeps all {total} latent scalars, so it equals "
+                                     f"full.")
+                    feature_sets.append(random_unpruned_set(min(k, total), total, used_full, full_rows,
+                                                            streamed(total)))
+            elif name == "random":
+                feature_sets.append(_random_set(main, net, dev, splits, inputs, memo, say, notes, streamed))
+
+        # ---- the probes
+        rows = []
+        for fs in feature_sets:
+            if fs.streaming and model not in STREAM_MODELS:
+                raise UserError(f"{fs.name}: {len(used):,} rows x {fs.n_features:,} features do not fit the memory "
+                                f"budget ({memory_budget / 1e9:g} GB) and --model {model} cannot stream; use --model "
+                                f"logreg or linear-svm, a larger --memory-budget, or --max-train.")
+            results = []
+            for split in splits:
+                say(f"{fs.name}: seed {split.seed + 1}/{len(splits)}" + (" (streaming)" if fs.streaming else ""))
+                if fs.streaming:
+                    results.append(stream_probe(fs.rows_for(split), y_pool, split.train, split.test, unit, model=model,
+                                                seed=split.seed, cv=cv, epochs=epochs,
+                                                block_rows=block_rows_for(fs.n_features), say=say))
+                else:
+                    tr, te = position[split.train], position[split.test]
+                    X_train, X_test = fs.arrays(split, tr, te)
+                    results.append(probe_features(X_train, y_pool[split.train], X_test, y_pool[split.test],
+                                                  model=model, seed=split.seed, cv=cv))
+            rows.append(_summarise(fs, results))
+        del net
+
+        n_train, n_test = len(splits[0].train), len(splits[0].test)
+        chance = []
+        for split in splits:
+            values, counts = np.unique(y_pool[split.train], return_counts=True)
+            chance.append(float(np.mean(y_pool[split.test] == values[np.argmax(counts)])))
+        unseen = np.setdiff1d(y_pool[splits[0].test], y_pool[splits[0].train])
+        if len(unseen):
+            notes.append(f"the test rows have classes never seen in training ({', '.join(map(str, unseen))}).")
+        if ckpt is not None and checkpoint is None and not skipped:
+            notes.append("--ckpt was not used: no full or random baseline was asked for.")
+
+        return {
+            "store": str(store), "test_store": str(test_path) if test_path is not None else None,
+            "model": model, "labels": sources[0] if len(set(sources)) == 1 else " / ".join(sources),
+            "n_rows": int(len(main.labels)), "n_train": int(n_train), "n_test": int(n_test),
+            "n_classes": int(len(np.unique(main.labels))), "chance_accuracy": float(np.mean(chance)),
+            "seeds": int(seeds), "cv": int(cv), "max_train": max_train,
+            "holdout_fraction": None if test_path is not None else HOLDOUT_FRACTION,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "rows": rows, "skipped": skipped, "notes": notes,
+        }
+
+
+def _random_set(main: StorePart, net: Any, dev: Any, splits: list[_Split], inputs: ProbeInputs, memo: UsedValues,
+                say: Progress, notes: list[str], streamed: Callable[[int], bool]) -> FeatureSet:
+    """Each seed's random active set of the store's size, encoded as the store was."""
+    from vdvae_latents.latents.encoder import Encoder
+
+    granularity, n_dims, n_total = _store_dims(main)
+    if n_dims >= n_total:
+        notes.append(f"random: the store keeps all {n_total} dimensions, so it equals active.")
+    encoders = {s.seed: Encoder(net, random_active_set(net.cfg.layer_shapes(), granularity, min(n_dims, n_total),
+                                                       s.seed)) for s in splits}
+    counts = [encoders[s.seed].n_features for s in splits]
+
+    def rows_of_seed(seed: int) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda rows: inputs.pruned_rows(encoders[seed], rows, dev, say, f"random set {seed + 1}")
+
+    def used_of_seed(seed: int) -> np.ndarray:
+        return memo.get(("random", seed), lambda: inputs.pruned_latents(encoders[seed], dev, say,
+                                                                        f"random set {seed + 1}/{len(splits)}"),
+                        keep_one_of="random")
+
+    return random_pruned_set(n_dims, granularity, counts, used_of_seed, rows_of_seed, streamed(max(counts)))
+
+# ============================================================================ the plot
+
+
+def plot_probe(report: dict, path: str | Path) -> Path:
+    """Test accuracy against features (left) and bytes per image (right), log x, one point per
+    row with its seed spread as error bars; the majority-class rate as a dashed line."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write --plot {path}: the directory {path.parent} does not exist.")
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    supported = fig.canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in supported:
+        raise UserError(f"--plot {path} must end in .png (or another image type: {', '.join(sorted(supported))}).")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, label in ((axes[0], "features", "features per image"),
+                           (axes[1], "bytes_per_image", "bytes per image")):
+        for i, row in enumerate(report["rows"]):
+            ax.errorbar(row[key], row["test_accuracy"], yerr=row["test_accuracy_std"], fmt="o", capsize=4,
+                        color=f"C{i}", label=f"{row['name']} ({row['features']})")
+            ax.annotate(row["name"], (row[key], row["test_accuracy"]), textcoords="offset points",
+                        xytext=(6, 4 if i % 2 == 0 else -12),  # alternate, so neighbours stay legible
+                        fontsize=8)
+        ax.axhline(report["chance_accuracy"], color="grey", linestyle="--", linewidth=1, label="majority class")
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend(fontsize=8, loc="lower right")
+    source = f"test store {Path(report['test_store']).name}" if report.get("test_store") else "20% hold-out"
+    fig.suptitle(f"{report['model']} probe on {Path(report['store']).name}: {report['n_train']} training rows, "
+                 f"{report['n_test']} test rows ({source}); mean ± std over {report['seeds']} seeds", fontsize=10)
+    return save_figure(fig, path)
+
+
+__all__ = ["run_probe", "probe_features", "plot_probe", "check_training_labels", "random_active_set",
+           "full_latent_means", "MODELS", "BASELINES", "DEFAULT_BASELINES"]

@@ -1,0 +1,74 @@
+"""Run directories for models trained elsewhere (openai/vdvae, the official Efficient-VDVAE code).
+
+An importer maps foreign weights onto :class:`~vdvae_latents.model.vae.VAE`'s state dict and
+hands them here; the result is an ordinary run directory (``config.toml`` plus one
+checkpoint) that every command accepts. The checkpoint records where the weights came
+from in its ``imported`` entry: the source kind, each source file's sha256, the key
+mapping and anything else the importer wants to keep (its hyper-parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vdvae_latents.model import checkpoints as ckpt
+from vdvae_latents.core.atomic import write_text
+from vdvae_latents.model.config import ModelConfig
+from vdvae_latents.core.errors import CheckpointError
+from vdvae_latents.train.run_config import RunConfig, dump_toml
+from vdvae_latents.train.config import TrainConfig
+from vdvae_latents.model.vae import VAE
+
+CONFIG_NAME = "config.toml"
+
+
+def write_imported_run(run_dir: str | Path, cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                       ema_weights: dict[str, torch.Tensor] | None, *, step: int, source: dict[str, Any],
+                       train: TrainConfig | None = None, data: str = "", preset: str | None = None) -> Path:
+    """Write ``run_dir`` with one checkpoint at ``step`` holding ``weights`` (and EMA weights).
+
+    ``weights`` must be exactly the state dict of ``VAE(cfg)`` (names and shapes); the
+    first difference is reported. ``source`` is stored verbatim under ``imported``
+    (tensors, dicts, lists, str, numbers only). Refuses a directory that already holds
+    checkpoints, so an import never overwrites a run.
+
+    Returns the checkpoint path.
+    """
+    run_dir = Path(run_dir)
+    if ckpt.list_checkpoints(run_dir):
+        raise CheckpointError(f"run directory {run_dir} already holds checkpoints; choose an empty --run-dir.")
+    expected = _meta_state(cfg)
+    for which, state in (("model", weights), ("ema", ema_weights)):
+        if state is None:
+            continue
+        problem = ckpt._describe_mismatch(expected, state)
+        if problem:
+            raise CheckpointError(f"the imported {which} weights do not fit the model configuration ({problem}).")
+    run = RunConfig(model=cfg, train=train or TrainConfig(), data=data, preset=preset)
+    payload = {
+        "step": int(step),
+        "preset": preset,
+        "data": data,
+        "model_config": cfg.to_dict(),
+        "train_config": asdict(run.train),
+        "model": {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+        "ema": None if ema_weights is None else {k: v.detach().cpu().contiguous() for k, v in ema_weights.items()},
+        "skips": 0,
+        "imported": source,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / CONFIG_NAME, dump_toml(run.to_dict()), what="run config")
+    return ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, int(step)), payload)
+
+
+def _meta_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's state dict with shapes only (no memory): enough to check names and shapes."""
+    with torch.device("meta"):
+        return VAE(cfg).state_dict()
+
+
+__all__ = ["write_imported_run"]

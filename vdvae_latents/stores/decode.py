@@ -1,0 +1,94 @@
+"""`vdvl decode`: stored rows back to images through the store's checkpoint."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from vdvae_latents.latents.active_set import ActiveSet
+from pathlib import Path
+from vdvae_latents.core.errors import UserError
+from vdvae_latents.core.runtime import auto_device
+from vdvae_latents.data.grids import save_grid, to_uint8
+from vdvae_latents.latents.encoder import Encoder
+from vdvae_latents.stores.reader import open_encodings
+
+
+def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> tuple[Encoder, object]:
+    """The :class:`Encoder` whose columns are an opened store's (``enc``), on the store's
+    checkpoint (or ``ckpt``, which must have the same sha256); returns it and the checkpoint path.
+
+    The active set is rebuilt from the store's dims table at element granularity, which
+    gives exactly the stored columns; a table that does not fit the model is a UserError.
+    """
+    from vdvae_latents.model.checkpoints import file_sha256, load_model, resolve_checkpoint
+    from vdvae_latents.core.errors import UserError
+    from vdvae_latents.latents.stats import DimTable
+
+    attrs = enc.attrs
+    if ckpt is None and not attrs.get("checkpoint"):
+        raise UserError(f"store '{enc.path}' records no checkpoint; pass one explicitly.")
+    ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
+    if file_sha256(ckpt_path) != attrs.get("checkpoint_sha256"):
+        raise UserError(f"checkpoint '{ckpt_path}' is not the one store '{enc.path}' was encoded with "
+                        "(sha256 differs).")
+    model, _ = load_model(ckpt_path, ema=True, device=device)
+    shapes = model.cfg.layer_shapes()
+    layer, variate, y, x = (np.asarray(enc.dims[k]) for k in ("layer", "variate", "y", "x"))
+    # A damaged or foreign dims table must be a one-sentence refusal, not an IndexError below.
+    in_range = (layer >= 0) & (layer < len(shapes))
+    if in_range.all():
+        limits = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)[layer]
+        in_range = ((variate >= 0) & (variate < limits[:, 0]) & (y >= 0) & (y < limits[:, 1])
+                    & (x >= 0) & (x < limits[:, 2]))
+    if not in_range.all():
+        raise UserError(f"store '{enc.path}' has dims that do not exist in the latent layers of its checkpoint's "
+                        "model.")
+    table = DimTable(layer=layer.astype(np.int32), variate=variate.astype(np.int32), y=y.astype(np.int32),
+                     x=x.astype(np.int32), resolution=np.array([shapes[k][1] for k in layer], dtype=np.int32),
+                     avg_kl=np.asarray(enc.dims["avg_kl"], dtype=np.float64), active_units=np.zeros(len(layer)))
+    active = ActiveSet(granularity="element", table=table, selected=np.arange(len(layer)), rule="stored",
+                       value=float("nan"), layer_shapes=shapes, n_images=int(attrs.get("kl_images", 0)))
+    encoder = Encoder(model, active, statistic=statistic)
+    stored = np.stack([layer, variate, y, x], 1)
+    mine = np.stack([getattr(encoder.columns, k) for k in ("layer", "variate", "y", "x")], 1)
+    if stored.shape != mine.shape or not np.array_equal(stored, mine):
+        raise UserError(f"store '{enc.path}' has columns that do not match its own dims table.")
+    return encoder, ckpt_path
+
+
+def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None = None, rows: str = "0:16",
+                 temperature: float = 0.0, seed: int = 0, device: str = "auto") -> dict:
+    """Rebuild images from stored rows (pruned dims from the prior) and save them as a grid."""
+    if temperature < 0:
+        raise UserError(f"--temperature must be non-negative, not {temperature}.")
+    enc = open_encodings(store)
+    try:
+        attrs = enc.attrs
+        n = enc.features.shape[0]
+        lo, hi = _parse_rows(rows, n)
+        dev = auto_device(device)
+        encoder, ckpt_path = store_encoder(enc, ckpt, device=dev)
+        model = encoder.model
+        features = torch.from_numpy(np.asarray(enc.features[lo:hi], dtype=np.float32)).to(dev)
+        g = torch.Generator(device=dev).manual_seed(seed)
+        images = encoder.decode(features, temperature=temperature, generator=g)
+    finally:
+        enc.close()
+    bits = model.cfg.image_bits
+    written = save_grid(out, to_uint8(images, bits))
+    return {"store": str(store), "out": str(written), "rows": [lo, hi], "checkpoint": str(ckpt_path),
+            "temperature": temperature}
+
+
+def _parse_rows(text: str, n: int) -> tuple[int, int]:
+    try:
+        a, _, b = str(text).partition(":")
+        lo = int(a) if a.strip() else 0
+        hi = int(b) if b.strip() else n
+    except ValueError:
+        raise UserError(f"--rows must look like 0:16, not '{text}'.") from None
+    if not 0 <= lo < hi <= n:
+        raise UserError(f"--rows {text} is out of range: the store has {n} rows.")
+    return lo, hi
