@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from vdvae_latents.core.errors import UserError
+from .errors import UserError
 
 
 @contextmanager

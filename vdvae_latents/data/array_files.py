@@ -28,10 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from vdvae_latents.core.errors import DataError
-
-from vdvae_latents.data.readers import (
-    ProcessLocal, Reader, as_uint8, check_pixel_dtype, checked_labels, image_shape, runs,
+from ..core.errors import DataError
+from .packed import packed_layout
+from .readers import (
+    ProcessLocal,
+    Reader,
+    as_uint8,
+    check_pixel_dtype,
+    checked_labels,
+    image_shape,
+    runs,
 )
 
 __all__ = ["IN_MEMORY_LIMIT", "read_npy", "read_npz", "read_downsampled_imagenet", "HDF5Reader", "ZarrReader",
@@ -399,7 +405,7 @@ class ZarrReader(_StoreArrayReader):
             return
         # A packed store is read as packed (names, skipped rows, own split) when its images are
         # asked for, and refused while incomplete whatever is asked for.
-        packed = _packed_layout(root, path)
+        packed = packed_layout(root, path)
         if image_name not in (None, "images"):
             packed = None
         if image_name is None:
@@ -442,9 +448,3 @@ class ZarrReader(_StoreArrayReader):
     @staticmethod
     def _chunk_rows(array) -> int:
         return array.chunks[0]
-
-
-def _packed_layout(root, path: Path) -> dict | None:
-    from vdvae_latents.data.pack import packed_layout  # pack builds on the readers; imported here to avoid a cycle
-
-    return packed_layout(root, path)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vdvae_latents.core.atomic import atomic_file
-from vdvae_latents.core.errors import UserError
+from ..core.atomic import atomic_file
+from ..core.errors import UserError
 
 __all__ = ["to_uint8", "make_grid", "save_grid", "PAD_VALUE", "MIN_TILE_PIXELS"]
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vdvae_latents.core.errors import DataError
-
-from vdvae_latents.data.readers import Reader
+from ..core.errors import DataError
+from .readers import Reader
 
 __all__ = ["ImageFolderReader", "IMAGE_SUFFIXES", "resize_images"]
 

@@ -19,17 +19,18 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
-from vdvae_latents.core.errors import DataError
+from ..core.errors import DataError
 
-from vdvae_latents.data.splits import ImageSet, LazyImages
+if TYPE_CHECKING:  # splits imports this module (LazyImages.batches); at run time nothing here needs splits
+    from .splits import ImageSet, LazyImages
 
-__all__ = ["Batch", "BatchReads", "BatchLoader", "TrainOrder", "TrainLoader", "ImageDataset", "consecutive",
-           "resolve_workers"]
+__all__ = ["Batch", "BatchReads", "BatchLoader", "ReadFailure", "TrainOrder", "TrainLoader", "ImageDataset", "consecutive",
+           "resolve_workers", "stream"]
 
 
 class Batch(NamedTuple):
@@ -40,7 +41,7 @@ class Batch(NamedTuple):
     positions: torch.Tensor
 
 
-class _ReadFailure:
+class ReadFailure:
     """A DataError raised in a worker, carried back as a value so the main process can raise
     it as the one-sentence error it is (the DataLoader would wrap it in a worker traceback)."""
 
@@ -57,12 +58,12 @@ class BatchReads(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, positions: np.ndarray) -> Batch | _ReadFailure:
+    def __getitem__(self, positions: np.ndarray) -> Batch | ReadFailure:
         positions = np.asarray(positions, dtype=np.int64)
         try:
             pixels = self.images.read(positions)
         except DataError as exc:
-            return _ReadFailure(str(exc))
+            return ReadFailure(str(exc))
         labels = self.images.labels
         labels = np.full(len(positions), -1, np.int64) if labels is None else labels[positions]
         # NHWC -> NCHW here, in the worker, so the main process gets a ready contiguous batch.
@@ -117,7 +118,7 @@ class BatchLoader:
         stream = iter(loader)
         try:
             for item in stream:
-                if isinstance(item, _ReadFailure):
+                if isinstance(item, ReadFailure):
                     raise DataError(item.message)
                 yield item
         finally:

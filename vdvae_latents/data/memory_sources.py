@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vdvae_latents.core.errors import DataError
-
-from vdvae_latents.data.readers import ArrayReader, array_reader, concat_readers
+from ..core.errors import DataError
+from .readers import ArrayReader, array_reader, concat_readers
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs its IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -29,7 +28,9 @@ CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then the image in CHW order
 
 
 def read_digits() -> ArrayReader:
-    from sklearn.datasets import load_digits  # imported lazily: sklearn is slow to import
+    from sklearn.datasets import (
+        load_digits,  # imported lazily: sklearn is slow to import
+    )
 
     digits = load_digits()
     # Values are integers 0..16; spread them over the full uint8 range.

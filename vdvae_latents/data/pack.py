@@ -38,15 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdvae_latents.core.errors import DataError, UserError
+from ..core.errors import DataError, UserError
+from .loading import BatchLoader, ReadFailure
+from .packed import PACK_SCHEMA
+from .sources import open_reader
+from .splits import LazyImages, check_split_options
 
-from vdvae_latents.data.loading import BatchLoader, _ReadFailure
-from vdvae_latents.data.splits import LazyImages, _check_options
-from vdvae_latents.data.sources import open_reader
+__all__ = ["pack_images"]
 
-__all__ = ["PACK_SCHEMA", "pack_images", "packed_layout"]
-
-PACK_SCHEMA = "vdvl-packed-images"
 PACK_VERSION = 1
 _CHUNK_BYTES = 512 << 10
 _BLOCK_BYTES = 32 << 20
@@ -78,7 +77,7 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
         raise UserError(f"--workers must be >= 0, not {workers}.")
     if isinstance(resize, int):
         resize = (resize, resize)
-    _check_options("all", 0.1, 0.1, resize, None)
+    check_split_options("all", 0.1, 0.1, resize, None)
     if out.exists() and not (resume or overwrite):
         raise UserError(f"store '{out}' exists; use --resume to finish it or --overwrite to replace it.")
     if resume and not out.exists():
@@ -151,7 +150,7 @@ class _PackReads(torch.utils.data.Dataset):
             return self.images.read(positions), ok
         except DataError as exc:
             if not self.skip_bad:
-                return _ReadFailure(f"{exc}; --skip-bad skips unreadable files (then --resume finishes the pack)")
+                return ReadFailure(f"{exc}; --skip-bad skips unreadable files (then --resume finishes the pack)")
         pixels = np.zeros((len(positions), *self.images.shape), dtype=np.uint8)
         for k, p in enumerate(positions):  # find the bad files one by one
             try:
@@ -159,25 +158,6 @@ class _PackReads(torch.utils.data.Dataset):
             except DataError:
                 ok[k] = False
         return pixels, ok
-
-
-def packed_layout(root, path: Path) -> dict | None:
-    """What a reader needs from a packed store (None when ``root`` is not one); refuses an incomplete one."""
-    attrs = dict(root.attrs)
-    if attrs.get("schema") != PACK_SCHEMA:
-        return None
-    if attrs.get("complete") is not True:
-        raise DataError(f"packed store {path} is incomplete (packing was interrupted); finish it with "
-                        f"`vdvl pack {attrs.get('source', 'SOURCE')} --out {path} --resume`")
-    ok = np.asarray(root["ok"][...], dtype=bool)
-    valid_rows = None if ok.all() else np.flatnonzero(ok).astype(np.int64)
-    n_train = attrs.get("n_train")
-    if n_train is not None and valid_rows is not None:
-        n_train = int(np.count_nonzero(valid_rows < n_train))
-    names = np.asarray(root["names"][...]) if "names" in root else None
-    class_names = attrs.get("class_names")
-    return {"valid_rows": valid_rows, "names": names, "n_train": n_train,
-            "class_names": None if class_names is None else tuple(class_names)}
 
 
 # ----------------------------------------------------------------------------- helpers

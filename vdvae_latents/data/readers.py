@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from vdvae_latents.core.errors import DataError
+from ..core.errors import DataError
 
 __all__ = ["Reader", "ArrayReader", "ProcessLocal", "runs", "image_shape", "checked_labels", "as_uint8"]
 

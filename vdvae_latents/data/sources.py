@@ -12,11 +12,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vdvae_latents.core.errors import DataError
-
-from vdvae_latents.data import array_files, memory_sources
-from vdvae_latents.data.image_folder import ImageFolderReader
-from vdvae_latents.data.readers import Reader
+from ..core.errors import DataError
+from . import array_files, memory_sources
+from .image_folder import ImageFolderReader
+from .readers import Reader
 
 __all__ = ["open_reader", "describe_sources"]
 

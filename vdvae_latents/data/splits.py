@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vdvae_latents.core.errors import DataError
-
-from vdvae_latents.data.image_folder import resize_images
-from vdvae_latents.data.readers import Reader
-from vdvae_latents.data.sources import open_reader
+from ..core.errors import DataError
+from .image_folder import resize_images
+from .readers import Reader
+from .sources import open_reader
 
 __all__ = ["SPLITS", "ImageSet", "LazyImages", "open_images", "load_images", "split_rows"]
 
@@ -137,14 +136,14 @@ class LazyImages:
     def batches(self, batch_size: int, *, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
         """Consecutive batches (:class:`~.loading.Batch`: uint8 NCHW images, labels, positions),
         read ahead by ``workers`` processes; re-iterable."""
-        from vdvae_latents.data.loading import consecutive
+        from .loading import consecutive
 
         return self.loader(consecutive(len(self), batch_size), workers=workers, pin_memory=pin_memory,
                            prefetch=prefetch)
 
     def loader(self, batches, *, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
         """Batches at the positions ``batches`` lists (an iterable of int arrays), as :meth:`batches` does."""
-        from vdvae_latents.data.loading import BatchLoader
+        from .loading import BatchLoader
 
         return BatchLoader(self, batches, workers=workers, pin_memory=pin_memory, prefetch=prefetch)
 
@@ -187,13 +186,13 @@ def open_images(
     ``resize`` is (H, W); images are resized with Pillow (bicubic, antialiased).
     ``limit`` keeps the first N images of the split.
     """
-    _check_options(split, val_fraction, test_fraction, resize, limit)  # before any file is opened
+    check_split_options(split, val_fraction, test_fraction, resize, limit)  # before any file is opened
     return _split_of(open_reader(spec, resize), spec, split, seed, val_fraction, test_fraction, resize, limit)
 
 
 def _split_of(reader: Reader, spec: str, split: str, seed: int, val_fraction: float, test_fraction: float,
               resize: tuple[int, int] | None, limit: int | None) -> LazyImages:
-    _check_options(split, val_fraction, test_fraction, resize, limit)
+    check_split_options(split, val_fraction, test_fraction, resize, limit)
     rows = split_rows(reader.n_rows, reader.n_train, split, seed, val_fraction, test_fraction)
     if limit is not None:
         rows = rows[:limit]
@@ -227,7 +226,7 @@ def split_rows(n_rows: int, n_train: int | None, split: str, seed: int, val_frac
     return np.sort(chosen).astype(np.int64)
 
 
-def _check_options(
+def check_split_options(
     split: str,
     val_fraction: float,
     test_fraction: float,

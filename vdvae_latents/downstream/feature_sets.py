@@ -144,8 +144,8 @@ def random_pruned_set(n_dims: int, granularity: str, counts: list[int], used_of_
 def random_active_set(layer_shapes: Sequence[tuple[int, int, int]], granularity: str, n_active: int,
                       seed: int) -> Any:
     """An :class:`~vdvae_latents.latents.active_set.ActiveSet` of ``n_active`` dimensions drawn uniformly (seeded)."""
-    from vdvae_latents.latents.active_set import ActiveSet
-    from vdvae_latents.latents.stats import dimension_table
+    from ..latents.active_set import ActiveSet
+    from ..latents.stats import dimension_table
 
     table = dimension_table(layer_shapes, granularity)
     selected = np.sort(np.random.default_rng([seed, 4]).choice(len(table), n_active, replace=False))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vdvae_latents.core.errors import UserError
+from ..core.errors import UserError
 
 Progress = Callable[[str], None]
 
@@ -55,7 +55,7 @@ def _read_label_file(path: Path) -> np.ndarray:
 def labels_of(enc: Any, path: Path, sample_index: np.ndarray, labels: str | Path | None, *,
               is_test: bool) -> tuple[np.ndarray, str]:
     """The rows' class labels and a short description of where they came from."""
-    from vdvae_latents.data import open_images
+    from ..data import open_images
 
     spec = None if labels is None else str(labels)
     if spec is not None and spec.lower().endswith(".npy"):
@@ -128,7 +128,7 @@ class ProbeInputs:
     def images_of(self, part: StorePart) -> Any:
         """The store's split, opened lazily (cached per data spec and split): pixels are read
         only for the rows a probe asks for."""
-        from vdvae_latents.data import open_images
+        from ..data import open_images
 
         data, split = part.attrs.get("data"), part.attrs.get("split")
         if not data or not split:
@@ -177,7 +177,7 @@ class ProbeInputs:
         """``features_of(model-scale batch)`` of pool ``rows`` -> (rows, n_features) float32."""
         import torch
 
-        from vdvae_latents.model.inputs import check_images_fit, prepare_batch
+        from ..model.inputs import check_images_fit, prepare_batch
 
         out = np.empty((len(rows), n_features), dtype=np.float32)
         for mask, part, store_rows in self.by_part(rows):

@@ -57,15 +57,28 @@ from typing import Any
 
 import numpy as np
 
-from vdvae_latents.core.atomic import save_figure
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.downstream.inputs import ProbeInputs, StorePart, check_same_encoding, full_latent_means, labels_of
-from vdvae_latents.downstream.protocol import MODELS, check_model, check_training_labels, probe_features
-from vdvae_latents.downstream.feature_sets import (
-    FLOAT32_BYTES, IN_MEMORY_FACTOR, FeatureSet, UsedValues, fixed_set, pca_set, random_active_set,
-    random_pruned_set, random_unpruned_set,
+from ..core.atomic import save_figure
+from ..core.errors import UserError
+from .feature_sets import (
+    FLOAT32_BYTES,
+    IN_MEMORY_FACTOR,
+    FeatureSet,
+    UsedValues,
+    fixed_set,
+    pca_set,
+    random_active_set,
+    random_pruned_set,
+    random_unpruned_set,
 )
-from vdvae_latents.downstream.streaming import STREAM_MODELS, block_rows_for, blocks, stream_probe
+from .inputs import (
+    ProbeInputs,
+    StorePart,
+    check_same_encoding,
+    full_latent_means,
+    labels_of,
+)
+from .protocol import MODELS, check_model, check_training_labels, probe_features
+from .streaming import STREAM_MODELS, block_rows_for, blocks, stream_probe
 
 BASELINES = ("pixels", "full", "random", "random-unpruned", "pca")
 #: Baselines that run the model, so need the store's checkpoint.
@@ -171,7 +184,7 @@ def _store_dims(part: StorePart) -> tuple[str, int, int]:
 def _checkpoint_for(part: StorePart, ckpt: str | Path | None, names: list[str], explicit: bool
                     ) -> tuple[Path | None, str | None]:
     """The checkpoint for full/random (sha256-checked), or (None, reason) to skip them."""
-    from vdvae_latents.model.checkpoints import file_sha256, resolve_checkpoint
+    from ..model.checkpoints import file_sha256, resolve_checkpoint
 
     if ckpt is not None:
         path = resolve_checkpoint(ckpt)
@@ -255,8 +268,8 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
         ``test_accuracies``, ``convergence_warnings``; the store's row adds
         ``disk_bytes_per_image``), ``skipped`` (name and reason) and ``notes``.
     """
-    from vdvae_latents.stores.schema import disk_bytes
-    from vdvae_latents.stores.reader import open_encodings
+    from ..stores.reader import open_encodings
+    from ..stores.schema import disk_bytes
 
     model = check_model(model)
     for name, value, low in (("--seeds", seeds, 1), ("--cv", cv, 2), ("--max-train", max_train, 2),
@@ -346,8 +359,8 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
 
         net = dev = None
         if any(n in wanted for n in MODEL_BASELINES):
-            from vdvae_latents.model.checkpoints import load_model
-            from vdvae_latents.core.runtime import auto_device
+            from ..core.runtime import auto_device
+            from ..model.checkpoints import load_model
 
             dev = auto_device(device)
             say("loading the checkpoint")
@@ -430,7 +443,7 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
 def _random_set(main: StorePart, net: Any, dev: Any, splits: list[_Split], inputs: ProbeInputs, memo: UsedValues,
                 say: Progress, notes: list[str], streamed: Callable[[int], bool]) -> FeatureSet:
     """Each seed's random active set of the store's size, encoded as the store was."""
-    from vdvae_latents.latents.encoder import Encoder
+    from ..latents.encoder import Encoder
 
     granularity, n_dims, n_total = _store_dims(main)
     if n_dims >= n_total:

@@ -30,7 +30,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from vdvae_latents.core.errors import UserError
+from ..core.errors import UserError
 
 MODELS = ("logreg", "linear-svm", "knn", "mlp")
 #: Models with an L2 penalty on a linear weight vector, for which RowSpaceProjection is exact.

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.downstream.protocol import C_GRIDS, check_training_labels
+from ..core.errors import UserError
+from .protocol import C_GRIDS, check_training_labels
 
 STREAM_MODELS = tuple(C_GRIDS)
 #: Feature bytes per block: a block is whole chunks totalling about this much (float32).

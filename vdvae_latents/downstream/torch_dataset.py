@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.stores.reader import open_encodings
+from ..core.errors import UserError
+from ..stores.reader import open_encodings
 
 
 class EncodingsDataset(Dataset):

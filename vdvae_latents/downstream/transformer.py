@@ -36,12 +36,12 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from vdvae_latents.model.inputs import check_images_fit, prepare_batch
-from vdvae_latents.model.checkpoints import load_model
-from vdvae_latents.latents.encoder import STATISTICS, Encoder
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.latents.stats import GRANULARITIES, LatentKL
-from vdvae_latents.latents.active_set import build_active_set, parse_keep
+from ..core.errors import UserError
+from ..latents.active_set import fit_active_set, parse_keep
+from ..latents.encoder import STATISTICS, Encoder
+from ..latents.stats import GRANULARITIES
+from ..model.checkpoints import load_model
+from ..model.inputs import check_images_fit, prepare_batch
 
 __all__ = ["ActiveLatents"]
 
@@ -157,9 +157,9 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         images = self._uint8_batches(X, model.cfg)
 
         device = next(model.parameters()).device
-        stats = LatentKL(batch_size=self.batch_size, seed=self.seed, device=device).fit(model, images)
-        active = build_active_set(stats, granularity=self.granularity, keep=keep, threshold=threshold,
-                                  checkpoint=info["path"], checkpoint_sha256=info["sha256"])
+        active = fit_active_set(model, images, granularity=self.granularity, keep=keep, threshold=threshold,
+                                batch_size=self.batch_size, seed=self.seed, device=device, checkpoint=info["path"],
+                                checkpoint_sha256=info["sha256"])
         encoder = Encoder(model, active, statistic=self.statistic)
 
         self.model_ = model
@@ -167,18 +167,18 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         self.encoder_ = encoder
         self.checkpoint_path_ = info["path"]
         self.checkpoint_sha256_ = info["sha256"]
-        self.n_images_ = stats.n_images_
+        self.n_images_ = active.n_images
         self.n_features_out_ = encoder.n_features * (2 if self.statistic == "mean+std" else 1)
         self.quantizers_ = {}
         return self
 
     def _fit_from_store(self, X):
         """fit() with ``store``: everything from the (verified) store, nothing measured."""
-        from vdvae_latents.model.checkpoints import file_sha256
-        from vdvae_latents.stores.decode import store_encoder
-        from vdvae_latents.stores.backends import StoreError
-        from vdvae_latents.stores.reader import open_encodings
-        from vdvae_latents.stores.verify import verify_store
+        from ..model.checkpoints import file_sha256
+        from ..stores.backends import StoreError
+        from ..stores.decode import store_encoder
+        from ..stores.reader import open_encodings
+        from ..stores.verify import verify_store
 
         report = verify_store(self.store)
         if not report["ok"]:

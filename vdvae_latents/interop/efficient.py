@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from vdvae_latents.model.checkpoints import file_sha256, read_torch_file
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.core.errors import CheckpointError, ConfigError
-from vdvae_latents.interop.hparams_cfg import read_hparams
-from vdvae_latents.interop.run_dir import write_imported_run
+from ..core.errors import CheckpointError, ConfigError
+from ..model.checkpoints import file_sha256, read_torch_file
+from ..model.config import ModelConfig
+from .hparams_cfg import read_hparams
+from .run_dir import write_imported_run
 
 __all__ = ["SOURCE_KIND", "OfficialLayout", "official_layout", "config_from_hparams", "official_to_vdvl_keys",
            "load_official_checkpoint", "convert_state", "to_official_state", "import_efficient_vdvae"]
@@ -322,7 +322,7 @@ def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *, whi
     Raises CheckpointError naming ``source`` and the first tensor that is missing,
     unexpected or of the wrong shape for the configuration.
     """
-    from vdvae_latents.model.vae import VAE
+    from ..model.vae import VAE
 
     with torch.device("meta"):
         expected = VAE(layout.cfg).state_dict()

@@ -20,7 +20,7 @@ import operator
 from pathlib import Path
 from typing import Any
 
-from vdvae_latents.core.errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["parse_hparams", "read_hparams", "parse_value"]
 

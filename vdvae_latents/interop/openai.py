@@ -20,12 +20,19 @@ from typing import Any
 
 import torch
 
-from vdvae_latents.model.checkpoints import file_sha256
-from vdvae_latents.core.errors import CheckpointError
-from vdvae_latents.interop.run_dir import write_imported_run
-from vdvae_latents.train.presets import PRESETS
-from vdvae_latents.model.vae import VAE
-from vdvae_latents.model.openai_hps import NO_BIAS_ABOVE, OpenAIHps, get_openai_hps, openai_config, openai_layout, parse_blocks
+from ..core.errors import CheckpointError
+from ..model.checkpoints import file_sha256
+from ..model.openai_hps import (
+    NO_BIAS_ABOVE,
+    OpenAIHps,
+    get_openai_hps,
+    openai_config,
+    openai_layout,
+    parse_blocks,
+)
+from ..model.vae import VAE
+from ..train.presets import PRESETS
+from .run_dir import write_imported_run
 
 _DDP_PREFIX = "module."
 _STEP_IN_NAME = re.compile(r"iter-(\d+)-model(?:-ema)?\.th$")

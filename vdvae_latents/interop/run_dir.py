@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from vdvae_latents.model import checkpoints as ckpt
-from vdvae_latents.core.atomic import write_text
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.core.errors import CheckpointError
-from vdvae_latents.train.run_config import RunConfig, dump_toml
-from vdvae_latents.train.config import TrainConfig
-from vdvae_latents.model.vae import VAE
+from ..core.atomic import write_text
+from ..core.errors import CheckpointError
+from ..model import checkpoints as ckpt
+from ..model.config import ModelConfig
+from ..model.vae import VAE
+from ..train.config import TrainConfig
+from ..train.run_config import RunConfig, dump_toml
 
 CONFIG_NAME = "config.toml"
 
@@ -45,7 +45,7 @@ def write_imported_run(run_dir: str | Path, cfg: ModelConfig, weights: dict[str,
     for which, state in (("model", weights), ("ema", ema_weights)):
         if state is None:
             continue
-        problem = ckpt._describe_mismatch(expected, state)
+        problem = ckpt.describe_mismatch(expected, state)
         if problem:
             raise CheckpointError(f"the imported {which} weights do not fit the model configuration ({problem}).")
     run = RunConfig(model=cfg, train=train or TrainConfig(), data=data, preset=preset)

@@ -21,15 +21,16 @@ import json
 import math
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vdvae_latents.core.atomic import atomic_file, write_text
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.latents.stats import AU_THRESHOLD, GRANULARITIES, DimTable, LatentKL
+from ..core.atomic import atomic_file, write_text
+from ..core.errors import UserError
+from .stats import AU_THRESHOLD, GRANULARITIES, DimTable, LatentKL
 
 SIDECAR_THRESHOLD = 20_000  # more dimensions than this go to a .npz beside the JSON
 
@@ -259,3 +260,18 @@ def build_active_set(stats: LatentKL, *, granularity: str = "variate", keep: flo
     rule, value = ("keep", float(keep)) if keep is not None else ("threshold", float(threshold))
     return ActiveSet(granularity=granularity, table=table, selected=selected, rule=rule, value=value,
                      layer_shapes=stats.layer_shapes_, n_images=stats.n_images_, **meta)
+
+
+def fit_active_set(model, images, *, granularity: str = "variate", keep: float | None = None,
+                   threshold: float | None = None, batch_size: int = 256, seed: int = 0,
+                   device: torch.device | str | None = None, progress: Callable[[int], None] | None = None,
+                   **meta) -> ActiveSet:
+    """Measure every dimension's average KL over ``images`` and choose the active set: the one
+    way `vdvl analyze-kl`, `vdvl encode --keep` and :class:`~vdvae_latents.downstream.ActiveLatents`
+    rank a model's latents. ``meta``: provenance kept in the set (data, split, checkpoint, ...).
+
+    Under torchrun each process passes its shard (and its own ``seed``); the statistics are
+    reduced across processes, so every process returns the same set.
+    """
+    stats = LatentKL(batch_size=batch_size, seed=seed, device=device).fit(model, images, progress=progress)
+    return build_active_set(stats, granularity=granularity, keep=keep, threshold=threshold, **meta)

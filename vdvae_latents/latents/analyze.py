@@ -6,14 +6,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
-from vdvae_latents.model.inputs import check_images_fit, evaluation_images
-from vdvae_latents.model.checkpoints import load_model
-from vdvae_latents.data import open_images
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.core.runtime import auto_device, join_processes
-from vdvae_latents.data.loading import stream
-from vdvae_latents.model.inputs import eval_binarization
+from ..core.atomic import atomic_file
+from ..core.errors import UserError
+from ..core.runtime import auto_device, join_processes
+from ..data.loading import stream
+from ..data.splits import open_images
+from ..model.checkpoints import load_model, resolve_checkpoint
+from ..model.inputs import check_images_fit, eval_binarization, evaluation_images
+from .active_set import ActiveSet, fit_active_set, parse_keep
+from .pruning import plot_kl, pruning_sweep
+from .stats import GRANULARITIES
 
 
 def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: str | float | None = None,
@@ -29,13 +33,6 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
     Under torchrun each process scores a shard of the split and the sums are reduced;
     process 0 writes the outputs.
     """
-    import torch.distributed as dist
-
-    from vdvae_latents.model.checkpoints import file_sha256, resolve_checkpoint
-    from vdvae_latents.latents.stats import GRANULARITIES, LatentKL
-    from vdvae_latents.latents.active_set import build_active_set, parse_keep
-    from vdvae_latents.latents.pruning import plot_kl, pruning_sweep
-
     if (keep is None) == (threshold is None):
         raise UserError("give exactly one of --keep or --threshold.")
     if granularity not in GRANULARITIES:
@@ -43,40 +40,44 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
     keep_fraction = parse_keep(keep) if keep is not None else None
     if div_stats is not None and granularity != "variate":
         raise UserError("--div-stats needs --granularity variate (the official file has one value per variate).")
-    dev = auto_device(device)
-    dev, rank, world = join_processes(dev)
-    distributed = world > 1
+    dev, rank, world = join_processes(auto_device(device))
     ckpt_path = resolve_checkpoint(path)
     model, info = load_model(ckpt_path, ema=True, device=dev)
     images = open_images(data, split=split, limit=limit)
     check_images_fit(model.cfg, images.shape, data)
     start = time.perf_counter()
-    stats = LatentKL(batch_size=batch_size, seed=seed + rank, device=dev).fit(
-        model, stream(images.shard(rank, world), batch_size, workers, dev, world), progress=progress)
-    active = build_active_set(stats, granularity=granularity, keep=keep_fraction, threshold=threshold,
-                              data=data, split=split, checkpoint=str(ckpt_path),
-                              checkpoint_sha256=file_sha256(ckpt_path))
+    active = fit_active_set(model, stream(images.shard(rank, world), batch_size, workers, dev, world),
+                            granularity=granularity, keep=keep_fraction, threshold=threshold, batch_size=batch_size,
+                            seed=seed + rank, device=dev, progress=progress, data=data, split=split,
+                            checkpoint=str(ckpt_path), checkpoint_sha256=info["sha256"])
     result = {"checkpoint": str(ckpt_path), "step": info["step"], "out": str(out), "seconds": 0.0,
               **active.summary()}
     if rank == 0:
         if sweep:
-            test = open_images(data, split=sweep_split, limit=limit)
-            check_images_fit(model.cfg, test.shape, data)
-            pixels = evaluation_images(model.cfg, test, eval_binarization(info), batch_size=batch_size)
-            rows = pruning_sweep(model, pixels, active, sweep, batch_size=batch_size, seed=seed, device=dev)
-            result["sweep"] = {"split": sweep_split, "n_images": len(test), "rows": rows}
+            result["sweep"] = _sweep(model, info, active, data, sweep_split, sweep, limit, batch_size, seed, dev)
             active.extra["sweep"] = result["sweep"]
         active.save(out)
         if div_stats:
-            from vdvae_latents.core.atomic import atomic_file
-
             with atomic_file(Path(div_stats), what="div stats file") as f:
                 np.save(f, active.div_stats_bits())
             result["div_stats"] = str(div_stats)
         if plot:
             plot_kl(active, plot, title=f"{Path(str(ckpt_path)).name} on {data}:{split}")
             result["plot"] = str(plot)
-    if distributed:
+    if world > 1:
         dist.barrier()
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def _sweep(model, info: dict, active: ActiveSet, data: str, split: str, percentages: list[float],
+           limit: int | None, batch_size: int, seed: int, device) -> dict:
+    """The pruning sweep (the paper's Table 5 for this model) on ``data:split``."""
+    test = open_images(data, split=split, limit=limit)
+    check_images_fit(model.cfg, test.shape, data)
+    pixels = evaluation_images(model.cfg, test, eval_binarization(info), batch_size=batch_size)
+    rows = pruning_sweep(model, pixels, active, percentages, batch_size=batch_size, seed=seed, device=device)
+    return {"split": split, "n_images": len(test), "rows": rows}
+
+
+__all__ = ["analyze_checkpoint"]

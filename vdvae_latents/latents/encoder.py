@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vdvae_latents.latents.active_set import ActiveSet
+from .active_set import ActiveSet
 
 STATISTICS = ("mean", "sample", "mean+std")
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vdvae_latents.core.atomic import save_figure
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.model.evaluation import evaluate
-from vdvae_latents.latents.active_set import ActiveSet, select_dimensions
+from ..core.atomic import save_figure
+from ..core.errors import UserError
+from ..model.evaluation import evaluate
+from .active_set import ActiveSet, select_dimensions
 
 DEFAULT_SWEEP = (2.5, 3.0, 4.0, 5.0, 7.0, 100.0)
 

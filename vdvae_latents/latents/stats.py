@@ -10,10 +10,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vdvae_latents.model.inputs import prepare_batch
-from vdvae_latents.model.evaluation import iter_batches
-from vdvae_latents.core.errors import UserError
-
+from ..core.errors import UserError
+from ..model.evaluation import iter_batches
+from ..model.inputs import prepare_batch
 
 GRANULARITIES = ("variate", "element")
 

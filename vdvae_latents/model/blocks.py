@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdvae_latents.model.act_conv import act_conv
-from vdvae_latents.model.distributions import gaussian_kl, gaussian_sample, softplus_std
+from .act_conv import act_conv
+from .distributions import gaussian_kl, gaussian_sample, softplus_std
 
 
 def activation_fn(name: str):

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vdvae_latents.core.atomic import atomic_file
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.core.errors import CheckpointError, ConfigError
-from vdvae_latents.model.vae import VAE, count_parameters
+from ..core.atomic import atomic_file
+from ..core.errors import CheckpointError, ConfigError
+from .config import ModelConfig
+from .vae import VAE, count_parameters
 
 FORMAT_NAME = "vdvl-checkpoint"
 FORMAT_VERSION = 1
@@ -313,7 +313,7 @@ def _model_config(payload: dict, path: Path) -> ModelConfig:
         raise CheckpointError(f"Checkpoint file {path} has an invalid model configuration ({reason}).") from exc
 
 
-def _describe_mismatch(expected: dict[str, torch.Tensor], state: dict) -> str | None:
+def describe_mismatch(expected: dict[str, torch.Tensor], state: dict) -> str | None:
     """A short account of how ``state`` differs from the model's state dict, or None."""
 
     def first(keys: list[str], what: str) -> str:
@@ -363,7 +363,7 @@ def load_model(path: PathLike, *, ema: bool = True,
     if not isinstance(state, dict):
         raise CheckpointError(f"Checkpoint file {resolved} has no model weights.")
     model = VAE(cfg)
-    problem = _describe_mismatch(model.state_dict(), state)
+    problem = describe_mismatch(model.state_dict(), state)
     if problem:
         raise CheckpointError(
             f"Checkpoint file {resolved} has {which} weights that do not match its model configuration ({problem})."

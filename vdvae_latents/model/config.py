@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from vdvae_latents.core.errors import ConfigError
+from ..core.errors import ConfigError
 
 ARCHITECTURES = ("efficient", "vdvae")
 OUTPUTS = ("mol", "bernoulli")

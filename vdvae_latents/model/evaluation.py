@@ -35,26 +35,28 @@ error.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from vdvae_latents.model.inputs import check_images_fit, prepare_batch
-from vdvae_latents.data import ImageSet, LazyImages
-from vdvae_latents.model.distributions import gaussian_kl, gaussian_log_prob
-from vdvae_latents.core.errors import DataError
-from vdvae_latents.model.vae import VAEOutput
-import time
-from pathlib import Path
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.core.runtime import auto_device
-from vdvae_latents.data import open_images
-from vdvae_latents.data.loading import stream
-from vdvae_latents.model.checkpoints import load_model
-from vdvae_latents.model.inputs import eval_binarization, evaluation_images
+from ..core.errors import DataError, UserError
+from ..core.runtime import auto_device
+from ..data import ImageSet, LazyImages, open_images
+from ..data.loading import stream
+from .checkpoints import load_model
+from .distributions import gaussian_kl, gaussian_log_prob
+from .inputs import (
+    check_images_fit,
+    eval_binarization,
+    evaluation_images,
+    prepare_batch,
+)
+from .vae import VAEOutput
 
 __all__ = ["EvalResult", "evaluate", "iw_log_weights", "iw_seed"]
 

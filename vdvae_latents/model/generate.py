@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdvae_latents.model.inputs import check_images_fit, prepare_batch
-from vdvae_latents.model.checkpoints import load_model
-from vdvae_latents.data import open_images
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.data.grids import save_grid, to_uint8
-from vdvae_latents.core.runtime import auto_device
+from ..core.errors import UserError
+from ..core.runtime import auto_device
+from ..data import open_images
+from ..data.grids import save_grid, to_uint8
+from .checkpoints import load_model
+from .inputs import check_images_fit, prepare_batch
 
 
 def sample_images(path: str | Path, out: str | Path, *, n: int = 16, temperature: float = 1.0, seed: int = 0,

@@ -13,10 +13,14 @@ import math
 import torch
 from torch import nn
 
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.model.distributions import softplus_std
-from vdvae_latents.model.likelihoods import (
-    bernoulli_log_prob, discretized_mol_log_prob, sample_bernoulli, sample_mol, truncate_bits,
+from .config import ModelConfig
+from .distributions import softplus_std
+from .likelihoods import (
+    bernoulli_log_prob,
+    discretized_mol_log_prob,
+    sample_bernoulli,
+    sample_mol,
+    truncate_bits,
 )
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.data import LazyImages, binarize, to_model_input
-from vdvae_latents.core.errors import DataError
+from ..core.errors import DataError
+from ..data import LazyImages, binarize, to_model_input
+from .config import ModelConfig
 
 
 def check_images_fit(cfg: ModelConfig, shape_hwc: tuple[int, int, int], spec: str) -> None:

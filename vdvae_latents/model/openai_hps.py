@@ -18,10 +18,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.core.errors import ConfigError
-from vdvae_latents.model.vae import VDVAE_NO_BIAS_ABOVE as NO_BIAS_ABOVE  # openai's no_bias_above, the same in every hps
+from ..core.errors import ConfigError
+from .config import ModelConfig
+from .vae import (
+    VDVAE_NO_BIAS_ABOVE as NO_BIAS_ABOVE,  # openai's no_bias_above, the same in every hps
+)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vdvae_latents.model.blocks import (
-    AvgPoolCell, LayerPlan, LayerResult, ResidualCell, StridedPool, TopDownBlock, Unpool, conv,
+from .blocks import (
+    AvgPoolCell,
+    LayerPlan,
+    LayerResult,
+    ResidualCell,
+    StridedPool,
+    TopDownBlock,
+    Unpool,
+    conv,
 )
-from vdvae_latents.model.recompute import run_checkpointed
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.model.heads import make_head
-from vdvae_latents.model.likelihoods import truncate_bits
+from .config import ModelConfig
+from .heads import make_head
+from .likelihoods import truncate_bits
+from .recompute import run_checkpointed
 
 Mask = torch.Tensor | None
 VDVAE_NO_BIAS_ABOVE = 64  # VDVAE's `no_bias_above`: no per-resolution trainable state above 64x64

@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
-from vdvae_latents.core.errors import UserError
+from ..core.errors import UserError
 
 StoreFormat = Literal["zarr", "hdf5"]
 

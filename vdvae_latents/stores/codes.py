@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vdvae_latents.core.errors import UserError
+from ..core.errors import UserError
 
 SCHEMES = ("std-step", "prior-step", "range")
 DEFAULT_SCHEME = "std-step"

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vdvae_latents.latents.active_set import ActiveSet
-from pathlib import Path
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.core.runtime import auto_device
-from vdvae_latents.data.grids import save_grid, to_uint8
-from vdvae_latents.latents.encoder import Encoder
-from vdvae_latents.stores.reader import open_encodings
+from ..core.errors import UserError
+from ..core.runtime import auto_device
+from ..data.grids import save_grid, to_uint8
+from ..latents.active_set import ActiveSet
+from ..latents.encoder import Encoder
+from .reader import open_encodings
 
 
 def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> tuple[Encoder, object]:
@@ -22,9 +22,9 @@ def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> t
     The active set is rebuilt from the store's dims table at element granularity, which
     gives exactly the stored columns; a table that does not fit the model is a UserError.
     """
-    from vdvae_latents.model.checkpoints import file_sha256, load_model, resolve_checkpoint
-    from vdvae_latents.core.errors import UserError
-    from vdvae_latents.latents.stats import DimTable
+    from ..core.errors import UserError
+    from ..latents.stats import DimTable
+    from ..model.checkpoints import file_sha256, load_model, resolve_checkpoint
 
     attrs = enc.attrs
     if ckpt is None and not attrs.get("checkpoint"):
@@ -65,7 +65,6 @@ def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None 
         raise UserError(f"--temperature must be non-negative, not {temperature}.")
     enc = open_encodings(store)
     try:
-        attrs = enc.attrs
         n = enc.features.shape[0]
         lo, hi = _parse_rows(rows, n)
         dev = auto_device(device)

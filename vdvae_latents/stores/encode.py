@@ -14,22 +14,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vdvae_latents.model.inputs import check_images_fit, prepare_batch
-from vdvae_latents.model.checkpoints import file_sha256, load_model, resolve_checkpoint
-from vdvae_latents.data import open_images, resolve_workers
-from vdvae_latents.latents.encoder import STATISTICS, Encoder
-from vdvae_latents.core.errors import UserError
-from vdvae_latents.latents.active_set import ActiveSet, build_active_set, parse_keep
-from vdvae_latents.latents.stats import LatentKL
-from vdvae_latents.core.runtime import auto_device, join_processes
-from vdvae_latents.data.loading import stream
-from vdvae_latents.stores.codes import (
-    CALIBRATION_ROWS, DEFAULT_SCHEME, DEFAULT_STEP, INT_DTYPES, SCHEMES, calibration_rows, fit_quantizer,
+from ..core.errors import UserError
+from ..core.runtime import auto_device, join_processes
+from ..data import open_images, resolve_workers
+from ..data.loading import stream
+from ..latents.active_set import ActiveSet, fit_active_set, parse_keep
+from ..latents.encoder import STATISTICS, Encoder
+from ..model.checkpoints import load_model, resolve_checkpoint
+from ..model.inputs import check_images_fit, prepare_batch
+from .backends import parse_codec, store_format
+from .codes import (
+    CALIBRATION_ROWS,
+    DEFAULT_SCHEME,
+    DEFAULT_STEP,
+    INT_DTYPES,
+    SCHEMES,
+    calibration_rows,
+    fit_quantizer,
 )
-from vdvae_latents.stores.backends import parse_codec
-from vdvae_latents.stores.writer import StoreWriter
-from vdvae_latents.stores.schema import disk_bytes
-from vdvae_latents.stores.backends import store_format
+from .schema import disk_bytes
+from .writer import StoreWriter
 
 DTYPES = {"float16": 2, "float32": 4, "int8": 1, "uint8": 1}
 
@@ -71,8 +75,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     distributed = world > 1
     # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
     ckpt_path = resolve_checkpoint(path).absolute()
-    sha = file_sha256(ckpt_path)
     model, info = load_model(ckpt_path, ema=True, device=dev)
+    sha = info["sha256"]
     images = open_images(data, split=split)
     check_images_fit(model.cfg, images.shape, data)
     if out.exists() and not (resume or overwrite):
@@ -87,11 +91,10 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     else:
         kl_images = open_images(data, split=kl_split, limit=kl_limit)
         check_images_fit(model.cfg, kl_images.shape, data)
-        stats = LatentKL(batch_size=batch_size, seed=seed + rank, device=dev).fit(
-            model, stream(kl_images.shard(rank, world), batch_size, workers, dev, world))
-        active = build_active_set(stats, granularity=granularity,
-                                  keep=parse_keep(keep) if keep is not None else None, threshold=threshold,
-                                  data=data, split=kl_split, checkpoint=str(ckpt_path), checkpoint_sha256=sha)
+        active = fit_active_set(model, stream(kl_images.shard(rank, world), batch_size, workers, dev, world),
+                                granularity=granularity, keep=parse_keep(keep) if keep is not None else None,
+                                threshold=threshold, batch_size=batch_size, seed=seed + rank, device=dev, data=data,
+                                split=kl_split, checkpoint=str(ckpt_path), checkpoint_sha256=sha)
     encoder = Encoder(model, active, statistic=statistic)
     summary = active.summary()
     attrs = {

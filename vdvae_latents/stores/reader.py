@@ -17,12 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from vdvae_latents.stores.codes import Quantizer
-from vdvae_latents.stores.backends import Backend, StoreError, StoreFormat, open_backend
-from vdvae_latents.stores.schema import (
-    _FILL_INDEX, DIM_FIELDS, VALUE_ARRAYS, ChunkChecker, _corrupt, _error_summary, _Layout, _read_layout,
-    _read_quantizers,
+from .backends import Backend, StoreError, StoreFormat, open_backend
+from .codes import Quantizer
+from .schema import (
+    FILL_INDEX,
+    DIM_FIELDS,
+    VALUE_ARRAYS,
+    ChunkChecker,
+    corrupt_store,
+    error_summary,
+    StoreLayout,
+    read_layout,
+    read_quantizers,
 )
+
 
 class LazyArray:
     """A read-only view of one stored row array; nothing is read until it is indexed.
@@ -102,7 +110,7 @@ class LazyArray:
             return np.full(shape, np.nan, dtype=np.float32 if self._quantizer else self.raw.dtype)
         if self.name == "source_names":
             return np.full(shape, "", dtype=object)
-        return np.full(shape, _FILL_INDEX, dtype=np.int64)
+        return np.full(shape, FILL_INDEX, dtype=np.int64)
 
     def _take(self, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` (int array) in that order, reading each needed chunk once."""
@@ -178,7 +186,7 @@ class Encodings:
     dims: dict[str, np.ndarray]
     quantizers: dict[str, Quantizer] = field(default_factory=dict)
     _backend: Backend | None = field(default=None, repr=False, compare=False)
-    _layout: _Layout | None = field(default=None, repr=False, compare=False)
+    _layout: StoreLayout | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -219,7 +227,7 @@ class Encodings:
         """What storing the values lost (rounding, quantisation), per value array."""
         if self._backend is None or self._layout is None:
             raise ValueError(f"the store {self.path} has been closed")
-        return _error_summary(self._backend, self._layout)
+        return error_summary(self._backend, self._layout)
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Everything in memory, keyed by the store's array names (``dims/layer`` ...)."""
@@ -257,7 +265,7 @@ def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fal
     path = Path(path)
     backend = open_backend(path, writable=False)
     try:
-        layout = _read_layout(backend, path)
+        layout = read_layout(backend, path)
         checker = ChunkChecker(backend, layout, path)
         if not layout.complete and not allow_incomplete:
             written = int(np.count_nonzero(checker.flags == 1))
@@ -272,8 +280,8 @@ def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fal
         try:
             dims = {name: np.asarray(backend.array(f"dims/{name}")[...]) for name in DIM_FIELDS}
         except Exception as exc:
-            raise _corrupt(path, f"its dims cannot be read ({exc})") from exc
-        quantizers = _read_quantizers(backend, layout, path)
+            raise corrupt_store(path, f"its dims cannot be read ({exc})") from exc
+        quantizers = read_quantizers(backend, layout, path)
 
         def lazy(name: str) -> LazyArray | None:
             if not layout.has(name):
@@ -283,7 +291,7 @@ def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fal
                              is_open=backend.is_open)
 
         features, sample_index = lazy("features"), lazy("sample_index")
-        assert features is not None and sample_index is not None  # _read_layout checked them
+        assert features is not None and sample_index is not None  # read_layout checked them
         return Encodings(path=path, format=backend.format, attrs=layout.attrs, features=features,
                          features_std=lazy("features_std"), labels=lazy("labels"), sample_index=sample_index,
                          source_index=lazy("source_index"), source_names=lazy("source_names"), dims=dims,

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vdvae_latents.stores.codes import ERROR_FIELDS, INT_DTYPES, Quantizer, summarise_errors
-from vdvae_latents.stores.backends import Backend, StoreError
+from .backends import Backend, StoreError
+from .codes import ERROR_FIELDS, INT_DTYPES, Quantizer, summarise_errors
 
 SCHEMA_NAME = "vdvl-encodings"
 SCHEMA_VERSION = 2
@@ -40,16 +40,16 @@ OWN_ATTRS = ("schema", "schema_version", "n_rows", "n_features", "chunk_rows", "
 QUANT_FIELDS = ("scale", "offset", "spread")
 
 # Values that mark rows nobody has written yet.
-_FILL_FEATURES = float("nan")
-_FILL_INDEX = -1
+FILL_FEATURES = float("nan")
+FILL_INDEX = -1
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_text(value: Any, limit: int = 60) -> str:
     """A repr short enough to sit inside a one-sentence error message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _as_numpy(value: Any) -> np.ndarray:
+def as_numpy(value: Any) -> np.ndarray:
     """Accept numpy arrays, lists and (CPU or GPU) torch tensors without importing torch."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu().numpy()
@@ -78,7 +78,7 @@ def chunk_checksum(values: np.ndarray) -> int:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class StoreLayout:
     """What a store says about itself, checked against the arrays it actually holds."""
 
     attrs: dict[str, Any]
@@ -110,11 +110,11 @@ class _Layout:
         return start, min(start + self.chunk_rows, self.n_rows)
 
 
-def _corrupt(path: Path, what: str) -> StoreError:
+def corrupt_store(path: Path, what: str) -> StoreError:
     return StoreError(f"{path} is corrupt: {what}; re-create it with --overwrite.")
 
 
-def _read_layout(backend: Backend, path: Path) -> _Layout:
+def read_layout(backend: Backend, path: Path) -> StoreLayout:
     """Check the schema and the shapes/dtypes of every array; StoreError on any mismatch."""
     try:
         attrs = backend.read_attrs()
@@ -122,10 +122,10 @@ def _read_layout(backend: Backend, path: Path) -> _Layout:
         raise StoreError(f"{path} has unreadable attributes ({exc}).") from exc
     schema = attrs.get("schema")
     if schema != SCHEMA_NAME:
-        raise StoreError(f"{path} is not a {SCHEMA_NAME} store (its schema attribute is {_short(schema)}).")
+        raise StoreError(f"{path} is not a {SCHEMA_NAME} store (its schema attribute is {short_text(schema)}).")
     version = attrs.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _corrupt(path, f"schema_version is {_short(version)}")
+        raise corrupt_store(path, f"schema_version is {short_text(version)}")
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path} uses {SCHEMA_NAME} schema version {version}, newer than the version "
                          f"{SCHEMA_VERSION} this vdvae_latents reads; upgrade vdvae_latents to read it.")
@@ -133,31 +133,31 @@ def _read_layout(backend: Backend, path: Path) -> _Layout:
     def whole(key: str, minimum: int) -> int:
         value = attrs.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise _corrupt(path, f"attribute {key} is {_short(value)}")
+            raise corrupt_store(path, f"attribute {key} is {short_text(value)}")
         return value
 
     n_rows, n_features, chunk_rows = whole("n_rows", 1), whole("n_features", 1), whole("chunk_rows", 1)
     n_chunks = math.ceil(n_rows / chunk_rows)
     if not isinstance(attrs.get("complete"), bool):
-        raise _corrupt(path, f"attribute complete is {_short(attrs.get('complete'))}")
+        raise corrupt_store(path, f"attribute complete is {short_text(attrs.get('complete'))}")
 
     def check(name: str, shape: tuple[int, ...], dtypes: tuple[str, ...], required: bool = True) -> str | None:
         try:
             present = backend.has(name)
         except Exception as exc:  # e.g. a damaged zarr.json of a child node
-            raise _corrupt(path, f"the array {name} cannot be opened ({exc})") from exc
+            raise corrupt_store(path, f"the array {name} cannot be opened ({exc})") from exc
         if not present:
             if required:
-                raise _corrupt(path, f"the array {name} is missing")
+                raise corrupt_store(path, f"the array {name} is missing")
             return None
         try:
             arr = backend.array(name)
             got_shape, got_dtype = tuple(arr.shape), np.dtype(arr.dtype)
         except Exception as exc:
-            raise _corrupt(path, f"the array {name} cannot be opened ({exc})") from exc
+            raise corrupt_store(path, f"the array {name} cannot be opened ({exc})") from exc
         kind = "str" if got_dtype.kind in "OUT" else str(got_dtype)
         if got_shape != shape or kind not in dtypes:
-            raise _corrupt(path, f"the array {name} is {kind}{list(got_shape)}, expected {'|'.join(dtypes)}"
+            raise corrupt_store(path, f"the array {name} is {kind}{list(got_shape)}, expected {'|'.join(dtypes)}"
                                  f"{list(shape)}")
         return kind
 
@@ -180,7 +180,7 @@ def _read_layout(backend: Backend, path: Path) -> _Layout:
         if check("source_names", rows, ("str",), required=False):
             present.append("source_names")
         if attrs.get("checksum_arrays") != present:
-            raise _corrupt(path, f"its checksum_arrays attribute {_short(attrs.get('checksum_arrays'))} does not "
+            raise corrupt_store(path, f"its checksum_arrays attribute {short_text(attrs.get('checksum_arrays'))} does not "
                                  f"list its row arrays {present}")
         check("chunk_checksums", (n_chunks, len(present)), ("uint32",))
         n_values = sum(a in present for a in VALUE_ARRAYS)
@@ -189,7 +189,7 @@ def _read_layout(backend: Backend, path: Path) -> _Layout:
             for name in (a for a in VALUE_ARRAYS if a in present):
                 for part in QUANT_FIELDS:
                     check(f"quantization/{name}/{part}", (n_features,), ("float64",))
-    return _Layout(attrs=attrs, version=version, n_rows=n_rows, n_features=n_features, chunk_rows=chunk_rows,
+    return StoreLayout(attrs=attrs, version=version, n_rows=n_rows, n_features=n_features, chunk_rows=chunk_rows,
                    dtype=dtype, row_arrays=tuple(present), complete=attrs["complete"])
 
 
@@ -208,7 +208,7 @@ def _read_per_chunk(backend: Backend, name: str, shape: tuple[int, ...], dtype: 
         return out
 
 
-def _read_quantizers(backend: Backend, layout: _Layout, path: Path) -> dict[str, Quantizer]:
+def read_quantizers(backend: Backend, layout: StoreLayout, path: Path) -> dict[str, Quantizer]:
     if not layout.quantized:
         return {}
     out = {}
@@ -217,11 +217,11 @@ def _read_quantizers(backend: Backend, layout: _Layout, path: Path) -> dict[str,
             parts = {p: np.asarray(backend.array(f"quantization/{name}/{p}")[...]) for p in QUANT_FIELDS}
             out[name] = Quantizer(dtype=layout.dtype, **parts)
         except Exception as exc:
-            raise _corrupt(path, f"its quantization parameters of {name} cannot be used ({exc})") from exc
+            raise corrupt_store(path, f"its quantization parameters of {name} cannot be used ({exc})") from exc
     return out
 
 
-def _remove_existing(path: Path) -> None:
+def remove_existing(path: Path) -> None:
     """Delete an old store for --overwrite, refusing to delete a directory that is not one."""
     if path.is_dir() and not path.is_symlink():
         # A mistyped path must not wipe an unrelated directory: a Zarr store has zarr.json.
@@ -236,7 +236,7 @@ def _remove_existing(path: Path) -> None:
 # ----------------------------------------------------------------------------- chunk checks
 
 
-def _rows_text(layout: _Layout, i: int) -> str:
+def _rows_text(layout: StoreLayout, i: int) -> str:
     lo, hi = layout.chunk_range(i)
     return f"rows {lo}-{hi - 1}" if hi - lo > 1 else f"row {lo}"
 
@@ -247,7 +247,7 @@ class ChunkChecker:
     Shared by every reader and by :mod:`~vdvae_latents.stores.verify`. ``flags``/``checksums`` are read once.
     """
 
-    def __init__(self, backend: Backend, layout: _Layout, path: Path) -> None:
+    def __init__(self, backend: Backend, layout: StoreLayout, path: Path) -> None:
         self.backend, self.layout, self.path = backend, layout, path
         n = layout.n_chunks
         self.flags = _read_per_chunk(backend, "chunks_written", (n,), np.uint8)
@@ -269,7 +269,7 @@ class ChunkChecker:
             values = np.asarray(self.backend.array(name)[lo:hi])
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return None, f"cannot be decoded ({_short(reason, 80)})"
+            return None, f"cannot be decoded ({short_text(reason, 80)})"
         if self.checksums is not None:
             col = self.layout.row_arrays.index(name)
             if chunk_checksum(values) != int(self.checksums[i, col]):
@@ -284,7 +284,7 @@ class ChunkChecker:
                           f"rewrites them.")
 
 
-def _error_summary(backend: Backend, layout: _Layout) -> dict[str, dict[str, float]]:
+def error_summary(backend: Backend, layout: StoreLayout) -> dict[str, dict[str, float]]:
     if layout.version < 2:
         return {}
     n = layout.n_chunks

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from vdvae_latents.stores.backends import open_backend
-from vdvae_latents.stores.schema import ChunkChecker, _error_summary, _read_layout
+from .backends import open_backend
+from .schema import ChunkChecker, error_summary, read_layout
 
 #: Report keys that list damaged chunks, and how a sentence names them.
 PROBLEMS = {"missing": "missing", "undecodable": "undecodable", "checksum_mismatches": "with a checksum mismatch",
@@ -36,7 +36,7 @@ def verify_store(path: str | os.PathLike[str], *, progress: Callable[[int], None
     path = Path(path)
     backend = open_backend(path, writable=False)
     try:
-        layout = _read_layout(backend, path)
+        layout = read_layout(backend, path)
         checker = ChunkChecker(backend, layout, path)
         found: dict[str, list[dict[str, Any]]] = {key: [] for key in PROBLEMS}
         written = np.flatnonzero(checker.flags == 1).tolist()
@@ -64,7 +64,7 @@ def verify_store(path: str | os.PathLike[str], *, progress: Callable[[int], None
             "n_rows": layout.n_rows, "chunk_rows": layout.chunk_rows, "n_chunks": layout.n_chunks,
             "complete": layout.complete, "chunks_written": len(written), "unwritten_chunks": unwritten,
             "checksummed": checker.checksums is not None, **found,
-            "errors": _error_summary(backend, layout), "ok": layout.complete and not unwritten and not damaged,
+            "errors": error_summary(backend, layout), "ok": layout.complete and not unwritten and not damaged,
         }
     finally:
         backend.close()

@@ -59,17 +59,43 @@ from typing import Any
 
 import numpy as np
 
-from vdvae_latents.stores.codes import ERROR_FIELDS, INT_DTYPES, Quantizer, count_clipped, error_stats
-from vdvae_latents.stores.backends import (
-    JSON_KEYS_ATTR, ArraySpec, Backend, HDF5Backend, StoreError, StoreFormat, ZarrBackend, create_backend,
-    default_codec, normalise_attrs, open_backend, parse_codec, store_format,
+from .backends import (
+    JSON_KEYS_ATTR,
+    ArraySpec,
+    Backend,
+    HDF5Backend,
+    StoreError,
+    StoreFormat,
+    ZarrBackend,
+    create_backend,
+    default_codec,
+    normalise_attrs,
+    open_backend,
+    parse_codec,
+    store_format,
 )
-from vdvae_latents.stores.schema import (
-    _FILL_FEATURES, _FILL_INDEX, DIM_FIELDS, FEATURE_DTYPES, OWN_ATTRS, SCHEMA_NAME, SCHEMA_VERSION, VALUE_ARRAYS,
-    ChunkChecker, _as_numpy, _error_summary, _Layout, _read_layout, _read_quantizers, _remove_existing, _short,
-    chunk_checksum, disk_bytes,
+from .codes import ERROR_FIELDS, INT_DTYPES, Quantizer, count_clipped, error_stats
+from .reader import Encodings, LazyArray, open_encodings
+from .schema import (
+    FILL_FEATURES,
+    FILL_INDEX,
+    DIM_FIELDS,
+    FEATURE_DTYPES,
+    OWN_ATTRS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    VALUE_ARRAYS,
+    ChunkChecker,
+    as_numpy,
+    error_summary,
+    StoreLayout,
+    read_layout,
+    read_quantizers,
+    remove_existing,
+    short_text,
+    chunk_checksum,
+    disk_bytes,
 )
-from vdvae_latents.stores.reader import Encodings, LazyArray, open_encodings
 
 __all__ = ["StoreWriter", "StoreError", "Encodings", "LazyArray", "open_encodings", "store_format",
            "SCHEMA_NAME", "SCHEMA_VERSION", "DIM_FIELDS", "FEATURE_DTYPES", "default_codec", "ZarrBackend",
@@ -88,7 +114,7 @@ class StoreWriter:
     then call :meth:`finalize` once, from one process, after every chunk is written.
     """
 
-    def __init__(self, path: Path, backend: Backend, layout: _Layout, quantizers: dict[str, Quantizer]) -> None:
+    def __init__(self, path: Path, backend: Backend, layout: StoreLayout, quantizers: dict[str, Quantizer]) -> None:
         self.path = path
         self.format: StoreFormat = backend.format
         self.layout = layout
@@ -160,7 +186,7 @@ class StoreWriter:
             if not overwrite:
                 raise StoreError(f"{path} exists; use --overwrite or --resume.")
             try:
-                _remove_existing(path)
+                remove_existing(path)
             except OSError as exc:
                 raise StoreError(f"cannot remove the existing {path} ({exc.strerror or exc}).") from exc
         parent = path.parent
@@ -176,13 +202,13 @@ class StoreWriter:
             # A half-created store would only confuse a later --resume; remove what we made.
             try:
                 if path.exists():
-                    _remove_existing(path)
+                    remove_existing(path)
             except (OSError, StoreError):
                 pass
             if isinstance(exc, OSError):
                 raise StoreError(f"cannot create {path} ({exc.strerror or exc}).") from exc
             raise
-        layout = _Layout(attrs=all_attrs, version=SCHEMA_VERSION, n_rows=n_rows, n_features=n_features,
+        layout = StoreLayout(attrs=all_attrs, version=SCHEMA_VERSION, n_rows=n_rows, n_features=n_features,
                          chunk_rows=chunk_rows, dtype=dtype, row_arrays=tuple(row_arrays), complete=False)
         return cls(path, backend, layout, quantizers)
 
@@ -193,12 +219,12 @@ class StoreWriter:
         specs = []
         for name in row_arrays:
             if name in VALUE_ARRAYS:
-                fill = 0 if dtype in INT_DTYPES else _FILL_FEATURES
+                fill = 0 if dtype in INT_DTYPES else FILL_FEATURES
                 specs.append(ArraySpec(name, (n_rows, n_features), dtype, chunk_rows, fill, ("row", "feature"), True))
             elif name == "source_names":
                 specs.append(ArraySpec(name, (n_rows,), "str", chunk_rows, "", ("row",)))
             else:
-                specs.append(ArraySpec(name, (n_rows,), "int64", chunk_rows, _FILL_INDEX, ("row",), True))
+                specs.append(ArraySpec(name, (n_rows,), "int64", chunk_rows, FILL_INDEX, ("row",), True))
         specs += [ArraySpec(f"dims/{name}", values.shape, str(values.dtype), dims=("feature",), data=values)
                   for name, values in dims.items()]
         for name, q in quantizers.items():
@@ -222,7 +248,7 @@ class StoreWriter:
         if missing or extra:
             raise ValueError(f"dims must have exactly the keys {list(DIM_FIELDS)}; "
                              f"missing {missing}, unexpected {extra}")
-        out = {name: _as_numpy(dims[name]) for name in DIM_FIELDS}
+        out = {name: as_numpy(dims[name]) for name in DIM_FIELDS}
         n_features = out["layer"].shape[0] if out["layer"].ndim == 1 else -1
         for name, values in out.items():
             if values.ndim != 1 or values.shape[0] != n_features:
@@ -243,19 +269,19 @@ class StoreWriter:
         path = Path(path)
         backend = open_backend(path, writable=True)
         try:
-            layout = _read_layout(backend, path)
+            layout = read_layout(backend, path)
             if layout.version < SCHEMA_VERSION:
                 raise StoreError(f"{path} was written with schema version {layout.version}, which cannot be "
                                  f"resumed; re-create it with --overwrite.")
             for key, expected in normalise_attrs(dict(expect_attrs or {})).items():
                 if key not in layout.attrs:
-                    raise StoreError(f"{path} has no attribute {key} (expected {_short(expected)}); "
+                    raise StoreError(f"{path} has no attribute {key} (expected {short_text(expected)}); "
                                      f"use --overwrite to replace it or choose another output path.")
                 if layout.attrs[key] != expected:
-                    raise StoreError(f"{path} was written with {key}={_short(layout.attrs[key])}, not "
-                                     f"{_short(expected)}; use --overwrite to replace it or choose another "
+                    raise StoreError(f"{path} was written with {key}={short_text(layout.attrs[key])}, not "
+                                     f"{short_text(expected)}; use --overwrite to replace it or choose another "
                                      f"output path.")
-            quantizers = _read_quantizers(backend, layout, path)
+            quantizers = read_quantizers(backend, layout, path)
         except BaseException:
             backend.close()
             raise
@@ -315,13 +341,13 @@ class StoreWriter:
         data: dict[str, np.ndarray] = {}
         errors = []
         for name in self.layout.value_arrays:
-            values = self._rows(_as_numpy(given[name]), name, (rows, self.n_features))
+            values = self._rows(as_numpy(given[name]), name, (rows, self.n_features))
             stored, err = self._store_values(name, values)
             data[name] = stored
             errors.append(err)
         for name in ("labels", "sample_index", "source_index"):
             if self.layout.has(name):
-                data[name] = self._indices(_as_numpy(given[name]), name, rows)
+                data[name] = self._indices(as_numpy(given[name]), name, rows)
         if self.has_source_names:
             names = [str(v) for v in np.asarray(source_names, dtype=object).ravel()]
             if len(names) != rows:
@@ -373,7 +399,7 @@ class StoreWriter:
 
     def error_summary(self) -> dict[str, dict[str, float]]:
         """What storing the written chunks lost, per value array (see :func:`~vdvae_latents.stores.codes.summarise_errors`)."""
-        return _error_summary(self._live(), self.layout)
+        return error_summary(self._live(), self.layout)
 
     def finalize(self) -> None:
         """Mark the store complete and close it; every chunk must have been written."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vdvae_latents.core.errors import ConfigError
+from ..core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from vdvae_latents.model.inputs import check_images_fit, prepare_batch
-from vdvae_latents.data import load_images
-from vdvae_latents.train.presets import get_preset
-from vdvae_latents.model.vae import VAE, count_parameters
+from ..data import load_images
+from ..model.inputs import check_images_fit, prepare_batch
+from ..model.vae import VAE, count_parameters
+from .presets import get_preset
 
 
 def inspect_model(preset: str, *, data: str | None = None, n: int = 64, seed: int = 0,

@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vdvae_latents.model import checkpoints as ckpt
-from vdvae_latents.core.atomic import write_text
-from vdvae_latents.model.inputs import check_images_fit, evaluation_images, prepare_batch
-from vdvae_latents.data import LazyImages, TrainLoader, open_images, resolve_workers
-from vdvae_latents.core.errors import ConfigError
-from vdvae_latents.train.run_config import RunConfig, dump_toml, load_run_config
-from vdvae_latents.train.step import EMA, TrainStep, build_model
-from vdvae_latents.model.vae import VAE
-from vdvae_latents.core.runtime import DistEnv, init_distributed, pick_device
+from ..core.atomic import write_text
+from ..core.errors import ConfigError
+from ..core.runtime import DistEnv, init_distributed, pick_device
+from ..data import LazyImages, TrainLoader, open_images, resolve_workers
+from ..model import checkpoints as ckpt
+from ..model.inputs import check_images_fit, evaluation_images, prepare_batch
+from ..model.vae import VAE
+from .run_config import RunConfig, dump_toml, load_run_config
+from .step import EMA, TrainStep, build_model
 
 CONFIG_NAME = "config.toml"
 METRICS_NAME = "metrics.jsonl"
@@ -254,7 +254,7 @@ def validate(model: VAE, ema: EMA, run: RunConfig, env: DistEnv, device: torch.d
              train_set: LazyImages | None = None) -> dict:
     """Negative ELBO on the val split with the EMA weights, summed exactly over all ranks
     (``train_set``: the run's train split, whose reader the val split shares)."""
-    from vdvae_latents.model.evaluation import evaluate
+    from ..model.evaluation import evaluate
 
     val_options = dict(split="val", seed=run.train.seed, limit=run.train.val_limit or None)
     val = open_images(run.data, **val_options) if train_set is None else train_set.split_as(**val_options)
@@ -366,7 +366,13 @@ class _Progress:
         if quiet:
             return
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                 TextColumn("{task.fields[info]}"), transient=False)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vdvae_latents.model.config import ModelConfig
-from vdvae_latents.core.errors import ConfigError
-from vdvae_latents.model.openai_hps import openai_config
-from vdvae_latents.train.recipes import Recipe, recipe_for_preset
+from ..core.errors import ConfigError
+from ..model.config import ModelConfig
+from ..model.openai_hps import openai_config
+from .recipes import Recipe, recipe_for_preset
 
 # Table 3 parameter counts (millions) that the presets are tested against.
 PAPER_PARAMETERS_M = {
@@ -204,7 +204,7 @@ def preset_names() -> list[str]:
 
 def describe(preset: Preset) -> dict:
     """Summary row for `vdvl presets`: counts without allocating weights."""
-    from vdvae_latents.model.vae import count_parameters
+    from ..model.vae import count_parameters
 
     cfg = preset.config
     n_params = count_parameters(cfg)

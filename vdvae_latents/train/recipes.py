@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vdvae_latents.core.errors import ConfigError
+from ..core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from vdvae_latents.model.config import ModelConfig, parse_setting
-from vdvae_latents.core.errors import ConfigError
-from vdvae_latents.train.presets import get_preset
-from vdvae_latents.train.config import TrainConfig
-
+from ..core.errors import ConfigError
+from ..model.config import ModelConfig, parse_setting
+from .config import TrainConfig
+from .presets import get_preset
 
 # Settings that change the optimisation trajectory: a resumed run must keep them.
 TRAJECTORY_FIELDS = ("batch_size", "seed", "optimizer", "lr", "min_lr", "lr_schedule", "warmup_steps", "decay_start",

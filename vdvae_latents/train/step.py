@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vdvae_latents.model.blocks import Unpool
-from vdvae_latents.train.run_config import RunConfig
-from vdvae_latents.train.config import TrainConfig
-from vdvae_latents.model.vae import VAE
+from ..model.blocks import Unpool
+from ..model.vae import VAE
+from .config import TrainConfig
+from .run_config import RunConfig
 
 
 # ----------------------------------------------------------------------------- EMA

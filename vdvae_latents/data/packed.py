@@ -1,0 +1,37 @@
+"""Reading what ``vdvl pack`` wrote: a packed store's attributes and which of its rows are valid.
+
+The reader side of :mod:`~vdvae_latents.data.pack`'s format, kept apart from the packing so
+that the array readers (``array_files``) can open a packed store without importing the packer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import DataError
+
+PACK_SCHEMA = "vdvl-packed-images"
+
+
+def packed_layout(root, path: Path) -> dict | None:
+    """What a reader needs from a packed store (None when ``root`` is not one); refuses an incomplete one."""
+    attrs = dict(root.attrs)
+    if attrs.get("schema") != PACK_SCHEMA:
+        return None
+    if attrs.get("complete") is not True:
+        raise DataError(f"packed store {path} is incomplete (packing was interrupted); finish it with "
+                        f"`vdvl pack {attrs.get('source', 'SOURCE')} --out {path} --resume`")
+    ok = np.asarray(root["ok"][...], dtype=bool)
+    valid_rows = None if ok.all() else np.flatnonzero(ok).astype(np.int64)
+    n_train = attrs.get("n_train")
+    if n_train is not None and valid_rows is not None:
+        n_train = int(np.count_nonzero(valid_rows < n_train))
+    names = np.asarray(root["names"][...]) if "names" in root else None
+    class_names = attrs.get("class_names")
+    return {"valid_rows": valid_rows, "names": names, "n_train": n_train,
+            "class_names": None if class_names is None else tuple(class_names)}
+
+
+__all__ = ["PACK_SCHEMA", "packed_layout"]
