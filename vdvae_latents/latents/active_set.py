@@ -189,67 +189,78 @@ class ActiveSet:
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """ACTIVE.json (+ ACTIVE.npz beside it when there are many dimensions); atomic writes."""
-        path = Path(path)
-        if path.suffix == ".npz":
-            raise UserError(f"--out '{path}' must be a .json file (large arrays go to a .npz beside it).")
-        arrays = {**self.table.arrays(), "selected": self.selected.astype(np.int64),
-                  "ranking": self.ranking.astype(np.int64)}
-        meta = {
-            "schema": "vdvl-active-set", "schema_version": 1,
-            "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256,
-            "data": self.data, "split": self.split, "n_images": self.n_images, "granularity": self.granularity,
-            "rule": self.rule, "value": self.value, "layer_shapes": [list(s) for s in self.layer_shapes],
-            "summary": {k: v for k, v in self.summary().items() if k not in ("layers",)}, **self.extra,
-        }
-        if self.n_dims > SIDECAR_THRESHOLD:
-            sidecar = path.with_suffix(".npz")
-            with atomic_file(sidecar, what="active-set arrays") as f:
-                np.savez_compressed(f, **arrays)  # a file object: numpy adds no .npz suffix
-            meta["arrays"] = {"sidecar": sidecar.name}
-        else:
-            meta["arrays"] = {k: v.tolist() for k, v in arrays.items()}
-        write_text(path, json.dumps(meta, indent=1) + "\n", what="active set")
-        return path
+        return save_active_set(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ActiveSet":
-        path = Path(path)
-        try:
-            meta = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"active-set file '{path}' does not exist.") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"active-set file '{path}' is not readable JSON ({err}).") from None
-        if not isinstance(meta, dict) or meta.get("schema") != "vdvl-active-set":
-            raise UserError(f"'{path}' is not an active-set file written by `vdvl analyze-kl`.")
-        try:
-            spec = meta["arrays"]
-            if "sidecar" in spec:
-                with np.load(path.parent / spec["sidecar"], allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in z.files}
-            else:
-                arrays = {k: np.asarray(v) for k, v in spec.items()}
-            table = DimTable.from_arrays(arrays)
-            selected = np.asarray(arrays["selected"], dtype=np.int64)
-            shapes = [tuple(int(x) for x in s) for s in meta["layer_shapes"]]
-            fields = dict(granularity=str(meta["granularity"]), rule=str(meta["rule"]), value=float(meta["value"]),
-                          n_images=int(meta["n_images"]))
-            lengths = {len(a) for a in table.arrays().values()}
-        except (KeyError, OSError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
-                zlib.error) as err:
-            raise UserError(f"active-set file '{path}' is incomplete or corrupt ({err}).") from None
-        if len(lengths) != 1 or selected.ndim != 1:
-            raise UserError(f"active-set file '{path}' is incomplete or corrupt (its arrays differ in length).")
-        if fields["granularity"] not in GRANULARITIES or fields["rule"] not in ("keep", "threshold"):
-            raise UserError(f"active-set file '{path}' has an unknown granularity '{fields['granularity']}' "
-                            f"or rule '{fields['rule']}'.")
-        if selected.size and (selected.min() < 0 or selected.max() >= len(table)):
-            raise UserError(f"active-set file '{path}' selects dimensions that do not exist.")
-        extra_keys = set(meta) - {"schema", "schema_version", "checkpoint", "checkpoint_sha256", "data", "split",
-                                  "n_images", "granularity", "rule", "value", "layer_shapes", "summary", "arrays"}
-        return cls(table=table, selected=selected, layer_shapes=shapes, **fields,
-                   data=meta.get("data", ""), split=meta.get("split", ""), checkpoint=meta.get("checkpoint", ""),
-                   checkpoint_sha256=meta.get("checkpoint_sha256", ""), extra={k: meta[k] for k in extra_keys})
+        """An ACTIVE.json written by :meth:`save` (any problem with the file is one UserError)."""
+        return load_active_set(path)
+
+# ----------------------------------------------------------------------------- ACTIVE.json
+def save_active_set(active: ActiveSet, path: str | Path) -> Path:
+    """Write ``active`` as ACTIVE.json (+ ACTIVE.npz beside it when there are many dimensions), atomically."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        raise UserError(f"--out '{path}' must be a .json file (large arrays go to a .npz beside it).")
+    arrays = {**active.table.arrays(), "selected": active.selected.astype(np.int64),
+              "ranking": active.ranking.astype(np.int64)}
+    meta = {
+        "schema": "vdvl-active-set", "schema_version": 1,
+        "checkpoint": active.checkpoint, "checkpoint_sha256": active.checkpoint_sha256,
+        "data": active.data, "split": active.split, "n_images": active.n_images, "granularity": active.granularity,
+        "rule": active.rule, "value": active.value, "layer_shapes": [list(s) for s in active.layer_shapes],
+        "summary": {k: v for k, v in active.summary().items() if k not in ("layers",)}, **active.extra,
+    }
+    if active.n_dims > SIDECAR_THRESHOLD:
+        sidecar = path.with_suffix(".npz")
+        with atomic_file(sidecar, what="active-set arrays") as f:
+            np.savez_compressed(f, **arrays)  # a file object: numpy adds no .npz suffix
+        meta["arrays"] = {"sidecar": sidecar.name}
+    else:
+        meta["arrays"] = {k: v.tolist() for k, v in arrays.items()}
+    write_text(path, json.dumps(meta, indent=1) + "\n", what="active set")
+    return path
+
+
+def load_active_set(path: str | Path) -> ActiveSet:
+    """Read an ACTIVE.json (and its .npz sidecar), checking it is one and is whole: a UserError otherwise."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"active-set file '{path}' does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"active-set file '{path}' is not readable JSON ({err}).") from None
+    if not isinstance(meta, dict) or meta.get("schema") != "vdvl-active-set":
+        raise UserError(f"'{path}' is not an active-set file written by `vdvl analyze-kl`.")
+    try:
+        spec = meta["arrays"]
+        if "sidecar" in spec:
+            with np.load(path.parent / spec["sidecar"], allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        else:
+            arrays = {k: np.asarray(v) for k, v in spec.items()}
+        table = DimTable.from_arrays(arrays)
+        selected = np.asarray(arrays["selected"], dtype=np.int64)
+        shapes = [tuple(int(x) for x in s) for s in meta["layer_shapes"]]
+        fields = dict(granularity=str(meta["granularity"]), rule=str(meta["rule"]), value=float(meta["value"]),
+                      n_images=int(meta["n_images"]))
+        lengths = {len(a) for a in table.arrays().values()}
+    except (KeyError, OSError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+            zlib.error) as err:
+        raise UserError(f"active-set file '{path}' is incomplete or corrupt ({err}).") from None
+    if len(lengths) != 1 or selected.ndim != 1:
+        raise UserError(f"active-set file '{path}' is incomplete or corrupt (its arrays differ in length).")
+    if fields["granularity"] not in GRANULARITIES or fields["rule"] not in ("keep", "threshold"):
+        raise UserError(f"active-set file '{path}' has an unknown granularity '{fields['granularity']}' "
+                        f"or rule '{fields['rule']}'.")
+    if selected.size and (selected.min() < 0 or selected.max() >= len(table)):
+        raise UserError(f"active-set file '{path}' selects dimensions that do not exist.")
+    extra_keys = set(meta) - {"schema", "schema_version", "checkpoint", "checkpoint_sha256", "data", "split",
+                              "n_images", "granularity", "rule", "value", "layer_shapes", "summary", "arrays"}
+    return ActiveSet(table=table, selected=selected, layer_shapes=shapes, **fields,
+                     data=meta.get("data", ""), split=meta.get("split", ""), checkpoint=meta.get("checkpoint", ""),
+                     checkpoint_sha256=meta.get("checkpoint_sha256", ""), extra={k: meta[k] for k in extra_keys})
 
 
 def build_active_set(stats: LatentKL, *, granularity: str = "variate", keep: float | None = None,

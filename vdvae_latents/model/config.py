@@ -173,100 +173,8 @@ class ModelConfig:
             set_(self, name, _as_groups(getattr(self, name), n, name))
         if self.mol_log_scale_floor is not None:
             set_(self, "mol_log_scale_floor", float(self.mol_log_scale_floor))
-        self._validate()
-        self._validate_skip_layout()
-
-    # ----------------------------------------------------------------- validation
-    def _validate(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"config field '{name}' {why}.")
-
-        if self.architecture not in ARCHITECTURES:
-            raise bad("architecture", f"must be one of {', '.join(ARCHITECTURES)}, not '{self.architecture}'")
-        if self.output not in OUTPUTS:
-            raise bad("output", f"must be one of {', '.join(OUTPUTS)}, not '{self.output}'")
-        if self.activation not in ACTIVATIONS:
-            raise bad("activation", f"must be one of {', '.join(ACTIVATIONS)}, not '{self.activation}'")
-        if self.channels not in (1, 3):
-            raise bad("channels", f"must be 1 or 3, not {self.channels}")
-        if not 1 <= self.n_bits <= 8:
-            raise bad("n_bits", f"must be between 1 and 8, not {self.n_bits}")
-        if self.n_mixtures < 1:
-            raise bad("n_mixtures", f"must be at least 1, not {self.n_mixtures}")
-        if self.image_size < 1:
-            raise bad("image_size", f"must be positive, not {self.image_size}")
-        if self.pad < 0 or 2 * self.pad >= self.image_size:
-            raise bad("pad", f"must be >= 0 and leave some image inside, not {self.pad}")
-        res = self.resolutions
-        if any(r < 1 for r in res):
-            raise bad("resolutions", f"must be positive, got {list(res)}")
-        if list(res) != sorted(set(res)):
-            raise bad("resolutions", f"must be strictly increasing (lowest first), got {list(res)}")
-        if res[-1] != self.image_size:
-            raise bad("resolutions", f"must end at image_size {self.image_size}, got {list(res)}")
-        for lo, hi in zip(res, res[1:]):
-            if hi % lo:
-                raise bad("resolutions", f"must each divide the next, but {lo} does not divide {hi}")
-        for name in ("up_blocks", "down_blocks"):
-            if any(b < 0 for b in getattr(self, name)):
-                raise bad(name, f"must be non-negative, got {list(getattr(self, name))}")
-        if sum(self.up_blocks) < 1:
-            raise bad("up_blocks", "must give at least one latent layer")
-        for name in ("widths", "skip_widths", "variates"):
-            if any(v < 1 for v in getattr(self, name)):
-                raise bad(name, f"must be positive, got {list(getattr(self, name))}")
-        if self.architecture == "vdvae" and any(lo < hi for lo, hi in zip(self.widths, self.widths[1:])):
-            raise bad("widths", "must not grow toward the high resolutions for the vdvae architecture "
-                      f"(its pools pad channels and its upsampling drops them), got {list(self.widths)}")
-        if any(not 0 < b <= 4 for b in self.bottleneck):
-            raise bad("bottleneck", f"must be in (0, 4], got {list(self.bottleneck)}")
-        for name in ("latent_beta", "output_beta"):
-            if not getattr(self, name) > 0:
-                raise bad(name, f"must be positive, not {getattr(self, name)}")
-        if self.mol_scale is not None and self.mol_scale not in MOL_SCALES:
-            raise bad("mol_scale", f"must be one of {', '.join(MOL_SCALES)}, not '{self.mol_scale}'")
-        if self.mol_tail not in MOL_TAILS:
-            raise bad("mol_tail", f"must be one of {', '.join(MOL_TAILS)}, not '{self.mol_tail}'")
-        if self.mol_bounded and self.mol_log_scale_floor is not None:
-            raise bad("mol_log_scale_floor", "cannot be set together with mol_bounded (which means a floor of -7)")
-        if self.init not in INITS:
-            raise bad("init", f"must be one of {', '.join(INITS)}, not '{self.init}'")
-        if self.init != "pytorch" and self.architecture != "efficient":
-            raise bad("init", f"'{self.init}' is the official Efficient-VDVAE scheme; it needs architecture efficient")
-        if self.bit_reduction not in BIT_REDUCTIONS:
-            raise bad("bit_reduction", f"must be one of {', '.join(BIT_REDUCTIONS)}, not '{self.bit_reduction}'")
-        if not (math.isfinite(self.input_shift) and math.isfinite(self.input_scale) and self.input_scale != 0):
-            raise bad("input_scale", f"and input_shift must be finite with a non-zero scale, got "
-                      f"{self.input_shift} and {self.input_scale}")
-        if self.output == "bernoulli" and self.n_bits != 8:
-            # Binary data has no bit depth; keep the field at its default to avoid confusion.
-            raise bad("n_bits", "must stay 8 with the bernoulli output (binary data has no bit depth)")
-
-    def _validate_skip_layout(self) -> None:
-        up, down = self.up_skip_groups, self.down_skip_groups
-        if up is None and down is None:
-            return
-        if up is None or down is None:
-            missing = "up_skip_groups" if up is None else "down_skip_groups"
-            raise ConfigError(f"config field '{missing}' must be given too: a skip layout needs both group lists.")
-        if self.architecture != "efficient":
-            raise ConfigError("config field 'up_skip_groups' needs architecture efficient (VDVAE has one skip per resolution).")
-        for i, (res, ups, downs) in enumerate(zip(self.resolutions, up, down)):
-            where = f"at resolution {res}"
-            if len(ups) != len(downs):
-                raise ConfigError(f"config fields 'up_skip_groups' and 'down_skip_groups' have {len(ups)} and "
-                                  f"{len(downs)} groups {where}; every skip needs both.")
-            if not ups:
-                raise ConfigError(f"config field 'up_skip_groups' has no group {where}.")
-            if any(b < 1 for b in ups) or any(c < 0 for c in downs):
-                raise ConfigError(f"config field 'up_skip_groups' needs at least one top-down block per group and "
-                                  f"'down_skip_groups' non-negative cell counts {where}.")
-            if sum(ups) != self.up_blocks[i]:
-                raise ConfigError(f"config field 'up_skip_groups' sums to {sum(ups)} {where} but up_blocks has "
-                                  f"{self.up_blocks[i]}.")
-            if sum(downs) != self.down_blocks[i]:
-                raise ConfigError(f"config field 'down_skip_groups' sums to {sum(downs)} {where} but down_blocks has "
-                                  f"{self.down_blocks[i]}.")
+        check_values(self)
+        check_skip_layout(self)
 
     # ----------------------------------------------------------------- derived
     def skip_groups(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -372,6 +280,119 @@ class ModelConfig:
                 raise ConfigError(f"config field '{key}' is not a model setting.")
             changes[key] = parse_setting(key, raw, current[key])
         return self.replace(**changes)
+
+
+# ----------------------------------------------------------------------------- validation
+# Module functions rather than methods: ModelConfig stays a readable list of fields and what
+# follows from them; every rule a config must satisfy is here, each raising one ConfigError
+# sentence that names the field.
+
+# Fields that take one of a few names, and the names (mol_scale may also be None).
+CHOICES = {"architecture": ARCHITECTURES, "output": OUTPUTS, "activation": ACTIVATIONS, "mol_scale": MOL_SCALES,
+           "mol_tail": MOL_TAILS, "init": INITS, "bit_reduction": BIT_REDUCTIONS}
+
+
+def _bad(name: str, why: str) -> ConfigError:
+    return ConfigError(f"config field '{name}' {why}.")
+
+
+def _check_choice(cfg: ModelConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if value not in CHOICES[name] and not (name == "mol_scale" and value is None):
+        raise _bad(name, f"must be one of {', '.join(CHOICES[name])}, not '{value}'")
+
+
+def check_values(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` for the first field of ``cfg`` that is out of range or inconsistent."""
+    for name in ("architecture", "output", "activation"):
+        _check_choice(cfg, name)
+    if cfg.channels not in (1, 3):
+        raise _bad("channels", f"must be 1 or 3, not {cfg.channels}")
+    if not 1 <= cfg.n_bits <= 8:
+        raise _bad("n_bits", f"must be between 1 and 8, not {cfg.n_bits}")
+    if cfg.n_mixtures < 1:
+        raise _bad("n_mixtures", f"must be at least 1, not {cfg.n_mixtures}")
+    if cfg.image_size < 1:
+        raise _bad("image_size", f"must be positive, not {cfg.image_size}")
+    if cfg.pad < 0 or 2 * cfg.pad >= cfg.image_size:
+        raise _bad("pad", f"must be >= 0 and leave some image inside, not {cfg.pad}")
+    _check_resolutions(cfg)
+    _check_widths(cfg)
+    for name in ("latent_beta", "output_beta"):
+        if not getattr(cfg, name) > 0:
+            raise _bad(name, f"must be positive, not {getattr(cfg, name)}")
+    for name in ("mol_scale", "mol_tail"):
+        _check_choice(cfg, name)
+    if cfg.mol_bounded and cfg.mol_log_scale_floor is not None:
+        raise _bad("mol_log_scale_floor", "cannot be set together with mol_bounded (which means a floor of -7)")
+    _check_choice(cfg, "init")
+    if cfg.init != "pytorch" and cfg.architecture != "efficient":
+        raise _bad("init", f"'{cfg.init}' is the official Efficient-VDVAE scheme; it needs architecture efficient")
+    _check_choice(cfg, "bit_reduction")
+    if not (math.isfinite(cfg.input_shift) and math.isfinite(cfg.input_scale) and cfg.input_scale != 0):
+        raise _bad("input_scale", f"and input_shift must be finite with a non-zero scale, got "
+                   f"{cfg.input_shift} and {cfg.input_scale}")
+    if cfg.output == "bernoulli" and cfg.n_bits != 8:
+        # Binary data has no bit depth; keep the field at its default to avoid confusion.
+        raise _bad("n_bits", "must stay 8 with the bernoulli output (binary data has no bit depth)")
+
+
+def _check_resolutions(cfg: ModelConfig) -> None:
+    res = cfg.resolutions
+    if any(r < 1 for r in res):
+        raise _bad("resolutions", f"must be positive, got {list(res)}")
+    if list(res) != sorted(set(res)):
+        raise _bad("resolutions", f"must be strictly increasing (lowest first), got {list(res)}")
+    if res[-1] != cfg.image_size:
+        raise _bad("resolutions", f"must end at image_size {cfg.image_size}, got {list(res)}")
+    for lo, hi in zip(res, res[1:]):
+        if hi % lo:
+            raise _bad("resolutions", f"must each divide the next, but {lo} does not divide {hi}")
+
+
+def _check_widths(cfg: ModelConfig) -> None:
+    """Block counts, widths, variates and bottlenecks per resolution."""
+    for name in ("up_blocks", "down_blocks"):
+        if any(b < 0 for b in getattr(cfg, name)):
+            raise _bad(name, f"must be non-negative, got {list(getattr(cfg, name))}")
+    if sum(cfg.up_blocks) < 1:
+        raise _bad("up_blocks", "must give at least one latent layer")
+    for name in ("widths", "skip_widths", "variates"):
+        if any(v < 1 for v in getattr(cfg, name)):
+            raise _bad(name, f"must be positive, got {list(getattr(cfg, name))}")
+    if cfg.architecture == "vdvae" and any(lo < hi for lo, hi in zip(cfg.widths, cfg.widths[1:])):
+        raise _bad("widths", "must not grow toward the high resolutions for the vdvae architecture "
+                   f"(its pools pad channels and its upsampling drops them), got {list(cfg.widths)}")
+    if any(not 0 < b <= 4 for b in cfg.bottleneck):
+        raise _bad("bottleneck", f"must be in (0, 4], got {list(cfg.bottleneck)}")
+
+
+def check_skip_layout(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` unless the skip groups (if any) fit the block counts."""
+    up, down = cfg.up_skip_groups, cfg.down_skip_groups
+    if up is None and down is None:
+        return
+    if up is None or down is None:
+        missing = "up_skip_groups" if up is None else "down_skip_groups"
+        raise ConfigError(f"config field '{missing}' must be given too: a skip layout needs both group lists.")
+    if cfg.architecture != "efficient":
+        raise ConfigError("config field 'up_skip_groups' needs architecture efficient (VDVAE has one skip per resolution).")
+    for i, (res, ups, downs) in enumerate(zip(cfg.resolutions, up, down)):
+        where = f"at resolution {res}"
+        if len(ups) != len(downs):
+            raise ConfigError(f"config fields 'up_skip_groups' and 'down_skip_groups' have {len(ups)} and "
+                              f"{len(downs)} groups {where}; every skip needs both.")
+        if not ups:
+            raise ConfigError(f"config field 'up_skip_groups' has no group {where}.")
+        if any(b < 1 for b in ups) or any(c < 0 for c in downs):
+            raise ConfigError(f"config field 'up_skip_groups' needs at least one top-down block per group and "
+                              f"'down_skip_groups' non-negative cell counts {where}.")
+        if sum(ups) != cfg.up_blocks[i]:
+            raise ConfigError(f"config field 'up_skip_groups' sums to {sum(ups)} {where} but up_blocks has "
+                              f"{cfg.up_blocks[i]}.")
+        if sum(downs) != cfg.down_blocks[i]:
+            raise ConfigError(f"config field 'down_skip_groups' sums to {sum(downs)} {where} but down_blocks has "
+                              f"{cfg.down_blocks[i]}.")
 
 
 # Fields that may be None: how to parse a --set value for them ("none" resets them).

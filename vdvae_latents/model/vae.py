@@ -94,67 +94,21 @@ class VAE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        res, widths, n = cfg.resolutions, cfg.widths, len(cfg.resolutions)
-        efficient = cfg.architecture == "efficient"
-        act = cfg.activation
-        # Bottom-up residual cells get the same last-conv scaling: sqrt(1/L) in Efficient-VDVAE,
-        # sqrt(1/number of encoder blocks) in VDVAE.
-        n_down = max(1, sum(cfg.down_blocks) + n - 1)
-        down_scale = math.sqrt(1.0 / (cfg.n_layers if efficient else n_down))
-
-        # ---- bottom-up: index i follows cfg order (lowest resolution first)
-        init = cfg.init
-        self.input_conv = conv(cfg.channels, widths[-1], 1 if efficient else 3, init=init)
-        self.down_cells = nn.ModuleList()
-        self.skip_proj = nn.ModuleList()
-        self.pools = nn.ModuleList()
-        for i in range(n):
-            w, mid = widths[i], cfg.mid_width(i)
-            self.down_cells.append(nn.Sequential(*[
-                ResidualCell(w, mid, w, resolution=res[i], activation=act, residual=True, last_scale=down_scale,
-                             init=init)
-                for _ in range(cfg.down_blocks[i])]))
-            if not efficient:
-                self.skip_proj.append(nn.Identity())
-            elif cfg.up_skip_groups is None:
-                self.skip_proj.append(conv(w, cfg.skip_widths[i], 1, init=init))
-            else:  # one projection per skip group: skip_proj.{i}.{k}
-                self.skip_proj.append(nn.ModuleList(
-                    [conv(w, cfg.skip_widths[i], 1, init=init) for _ in cfg.skip_groups(i)[0]]))
-            if i == 0:
-                self.pools.append(nn.Identity())  # nothing below the lowest resolution
-            elif efficient:
-                self.pools.append(StridedPool(w, widths[i - 1], res[i] // res[i - 1], init=init))
-            else:
-                self.pools.append(AvgPoolCell(w, mid, res[i] // res[i - 1], resolution=res[i],
-                                              activation=act, last_scale=down_scale, out_width=widths[i - 1]))
-
-        # ---- top-down
-        skip_widths = cfg.skip_widths if efficient else widths
-        self.initial_state = nn.Parameter(torch.zeros(1, widths[0], res[0], res[0]))
-        if init == "xavier":  # the official code's initial state (its `trainable_h`)
-            nn.init.kaiming_uniform_(self.initial_state, nonlinearity="linear")
-        self.unpools = nn.ModuleList()
-        # A trainable state added after each upsampling (Efficient-VDVAE's unpool bias; VDVAE's
-        # bias_xs, which VDVAE leaves out above 64x64 to save memory).
-        self.up_blocks = nn.ModuleList()
-        for i in range(n):
-            factor = res[i] // res[i - 1] if i else 1
-            if efficient:
-                self.unpools.append(Unpool(widths[i - 1], widths[i], factor, init=init) if i else nn.Identity())
-            has_bias = i > 0 and (efficient or res[i] <= VDVAE_NO_BIAS_ABOVE)
-            self.register_parameter(f"res_bias_{i}", nn.Parameter(torch.zeros(1, widths[i], res[i], res[i])) if has_bias else None)
-            self.up_blocks.append(nn.ModuleList([
-                TopDownBlock(widths[i], skip_widths[i], cfg.variates[i], res[i], mid=cfg.mid_width(i),
-                             n_layers=cfg.n_layers, architecture=cfg.architecture, activation=act,
-                             latent_beta=cfg.latent_beta, init=init)
-                for _ in range(cfg.up_blocks[i])]))
+        # Built in a fixed order, which fixes two things saved runs rely on: the order the
+        # weights draw from the RNG (same seed, same model) and the parameter order the
+        # optimiser's state follows.
+        self.input_conv, self.down_cells, self.skip_proj, self.pools = _bottom_up_modules(cfg)
+        self.initial_state, self.unpools, self.up_blocks, res_biases = _top_down_modules(cfg)
+        for i, bias in enumerate(res_biases):
+            # A trainable state added after each upsampling (Efficient-VDVAE's unpool bias; VDVAE's
+            # bias_xs, which VDVAE leaves out above 64x64 to save memory).
+            self.register_parameter(f"res_bias_{i}", bias)
         if cfg.output_gain:
-            self.final_gain = nn.Parameter(torch.ones(1, widths[-1], 1, 1))
-            self.final_bias = nn.Parameter(torch.zeros(1, widths[-1], 1, 1))
+            self.final_gain = nn.Parameter(torch.ones(1, cfg.widths[-1], 1, 1))
+            self.final_bias = nn.Parameter(torch.zeros(1, cfg.widths[-1], 1, 1))
         else:
             self.final_gain = self.final_bias = None
-        self.head = make_head(cfg, widths[-1])
+        self.head = make_head(cfg, cfg.widths[-1])
         # Which skip (index into bottom_up()'s list) each latent layer reads, top-down order.
         self.skip_of_layer = skip_of_layer(cfg)
 
@@ -271,39 +225,105 @@ class VAE(nn.Module):
         return self.head.sample(features, temperature=out_t, deterministic=deterministic_output, generator=generator)
 
     def make_plans(self, *, active, posterior, masked, temperature, given, generator, batch, device) -> list[LayerPlan]:
-        """Validate per-layer options and turn them into one :class:`LayerPlan` per layer."""
-        shapes = self.cfg.layer_shapes()
-        n = len(shapes)
-        if posterior not in ("sample", "mean"):
-            raise ValueError(f"posterior must be 'sample' or 'mean', not {posterior!r}")
-        if masked not in ("sample", "mean"):
-            raise ValueError(f"masked must be 'sample' or 'mean', not {masked!r}")
-        temps = list(temperature) if isinstance(temperature, Sequence) else [float(temperature)] * n
-        for name, seq in (("active", active), ("given", given), ("temperature", temps)):
-            if seq is not None and len(seq) != n:
-                raise ValueError(f"{name} must have one entry per latent layer ({n}), got {len(seq)}")
-        plans = []
-        for k, shape in enumerate(shapes):
-            a = None if active is None else active[k]
-            if a is not None:
-                a = torch.as_tensor(a, dtype=torch.bool, device=device)
-                if tuple(a.shape) != shape:
-                    raise ValueError(f"active mask of layer {k} has shape {tuple(a.shape)}, expected {shape}")
-            g = None if given is None else given[k]
-            if g is not None:
-                values, gmask = g
-                if tuple(values.shape) != (batch, *shape):
-                    raise ValueError(f"given values of layer {k} have shape {tuple(values.shape)}, expected {(batch, *shape)}")
-                g = (values.to(device), None if gmask is None else torch.as_tensor(gmask, dtype=torch.bool, device=device))
-            plans.append(LayerPlan(active=a, posterior=posterior, masked=masked, temperature=temps[k],
-                                   given=g, generator=generator))
-        return plans
+        """Validate per-layer options and turn them into one :class:`LayerPlan` per layer (see :func:`layer_plans`)."""
+        return layer_plans(self.cfg.layer_shapes(), active=active, posterior=posterior, masked=masked,
+                           temperature=temperature, given=given, generator=generator, batch=batch, device=device)
 
     def _check_input(self, x: torch.Tensor) -> None:
         c, s = self.cfg.channels, self.cfg.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(f"model expects images of shape (B, {c}, {s}, {s}), got {tuple(x.shape)}")
 
+
+
+def layer_plans(shapes: list[tuple[int, int, int]], *, active, posterior, masked, temperature, given, generator, batch,
+            device) -> list[LayerPlan]:
+    """The masked top-down path's per-layer instructions, validated: for layer k of ``shapes`` (V, H, W),
+    which dims take the posterior (``active[k]``, None: all), whether the posterior is sampled
+    or its mean taken, how pruned dims draw from the prior (``masked``, ``temperature``) and
+    which values are forced (``given[k]``: values (B, V, H, W) and a mask or None)."""
+    n = len(shapes)
+    if posterior not in ("sample", "mean"):
+        raise ValueError(f"posterior must be 'sample' or 'mean', not {posterior!r}")
+    if masked not in ("sample", "mean"):
+        raise ValueError(f"masked must be 'sample' or 'mean', not {masked!r}")
+    temps = list(temperature) if isinstance(temperature, Sequence) else [float(temperature)] * n
+    for name, seq in (("active", active), ("given", given), ("temperature", temps)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name} must have one entry per latent layer ({n}), got {len(seq)}")
+    plans = []
+    for k, shape in enumerate(shapes):
+        a = None if active is None else active[k]
+        if a is not None:
+            a = torch.as_tensor(a, dtype=torch.bool, device=device)
+            if tuple(a.shape) != shape:
+                raise ValueError(f"active mask of layer {k} has shape {tuple(a.shape)}, expected {shape}")
+        g = None if given is None else given[k]
+        if g is not None:
+            values, gmask = g
+            if tuple(values.shape) != (batch, *shape):
+                raise ValueError(f"given values of layer {k} have shape {tuple(values.shape)}, expected {(batch, *shape)}")
+            g = (values.to(device), None if gmask is None else torch.as_tensor(gmask, dtype=torch.bool, device=device))
+        plans.append(LayerPlan(active=a, posterior=posterior, masked=masked, temperature=temps[k],
+                               given=g, generator=generator))
+    return plans
+
+
+def _bottom_up_modules(cfg: ModelConfig) -> tuple[nn.Module, nn.ModuleList, nn.ModuleList, nn.ModuleList]:
+    """The encoder: input conv, residual cells, skip projections and pools per resolution
+    (index i in cfg order, lowest resolution first)."""
+    res, widths, n, init, act = cfg.resolutions, cfg.widths, len(cfg.resolutions), cfg.init, cfg.activation
+    efficient = cfg.architecture == "efficient"
+    # Bottom-up residual cells get the same last-conv scaling: sqrt(1/L) in Efficient-VDVAE,
+    # sqrt(1/number of encoder blocks) in VDVAE.
+    n_down = max(1, sum(cfg.down_blocks) + n - 1)
+    down_scale = math.sqrt(1.0 / (cfg.n_layers if efficient else n_down))
+    input_conv = conv(cfg.channels, widths[-1], 1 if efficient else 3, init=init)
+    down_cells, skip_proj, pools = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+    for i in range(n):
+        w, mid = widths[i], cfg.mid_width(i)
+        down_cells.append(nn.Sequential(*[
+            ResidualCell(w, mid, w, resolution=res[i], activation=act, residual=True, last_scale=down_scale,
+                         init=init)
+            for _ in range(cfg.down_blocks[i])]))
+        if not efficient:
+            skip_proj.append(nn.Identity())
+        elif cfg.up_skip_groups is None:
+            skip_proj.append(conv(w, cfg.skip_widths[i], 1, init=init))
+        else:  # one projection per skip group: skip_proj.{i}.{k}
+            skip_proj.append(nn.ModuleList([conv(w, cfg.skip_widths[i], 1, init=init) for _ in cfg.skip_groups(i)[0]]))
+        if i == 0:
+            pools.append(nn.Identity())  # nothing below the lowest resolution
+        elif efficient:
+            pools.append(StridedPool(w, widths[i - 1], res[i] // res[i - 1], init=init))
+        else:
+            pools.append(AvgPoolCell(w, mid, res[i] // res[i - 1], resolution=res[i], activation=act,
+                                     last_scale=down_scale, out_width=widths[i - 1]))
+    return input_conv, down_cells, skip_proj, pools
+
+
+def _top_down_modules(cfg: ModelConfig) -> tuple[nn.Parameter, nn.ModuleList, nn.ModuleList, list[nn.Parameter | None]]:
+    """The decoder: its initial state, the unpools (efficient only), the top-down blocks per
+    resolution, and the per-resolution trainable state (None where the architecture has none)."""
+    res, widths, init = cfg.resolutions, cfg.widths, cfg.init
+    efficient = cfg.architecture == "efficient"
+    skip_widths = cfg.skip_widths if efficient else widths
+    initial_state = nn.Parameter(torch.zeros(1, widths[0], res[0], res[0]))
+    if init == "xavier":  # the official code's initial state (its `trainable_h`)
+        nn.init.kaiming_uniform_(initial_state, nonlinearity="linear")
+    unpools, up_blocks, biases = nn.ModuleList(), nn.ModuleList(), []
+    for i in range(len(res)):
+        factor = res[i] // res[i - 1] if i else 1
+        if efficient:
+            unpools.append(Unpool(widths[i - 1], widths[i], factor, init=init) if i else nn.Identity())
+        has_bias = i > 0 and (efficient or res[i] <= VDVAE_NO_BIAS_ABOVE)
+        biases.append(nn.Parameter(torch.zeros(1, widths[i], res[i], res[i])) if has_bias else None)
+        up_blocks.append(nn.ModuleList([
+            TopDownBlock(widths[i], skip_widths[i], cfg.variates[i], res[i], mid=cfg.mid_width(i),
+                         n_layers=cfg.n_layers, architecture=cfg.architecture, activation=cfg.activation,
+                         latent_beta=cfg.latent_beta, init=init)
+            for _ in range(cfg.up_blocks[i])]))
+    return initial_state, unpools, up_blocks, biases
 
 def skip_of_layer(cfg: ModelConfig) -> list[int]:
     """For each latent layer (top-down order), the index of the skip it reads."""
