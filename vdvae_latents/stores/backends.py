@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import h5py
 import numpy as np
@@ -64,6 +66,17 @@ def store_format(path: str | os.PathLike[str]) -> StoreFormat:
     if suffix in (".h5", ".hdf5"):
         return "hdf5"
     raise StoreError(f"{path} is not a store path: use a name ending in .zarr, .h5 or .hdf5.")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-sentence errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def os_error_text(exc: OSError) -> str:
+    """What an OSError says in a sentence: its strerror ("Permission denied"), else its message."""
+    return str(exc.strerror or exc)
 
 
 # ----------------------------------------------------------------------------- codecs
@@ -144,20 +157,9 @@ class ZarrBackend:
 
     @classmethod
     def create(cls, path: Path, specs: list[ArraySpec], attrs: dict[str, Any], codec: Any) -> ZarrBackend:
-        filters, compressors = codec
         group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes=attrs)
         for spec in specs:
-            dtype = str if spec.dtype == "str" else spec.dtype
-            if spec.data is not None:
-                group.create_array(spec.name, data=spec.data, chunks=spec.shape, dimension_names=list(spec.dims))
-                continue
-            chunks = spec.shape if spec.chunk_rows is None else (spec.chunk_rows, *spec.shape[1:])
-            # Strings take zarr's own vlen-utf8 codec chain; the transpose filter is for 2-D rows.
-            compressed = spec.compressed and spec.dtype != "str"
-            group.create_array(spec.name, shape=spec.shape, chunks=chunks, dtype=dtype, fill_value=spec.fill,
-                               compressors=compressors if compressed else None,
-                               filters=filters if compressed and len(spec.shape) == 2 else None,
-                               dimension_names=list(spec.dims))
+            _create_zarr_array(group, spec, codec)
         return cls(group)
 
     @classmethod
@@ -202,13 +204,26 @@ class ZarrBackend:
         pass
 
 
+def _create_zarr_array(group: zarr.Group, spec: ArraySpec, codec: Any) -> None:
+    filters, compressors = codec
+    if spec.data is not None:
+        group.create_array(spec.name, data=spec.data, chunks=spec.shape, dimension_names=list(spec.dims))
+        return
+    chunks = spec.shape if spec.chunk_rows is None else (spec.chunk_rows, *spec.shape[1:])
+    # Strings take zarr's own vlen-utf8 codec chain; the transpose filter is for 2-D rows.
+    compressed = spec.compressed and spec.dtype != "str"
+    group.create_array(spec.name, shape=spec.shape, chunks=chunks, dtype=str if spec.dtype == "str" else spec.dtype,
+                       fill_value=spec.fill, compressors=compressors if compressed else None,
+                       filters=filters if compressed and len(spec.shape) == 2 else None,
+                       dimension_names=list(spec.dims))
+
 # ----------------------------------------------------------------------------- HDF5
 
 
 class HDF5Backend:
     """HDF5 attributes are flat: strings, booleans, ints and floats are stored natively and
     anything else (dicts, lists, None) as a JSON string whose name is listed in the hidden
-    root attribute ``_json_keys``."""
+    root attribute ``_json_keys`` (:func:`_write_h5_attrs`, :func:`_read_h5_attrs`)."""
 
     format: StoreFormat = "hdf5"
 
@@ -219,64 +234,23 @@ class HDF5Backend:
     def create(cls, path: Path, specs: list[ArraySpec], attrs: dict[str, Any], codec: Any) -> HDF5Backend:
         # track_order keeps attributes in the order given, as the Zarr JSON does.
         file = h5py.File(path, "w-", libver=_H5_LIBVER, track_order=True)
-        try:
+        backend = cls(file)
+        with close_on_error(backend):
             for spec in specs:
-                if spec.data is not None:
-                    file.create_dataset(spec.name, data=spec.data)
-                    continue
-                dtype = h5py.string_dtype() if spec.dtype == "str" else spec.dtype
-                # HDF5 chunks may not be larger than a fixed-size dataset.
-                rows = spec.shape[0] if spec.chunk_rows is None else min(spec.chunk_rows, spec.shape[0])
-                file.create_dataset(spec.name, shape=spec.shape, dtype=dtype, chunks=(rows, *spec.shape[1:]),
-                                    fillvalue=None if spec.dtype == "str" else spec.fill,
-                                    **(codec if spec.compressed else {}))
-            backend = cls(file)
-            backend._write_attrs(attrs)
+                _create_h5_dataset(file, spec, codec)
+            _write_h5_attrs(file, attrs)
             backend.sync()
-        except BaseException:
-            file.close()
-            raise
         return backend
 
     @classmethod
     def open(cls, path: Path, *, writable: bool) -> HDF5Backend:
         return cls(h5py.File(path, "r+" if writable else "r", libver=_H5_LIBVER if writable else None))
 
-    @staticmethod
-    def _is_native(value: Any) -> bool:
-        if isinstance(value, bool | str | float):
-            return True
-        return isinstance(value, int) and -(2**63) <= value < 2**63
-
-    def _write_attrs(self, attrs: dict[str, Any]) -> None:
-        json_keys = []
-        for key, value in attrs.items():
-            if self._is_native(value):
-                self.file.attrs[key] = value
-            else:
-                self.file.attrs[key] = json.dumps(value)
-                json_keys.append(key)
-        self.file.attrs[JSON_KEYS_ATTR] = json.dumps(sorted(json_keys))
-
     def read_attrs(self) -> dict[str, Any]:
-        raw = dict(self.file.attrs)
-        json_keys = set(json.loads(_text(raw.pop(JSON_KEYS_ATTR, "[]"))))
-        out: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key in json_keys:
-                out[key] = json.loads(_text(value))
-            elif isinstance(value, bytes | str):
-                out[key] = _text(value)
-            elif isinstance(value, np.generic):
-                out[key] = value.item()
-            elif isinstance(value, np.ndarray):  # written by another tool; keep it JSON-like
-                out[key] = value.tolist()
-            else:
-                out[key] = value
-        return out
+        return _read_h5_attrs(dict(self.file.attrs))
 
     def set_attr(self, key: str, value: Any) -> None:
-        if not self._is_native(value):
+        if not _is_h5_native(value):
             raise TypeError(f"only scalar attributes can be updated in place, not {key}")
         self.file.attrs[key] = value
 
@@ -314,11 +288,88 @@ class HDF5Backend:
             self.file.close()
 
 
-Backend = ZarrBackend | HDF5Backend
+def _create_h5_dataset(file: h5py.File, spec: ArraySpec, codec: Any) -> None:
+    if spec.data is not None:
+        file.create_dataset(spec.name, data=spec.data)
+        return
+    dtype = h5py.string_dtype() if spec.dtype == "str" else spec.dtype
+    # HDF5 chunks may not be larger than a fixed-size dataset.
+    rows = spec.shape[0] if spec.chunk_rows is None else min(spec.chunk_rows, spec.shape[0])
+    file.create_dataset(spec.name, shape=spec.shape, dtype=dtype, chunks=(rows, *spec.shape[1:]),
+                        fillvalue=None if spec.dtype == "str" else spec.fill,
+                        **(codec if spec.compressed else {}))
+
+
+def _is_h5_native(value: Any) -> bool:
+    if isinstance(value, bool | str | float):
+        return True
+    return isinstance(value, int) and -(2**63) <= value < 2**63
+
+
+def _write_h5_attrs(file: h5py.File, attrs: dict[str, Any]) -> None:
+    json_keys = []
+    for key, value in attrs.items():
+        if _is_h5_native(value):
+            file.attrs[key] = value
+        else:
+            file.attrs[key] = json.dumps(value)
+            json_keys.append(key)
+    file.attrs[JSON_KEYS_ATTR] = json.dumps(sorted(json_keys))
+
+
+def _read_h5_attrs(raw: dict[str, Any]) -> dict[str, Any]:
+    json_keys = set(json.loads(_text(raw.pop(JSON_KEYS_ATTR, "[]"))))
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in json_keys:
+            out[key] = json.loads(_text(value))
+        elif isinstance(value, bytes | str):
+            out[key] = _text(value)
+        elif isinstance(value, np.generic):
+            out[key] = value.item()
+        elif isinstance(value, np.ndarray):  # written by another tool; keep it JSON-like
+            out[key] = value.tolist()
+        else:
+            out[key] = value
+    return out
 
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+# ----------------------------------------------------------------------------- either format
+
+
+Backend = ZarrBackend | HDF5Backend
+
+
+@contextmanager
+def close_on_error(backend: Backend) -> Iterator[Backend]:
+    """Close ``backend`` if the block raises anything (KeyboardInterrupt included), then re-raise."""
+    try:
+        yield backend
+    except BaseException:
+        backend.close()
+        raise
+
+
+class BackendOwner:
+    """Mixin for objects that hold an open store in ``_backend``: :meth:`close` and ``with`` blocks."""
+
+    _backend: Backend | None
+
+    def close(self) -> None:
+        """Release the store without finalizing anything (safe to call twice)."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def create_backend(path: Path, specs: list[ArraySpec], attrs: dict[str, Any], codec: Any) -> Backend:
@@ -337,7 +388,7 @@ def open_backend(path: Path, *, writable: bool) -> Backend:
     except StoreError:
         raise
     except Exception as exc:  # zarr and h5py raise many types (OSError, JSON, KeyError ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         if fmt == "hdf5" and "lock" in reason.lower():
             raise StoreError(f"{path} is open in another process ({reason}).") from exc
         hint = ("; an HDF5 file whose writer was killed can be damaged: re-create it with --overwrite"

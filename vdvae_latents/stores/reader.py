@@ -17,17 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, StoreError, StoreFormat, open_backend
+from .backends import Backend, BackendOwner, StoreError, StoreFormat, close_on_error
 from .codes import Quantizer
 from .schema import (
     FILL_INDEX,
     DIM_FIELDS,
     VALUE_ARRAYS,
     ChunkChecker,
+    StoreLayout,
+    chunk_bounds,
     corrupt_store,
     error_summary,
-    StoreLayout,
-    read_layout,
+    open_layout,
     read_quantizers,
 )
 
@@ -48,12 +49,9 @@ class LazyArray:
         self.raw = raw
         self.name = name
         self._path = path
-        self._checker = checker
-        self._verify = verify
-        self._quantizer = quantizer
-        self._allow_unwritten = allow_unwritten
         self._is_open = is_open
-        self._cache: dict[int, np.ndarray] = {}
+        self._chunks = _ChunkReader(raw, name, checker, verify=verify, quantizer=quantizer,
+                                    allow_unwritten=allow_unwritten)
 
     def _check_open(self) -> None:
         # h5py's own error for a closed file is cryptic ("identifier is not of specified type").
@@ -68,10 +66,7 @@ class LazyArray:
     @property
     def dtype(self) -> np.dtype:
         self._check_open()
-        if self._quantizer is not None:
-            return np.dtype(np.float32)
-        raw = np.dtype(self.raw.dtype)
-        return np.dtype(object) if raw.kind in "OT" else raw
+        return self._chunks.dtype
 
     @property
     def ndim(self) -> int:
@@ -80,79 +75,14 @@ class LazyArray:
     def __len__(self) -> int:
         return self.shape[0]
 
-    # -- chunk access
-
-    def _chunk(self, i: int) -> np.ndarray:
-        if i in self._cache:
-            return self._cache[i]
-        checker = self._checker
-        if not self._verify:  # inspecting a damaged store: read what is there
-            lo, hi = checker.layout.chunk_range(i)
-            values = np.asarray(self.raw[lo:hi])
-        else:
-            values, problem = checker.read(self.name, i)
-            if problem is not None:
-                if not (self._allow_unwritten and checker.flags[i] != 1):
-                    raise checker.error(self.name, i, problem)
-                values = self._unwritten(i)
-        if self._quantizer is not None and values.dtype.kind in "iu":
-            values = self._quantizer.dequantize(values)
-        if values.dtype.kind == "T":
-            values = values.astype(object)
-        self._cache = {i: values}  # one chunk: row-by-row reading touches each chunk once
-        return values
-
-    def _unwritten(self, i: int) -> np.ndarray:
-        """What rows nobody has written read as: NaN features, -1 indices, empty names."""
-        lo, hi = self._checker.layout.chunk_range(i)
-        shape = (hi - lo, *self.raw.shape[1:])
-        if self.name in VALUE_ARRAYS:
-            return np.full(shape, np.nan, dtype=np.float32 if self._quantizer else self.raw.dtype)
-        if self.name == "source_names":
-            return np.full(shape, "", dtype=object)
-        return np.full(shape, FILL_INDEX, dtype=np.int64)
-
-    def _take(self, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` (int array) in that order, reading each needed chunk once."""
-        cr = self._checker.layout.chunk_rows
-        chunk_of = index // cr
-        out = None
-        for c in np.unique(chunk_of):
-            block = self._chunk(int(c))
-            mask = chunk_of == c
-            if out is None:
-                out = np.empty((len(index), *block.shape[1:]), dtype=block.dtype)
-            out[mask] = block[index[mask] - c * cr]
-        if out is None:
-            out = np.empty((0, *self.raw.shape[1:]), dtype=self.dtype)
-        return out
-
     def __getitem__(self, key: Any) -> np.ndarray:
         self._check_open()
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        n = len(self)
-        if rows is Ellipsis:
-            rows = slice(None)
-        if isinstance(rows, int | np.integer) and not isinstance(rows, bool):
-            i = int(rows) + (n if rows < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"row {rows} is out of range for {self.name} with {n} rows")
-            out = self._take(np.array([i]))[0]
+        index, single = _row_index(rows, len(self), self.name)
+        out = self._chunks.take(index)
+        if single:
+            out = out[0]
             return out[rest] if rest else out
-        if isinstance(rows, slice):
-            index = np.arange(*rows.indices(n))
-        else:
-            index = np.asarray(rows)
-            if index.dtype == np.bool_:
-                if index.shape != (n,):
-                    raise IndexError(f"a boolean row mask for {self.name} must have {n} entries")
-                index = np.flatnonzero(index)
-            elif not np.issubdtype(index.dtype, np.integer) or index.ndim != 1:
-                raise IndexError(f"rows of {self.name} are indexed by an int, a slice or a 1-D int/bool array")
-            index = np.where(index < 0, index + n, index)
-            if len(index) and (index.min() < 0 or index.max() >= n):
-                raise IndexError(f"row indices out of range for {self.name} with {n} rows")
-        out = self._take(index.astype(np.int64))
         return out[(slice(None), *rest)] if rest else out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -163,8 +93,97 @@ class LazyArray:
         return f"LazyArray({self.name!r}, shape={tuple(self.raw.shape)}, dtype={self.dtype})"
 
 
+def _row_index(rows: Any, n: int, name: str) -> tuple[np.ndarray, bool]:
+    """(the int64 row numbers that ``rows`` selects of ``n``, whether it was a single int); IndexError if
+    it is out of range or not an int, a slice, ``...`` or a 1-D int/bool array."""
+    if rows is Ellipsis:
+        rows = slice(None)
+    if isinstance(rows, int | np.integer) and not isinstance(rows, bool):
+        i = int(rows) + (n if rows < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(f"row {rows} is out of range for {name} with {n} rows")
+        return np.array([i], dtype=np.int64), True
+    if isinstance(rows, slice):
+        return np.arange(*rows.indices(n), dtype=np.int64), False
+    index = np.asarray(rows)
+    if index.dtype == np.bool_:
+        if index.shape != (n,):
+            raise IndexError(f"a boolean row mask for {name} must have {n} entries")
+        index = np.flatnonzero(index)
+    elif not np.issubdtype(index.dtype, np.integer) or index.ndim != 1:
+        raise IndexError(f"rows of {name} are indexed by an int, a slice or a 1-D int/bool array")
+    index = np.where(index < 0, index + n, index)
+    if len(index) and (index.min() < 0 or index.max() >= n):
+        raise IndexError(f"row indices out of range for {name} with {n} rows")
+    return index.astype(np.int64), False
+
+
+class _ChunkReader:
+    """The chunks of one row array, each read whole, checked by the store's
+    :class:`~vdvae_latents.stores.schema.ChunkChecker` and, in integer stores, dequantised."""
+
+    def __init__(self, raw: Any, name: str, checker: ChunkChecker, *, verify: bool, quantizer: Quantizer | None,
+                 allow_unwritten: bool) -> None:
+        self.raw, self.name, self.checker = raw, name, checker
+        self.verify, self.quantizer, self.allow_unwritten = verify, quantizer, allow_unwritten
+        self.cache: dict[int, np.ndarray] = {}
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the values read: float32 for integer codes, object for strings."""
+        if self.quantizer is not None:
+            return np.dtype(np.float32)
+        raw = np.dtype(self.raw.dtype)
+        return np.dtype(object) if raw.kind in "OT" else raw
+
+    def chunk(self, i: int) -> np.ndarray:
+        if i in self.cache:
+            return self.cache[i]
+        checker = self.checker
+        if not self.verify:  # inspecting a damaged store: read what is there
+            lo, hi = checker.layout.chunk_range(i)
+            values = np.asarray(self.raw[lo:hi])
+        else:
+            values, problem = checker.read(self.name, i)
+            if problem is not None:
+                if not (self.allow_unwritten and checker.flags[i] != 1):
+                    raise checker.error(self.name, i, problem)
+                values = self._unwritten(i)
+        if self.quantizer is not None and values.dtype.kind in "iu":
+            values = self.quantizer.dequantize(values)
+        if values.dtype.kind == "T":
+            values = values.astype(object)
+        self.cache = {i: values}  # one chunk: row-by-row reading touches each chunk once
+        return values
+
+    def _unwritten(self, i: int) -> np.ndarray:
+        """What rows nobody has written read as: NaN features, -1 indices, empty names."""
+        lo, hi = self.checker.layout.chunk_range(i)
+        shape = (hi - lo, *self.raw.shape[1:])
+        if self.name in VALUE_ARRAYS:
+            return np.full(shape, np.nan, dtype=np.float32 if self.quantizer else self.raw.dtype)
+        if self.name == "source_names":
+            return np.full(shape, "", dtype=object)
+        return np.full(shape, FILL_INDEX, dtype=np.int64)
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (int array) in that order, reading each needed chunk once."""
+        cr = self.checker.layout.chunk_rows
+        chunk_of = index // cr
+        out = None
+        for c in np.unique(chunk_of):
+            block = self.chunk(int(c))
+            mask = chunk_of == c
+            if out is None:
+                out = np.empty((len(index), *block.shape[1:]), dtype=block.dtype)
+            out[mask] = block[index[mask] - c * cr]
+        if out is None:
+            out = np.empty((0, *self.raw.shape[1:]), dtype=self.dtype)
+        return out
+
+
 @dataclass
-class Encodings:
+class Encodings(BackendOwner):
     """An opened store, the same for Zarr and HDF5. Row arrays are lazy; dims are in memory.
 
     ``source_index`` (int64 per row: the image's position in the source's own order, its
@@ -206,8 +225,7 @@ class Encodings:
 
     def chunk_range(self, i: int) -> tuple[int, int]:
         """Rows ``[start, stop)`` of chunk ``i``: reading whole chunks is the cheap access."""
-        start = int(i) * self.chunk_rows
-        return start, min(start + self.chunk_rows, self.n_rows)
+        return chunk_bounds(i, self.chunk_rows, self.n_rows)
 
     @property
     def complete(self) -> bool:
@@ -240,17 +258,6 @@ class Encodings:
             out[f"dims/{name}"] = values.copy()
         return out
 
-    def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
-
-    def __enter__(self) -> Encodings:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = False,
                    verify: bool = True) -> Encodings:
@@ -263,20 +270,15 @@ def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fal
     skips the per-chunk checks (not recommended; for inspecting a damaged store).
     """
     path = Path(path)
-    backend = open_backend(path, writable=False)
-    try:
-        layout = read_layout(backend, path)
+    backend, layout = open_layout(path, writable=False)
+    with close_on_error(backend):
         checker = ChunkChecker(backend, layout, path)
         if not layout.complete and not allow_incomplete:
             written = int(np.count_nonzero(checker.flags == 1))
             raise StoreError(f"{path} is incomplete ({written} of {layout.n_chunks} chunks written); "
                              f"re-run `vdvl encode --resume`.")
         if verify:
-            for name in layout.row_arrays:
-                gone = checker.missing(name)
-                if gone:
-                    more = f" (and {len(gone) - 1} more chunks)" if len(gone) > 1 else ""
-                    raise checker.error(name, gone[0], f"are missing{more}: their chunk object was deleted")
+            _refuse_missing_chunks(checker)
         try:
             dims = {name: np.asarray(backend.array(f"dims/{name}")[...]) for name in DIM_FIELDS}
         except Exception as exc:
@@ -296,7 +298,12 @@ def open_encodings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fal
                          features_std=lazy("features_std"), labels=lazy("labels"), sample_index=sample_index,
                          source_index=lazy("source_index"), source_names=lazy("source_names"), dims=dims,
                          quantizers=quantizers, _backend=backend, _layout=layout)
-    except BaseException:
-        backend.close()
-        raise
 
+
+def _refuse_missing_chunks(checker: ChunkChecker) -> None:
+    """StoreError naming the first written chunk whose data object is gone, if there is one."""
+    for name in checker.layout.row_arrays:
+        gone = checker.missing(name)
+        if gone:
+            more = f" (and {len(gone) - 1} more chunks)" if len(gone) > 1 else ""
+            raise checker.error(name, gone[0], f"are missing{more}: their chunk object was deleted")

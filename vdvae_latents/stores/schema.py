@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, StoreError
+from .backends import Backend, StoreError, close_on_error, first_line, open_backend
 from .codes import ERROR_FIELDS, INT_DTYPES, Quantizer, summarise_errors
 
 SCHEMA_NAME = "vdvl-encodings"
@@ -106,12 +105,29 @@ class StoreLayout:
         return name in self.row_arrays
 
     def chunk_range(self, i: int) -> tuple[int, int]:
-        start = int(i) * self.chunk_rows
-        return start, min(start + self.chunk_rows, self.n_rows)
+        return chunk_bounds(i, self.chunk_rows, self.n_rows)
+
+
+def chunk_bounds(i: int, chunk_rows: int, n_rows: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of chunk ``i`` of ``n_rows`` rows cut into chunks of ``chunk_rows``."""
+    start = int(i) * chunk_rows
+    return start, min(start + chunk_rows, n_rows)
 
 
 def corrupt_store(path: Path, what: str) -> StoreError:
     return StoreError(f"{path} is corrupt: {what}; re-create it with --overwrite.")
+
+
+def is_count(value: Any, minimum: int = 0) -> bool:
+    """Whether ``value`` is an integer (Python or numpy, not a bool) of at least ``minimum``."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= minimum
+
+
+def open_layout(path: Path, *, writable: bool) -> tuple[Backend, StoreLayout]:
+    """Open the store at ``path`` and read its layout; the backend is closed again if that fails."""
+    backend = open_backend(path, writable=writable)
+    with close_on_error(backend):
+        return backend, read_layout(backend, path)
 
 
 def read_layout(backend: Backend, path: Path) -> StoreLayout:
@@ -120,77 +136,107 @@ def read_layout(backend: Backend, path: Path) -> StoreLayout:
         attrs = backend.read_attrs()
     except Exception as exc:
         raise StoreError(f"{path} has unreadable attributes ({exc}).") from exc
+    version = _schema_version(attrs, path)
+
+    def whole(key: str) -> int:
+        value = attrs.get(key)
+        if not is_count(value, 1):
+            raise corrupt_store(path, f"attribute {key} is {short_text(value)}")
+        return value
+
+    n_rows, n_features, chunk_rows = whole("n_rows"), whole("n_features"), whole("chunk_rows")
+    if not isinstance(attrs.get("complete"), bool):
+        raise corrupt_store(path, f"attribute complete is {short_text(attrs.get('complete'))}")
+    check, n_chunks = _ArrayCheck(backend, path), math.ceil(n_rows / chunk_rows)
+    dtype, present = _check_version1_arrays(check, version, n_rows, n_features)
+    check("chunks_written", (n_chunks,), ("uint8",))
+    if version >= 2:
+        present += _check_version2_arrays(check, attrs, n_rows, n_features, n_chunks, dtype, present)
+    return StoreLayout(attrs=attrs, version=version, n_rows=n_rows, n_features=n_features, chunk_rows=chunk_rows,
+                       dtype=dtype, row_arrays=tuple(present), complete=attrs["complete"])
+
+
+def _schema_version(attrs: dict[str, Any], path: Path) -> int:
+    """The store's schema version, refusing other schemas and versions newer than this code's."""
     schema = attrs.get("schema")
     if schema != SCHEMA_NAME:
         raise StoreError(f"{path} is not a {SCHEMA_NAME} store (its schema attribute is {short_text(schema)}).")
     version = attrs.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if not is_count(version, 1):
         raise corrupt_store(path, f"schema_version is {short_text(version)}")
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path} uses {SCHEMA_NAME} schema version {version}, newer than the version "
                          f"{SCHEMA_VERSION} this vdvae_latents reads; upgrade vdvae_latents to read it.")
+    return version
 
-    def whole(key: str, minimum: int) -> int:
-        value = attrs.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise corrupt_store(path, f"attribute {key} is {short_text(value)}")
-        return value
 
-    n_rows, n_features, chunk_rows = whole("n_rows", 1), whole("n_features", 1), whole("chunk_rows", 1)
-    n_chunks = math.ceil(n_rows / chunk_rows)
-    if not isinstance(attrs.get("complete"), bool):
-        raise corrupt_store(path, f"attribute complete is {short_text(attrs.get('complete'))}")
+@dataclass(frozen=True)
+class _ArrayCheck:
+    """Checks one array of a store against the shape and dtypes the layout expects."""
 
-    def check(name: str, shape: tuple[int, ...], dtypes: tuple[str, ...], required: bool = True) -> str | None:
+    backend: Backend
+    path: Path
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...],
+                 required: bool = True) -> str | None:
+        """The array's dtype ("str" for strings), or None when an optional array is absent."""
         try:
-            present = backend.has(name)
+            present = self.backend.has(name)
         except Exception as exc:  # e.g. a damaged zarr.json of a child node
-            raise corrupt_store(path, f"the array {name} cannot be opened ({exc})") from exc
+            raise corrupt_store(self.path, f"the array {name} cannot be opened ({exc})") from exc
         if not present:
             if required:
-                raise corrupt_store(path, f"the array {name} is missing")
+                raise corrupt_store(self.path, f"the array {name} is missing")
             return None
         try:
-            arr = backend.array(name)
+            arr = self.backend.array(name)
             got_shape, got_dtype = tuple(arr.shape), np.dtype(arr.dtype)
         except Exception as exc:
-            raise corrupt_store(path, f"the array {name} cannot be opened ({exc})") from exc
+            raise corrupt_store(self.path, f"the array {name} cannot be opened ({exc})") from exc
         kind = "str" if got_dtype.kind in "OUT" else str(got_dtype)
         if got_shape != shape or kind not in dtypes:
-            raise corrupt_store(path, f"the array {name} is {kind}{list(got_shape)}, expected {'|'.join(dtypes)}"
-                                 f"{list(shape)}")
+            raise corrupt_store(self.path, f"the array {name} is {kind}{list(got_shape)}, expected "
+                                           f"{'|'.join(dtypes)}{list(shape)}")
         return kind
 
+
+def _check_version1_arrays(check: _ArrayCheck, version: int, n_rows: int,
+                           n_features: int) -> tuple[str, list[str]]:
+    """(the feature dtype, the row arrays present), checking the row arrays and dims every version has."""
     dtype = check("features", (n_rows, n_features), FEATURE_DTYPES if version >= 2 else FLOAT_DTYPES)
     assert dtype is not None
-    rows = (n_rows,)
     present = ["features"]
     if check("features_std", (n_rows, n_features), (dtype,), required=False):
         present.append("features_std")
-    if check("labels", rows, ("int64",), required=False):
+    if check("labels", (n_rows,), ("int64",), required=False):
         present.append("labels")
-    check("sample_index", rows, ("int64",))
+    check("sample_index", (n_rows,), ("int64",))
     present.append("sample_index")
     for name, dim_dtype in DIM_FIELDS.items():
         check(f"dims/{name}", (n_features,), (str(dim_dtype),))
-    check("chunks_written", (n_chunks,), ("uint8",))
-    if version >= 2:
-        check("source_index", rows, ("int64",))
-        present.append("source_index")
-        if check("source_names", rows, ("str",), required=False):
-            present.append("source_names")
-        if attrs.get("checksum_arrays") != present:
-            raise corrupt_store(path, f"its checksum_arrays attribute {short_text(attrs.get('checksum_arrays'))} does not "
-                                 f"list its row arrays {present}")
-        check("chunk_checksums", (n_chunks, len(present)), ("uint32",))
-        n_values = sum(a in present for a in VALUE_ARRAYS)
-        check("chunk_errors", (n_chunks, n_values, len(ERROR_FIELDS)), ("float64",))
-        if dtype in INT_DTYPES:
-            for name in (a for a in VALUE_ARRAYS if a in present):
-                for part in QUANT_FIELDS:
-                    check(f"quantization/{name}/{part}", (n_features,), ("float64",))
-    return StoreLayout(attrs=attrs, version=version, n_rows=n_rows, n_features=n_features, chunk_rows=chunk_rows,
-                   dtype=dtype, row_arrays=tuple(present), complete=attrs["complete"])
+    return dtype, present
+
+
+def _check_version2_arrays(check: _ArrayCheck, attrs: dict[str, Any], n_rows: int, n_features: int, n_chunks: int,
+                           dtype: str, present: list[str]) -> list[str]:
+    """The provenance row arrays present (to append to ``present``), checking them, the per-chunk
+    checksums and errors and, for integer stores, the quantisers."""
+    check("source_index", (n_rows,), ("int64",))
+    added = ["source_index"]
+    if check("source_names", (n_rows,), ("str",), required=False):
+        added.append("source_names")
+    row_arrays = present + added
+    if attrs.get("checksum_arrays") != row_arrays:
+        raise corrupt_store(check.path, f"its checksum_arrays attribute {short_text(attrs.get('checksum_arrays'))} "
+                                        f"does not list its row arrays {row_arrays}")
+    check("chunk_checksums", (n_chunks, len(row_arrays)), ("uint32",))
+    value_arrays = [a for a in VALUE_ARRAYS if a in row_arrays]
+    check("chunk_errors", (n_chunks, len(value_arrays), len(ERROR_FIELDS)), ("float64",))
+    if dtype in INT_DTYPES:
+        for name in value_arrays:
+            for part in QUANT_FIELDS:
+                check(f"quantization/{name}/{part}", (n_features,), ("float64",))
+    return added
 
 
 def _read_per_chunk(backend: Backend, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -208,6 +254,11 @@ def _read_per_chunk(backend: Backend, name: str, shape: tuple[int, ...], dtype: 
         return out
 
 
+def read_flags(backend: Backend, layout: StoreLayout) -> np.ndarray:
+    """``chunks_written``: 1 for each chunk that is fully written, 0 for the others."""
+    return _read_per_chunk(backend, "chunks_written", (layout.n_chunks,), np.uint8)
+
+
 def read_quantizers(backend: Backend, layout: StoreLayout, path: Path) -> dict[str, Quantizer]:
     if not layout.quantized:
         return {}
@@ -219,18 +270,6 @@ def read_quantizers(backend: Backend, layout: StoreLayout, path: Path) -> dict[s
         except Exception as exc:
             raise corrupt_store(path, f"its quantization parameters of {name} cannot be used ({exc})") from exc
     return out
-
-
-def remove_existing(path: Path) -> None:
-    """Delete an old store for --overwrite, refusing to delete a directory that is not one."""
-    if path.is_dir() and not path.is_symlink():
-        # A mistyped path must not wipe an unrelated directory: a Zarr store has zarr.json.
-        if any(path.iterdir()) and not (path / "zarr.json").exists():
-            raise StoreError(f"{path} is a directory that is not a Zarr store; refusing to delete it "
-                             f"for --overwrite.")
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 # ----------------------------------------------------------------------------- chunk checks
@@ -249,14 +288,25 @@ class ChunkChecker:
 
     def __init__(self, backend: Backend, layout: StoreLayout, path: Path) -> None:
         self.backend, self.layout, self.path = backend, layout, path
-        n = layout.n_chunks
-        self.flags = _read_per_chunk(backend, "chunks_written", (n,), np.uint8)
-        self.checksums = (_read_per_chunk(backend, "chunk_checksums", (n, len(layout.row_arrays)), np.uint32)
-                          if layout.version >= 2 else None)
+        self.flags = read_flags(backend, layout)
+        self.checksums = (_read_per_chunk(backend, "chunk_checksums", (layout.n_chunks, len(layout.row_arrays)),
+                                          np.uint32) if layout.version >= 2 else None)
 
     def missing(self, name: str) -> list[int]:
         """Written chunks of ``name`` whose data object is gone."""
         return [i for i in np.flatnonzero(self.flags == 1).tolist() if not self.backend.chunk_present(name, i)]
+
+    def to_rewrite(self, *, check_data: bool = False) -> list[int]:
+        """Chunks a writer must (re)write, in increasing order: not flagged as written, or flagged
+        with a data object gone; with ``check_data``, also those :meth:`read` refuses (reads them all)."""
+        bad = set(np.flatnonzero(self.flags == 0).tolist())
+        for name in self.layout.row_arrays:
+            bad.update(self.missing(name))
+        if check_data:
+            for i in range(self.layout.n_chunks):
+                if i not in bad and any(self.read(name, i)[1] for name in self.layout.row_arrays):
+                    bad.add(i)
+        return sorted(int(i) for i in bad)
 
     def read(self, name: str, i: int, *, finite: bool = True) -> tuple[np.ndarray | None, str | None]:
         """(raw values of chunk ``i`` of ``name``, None) or (None, what is wrong with it)."""
@@ -268,8 +318,7 @@ class ChunkChecker:
         try:
             values = np.asarray(self.backend.array(name)[lo:hi])
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return None, f"cannot be decoded ({short_text(reason, 80)})"
+            return None, f"cannot be decoded ({short_text(first_line(exc), 80)})"
         if self.checksums is not None:
             col = self.layout.row_arrays.index(name)
             if chunk_checksum(values) != int(self.checksums[i, col]):
@@ -287,10 +336,9 @@ class ChunkChecker:
 def error_summary(backend: Backend, layout: StoreLayout) -> dict[str, dict[str, float]]:
     if layout.version < 2:
         return {}
-    n = layout.n_chunks
-    flags = _read_per_chunk(backend, "chunks_written", (n,), np.uint8)
-    errors = _read_per_chunk(backend, "chunk_errors", (n, len(layout.value_arrays), len(ERROR_FIELDS)), np.float64)
-    written = flags == 1
+    written = read_flags(backend, layout) == 1
+    errors = _read_per_chunk(backend, "chunk_errors", (layout.n_chunks, len(layout.value_arrays), len(ERROR_FIELDS)),
+                             np.float64)
     n_values = sum(layout.chunk_range(i)[1] - layout.chunk_range(i)[0] for i in np.flatnonzero(written))
     return {name: summarise_errors(errors[written, k], n_values * layout.n_features)
             for k, name in enumerate(layout.value_arrays)}

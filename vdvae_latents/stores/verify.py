@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import open_backend
-from .schema import ChunkChecker, error_summary, read_layout
+from .schema import ChunkChecker, error_summary, open_layout
 
 #: Report keys that list damaged chunks, and how a sentence names them.
 PROBLEMS = {"missing": "missing", "undecodable": "undecodable", "checksum_mismatches": "with a checksum mismatch",
@@ -34,29 +33,11 @@ def verify_store(path: str | os.PathLike[str], *, progress: Callable[[int], None
     A store whose structure cannot be read at all raises :class:`~vdvae_latents.stores.backends.StoreError`.
     """
     path = Path(path)
-    backend = open_backend(path, writable=False)
+    backend, layout = open_layout(path, writable=False)
     try:
-        layout = read_layout(backend, path)
         checker = ChunkChecker(backend, layout, path)
-        found: dict[str, list[dict[str, Any]]] = {key: [] for key in PROBLEMS}
         written = np.flatnonzero(checker.flags == 1).tolist()
-        for i in written:
-            lo, hi = layout.chunk_range(i)
-            for name in layout.row_arrays:
-                where = {"array": name, "chunk": int(i), "rows": [lo, hi]}
-                values, problem = checker.read(name, i, finite=False)
-                if problem is None:
-                    bad = int(np.count_nonzero(~np.isfinite(values))) if values.dtype.kind == "f" else 0
-                    if bad:
-                        found["nonfinite"].append({**where, "count": bad})
-                elif "missing" in problem:
-                    found["missing"].append(where)
-                elif "checksum" in problem:
-                    found["checksum_mismatches"].append(where)
-                else:
-                    found["undecodable"].append({**where, "reason": problem})
-            if progress is not None:
-                progress(hi - lo)
+        found = _find_damage(checker, written, progress)
         unwritten = np.flatnonzero(checker.flags != 1).tolist()
         damaged = sum(len(v) for v in found.values())
         report = {
@@ -70,6 +51,30 @@ def verify_store(path: str | os.PathLike[str], *, progress: Callable[[int], None
         backend.close()
     report["summary"] = _sentence(report)
     return report
+
+
+def _find_damage(checker: ChunkChecker, written: list[int],
+                 progress: Callable[[int], None] | None) -> dict[str, list[dict[str, Any]]]:
+    """Every damaged chunk of every row array among the ``written`` chunks, by :data:`PROBLEMS` key."""
+    found: dict[str, list[dict[str, Any]]] = {key: [] for key in PROBLEMS}
+    for i in written:
+        lo, hi = checker.layout.chunk_range(i)
+        for name in checker.layout.row_arrays:
+            where = {"array": name, "chunk": int(i), "rows": [lo, hi]}
+            values, problem = checker.read(name, i, finite=False)
+            if problem is None:
+                bad = int(np.count_nonzero(~np.isfinite(values))) if values.dtype.kind == "f" else 0
+                if bad:
+                    found["nonfinite"].append({**where, "count": bad})
+            elif "missing" in problem:
+                found["missing"].append(where)
+            elif "checksum" in problem:
+                found["checksum_mismatches"].append(where)
+            else:
+                found["undecodable"].append({**where, "reason": problem})
+        if progress is not None:
+            progress(hi - lo)
+    return found
 
 
 def _sentence(report: dict[str, Any]) -> str:
