@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,58 @@ def _make_splits(y_store: np.ndarray, n_test_store: int, *, seeds: int, max_trai
     return splits
 
 
-# ============================================================================ inputs and feature sets
+@dataclass
+class _Pool:
+    """Every row a run may use: the store's, then the test store's. Splits index into it."""
+
+    inputs: ProbeInputs
+    y: np.ndarray  # the label of each pool row
+    unit: np.ndarray  # the store chunk of each pool row (streaming reads whole chunks)
+    position: np.ndarray  # each pool row's index among the used rows (-1: no split uses it)
+
+    @property
+    def used(self) -> np.ndarray:
+        """The pool rows some seed trains or tests on, sorted."""
+        return self.inputs.used
+
+
+def _make_pool(parts: list[StorePart], splits: list[_Split]) -> _Pool:
+    """The pool of the opened stores, and the rows ``splits`` use."""
+    pool_part = np.concatenate([np.full(len(p.labels), i) for i, p in enumerate(parts)])
+    pool_row = np.concatenate([np.arange(len(p.labels)) for p in parts])
+    unit = np.concatenate([i * (1 << 40) + np.arange(len(p.labels)) // p.enc.chunk_rows
+                           for i, p in enumerate(parts)])
+    y = np.concatenate([p.labels for p in parts])
+    used = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits]))
+    position = np.full(len(y), -1, dtype=np.int64)
+    position[used] = np.arange(len(used))
+    return _Pool(ProbeInputs(parts, pool_part, pool_row, used), y, unit, position)
+
+
+# ============================================================================ options and inputs
+
+
+def _check_options(model: str, *, seeds: Any, cv: Any, max_train: Any, epochs: Any, stream: Any,
+                   memory_budget: Any) -> str:
+    """The model's name as :data:`MODELS` spells it; UserError naming the first option out of range."""
+    model = check_model(model)
+    for name, value, low in (("--seeds", seeds, 1), ("--cv", cv, 2), ("--max-train", max_train, 2),
+                             ("--epochs", epochs, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low):
+            raise UserError(f"{name} must be an integer of at least {low}, not {value!r}.")
+    if stream not in STREAM_CHOICES:
+        raise UserError(f"--stream must be one of {', '.join(STREAM_CHOICES)}, not '{stream}'.")
+    if not memory_budget > 0:
+        raise UserError(f"--memory-budget must be a positive number of bytes, not {memory_budget}.")
+    return model
+
+
+def _store_paths(store: str | Path, test_store: str | Path | None) -> tuple[Path, Path | None]:
+    store = Path(store)
+    test_path = Path(test_store) if test_store is not None else None
+    if test_path is not None and test_path.resolve() == store.resolve():
+        raise UserError(f"--test-store {test_path} is the store being probed; give the test split's store.")
+    return store, test_path
 
 
 def _parse_baselines(baselines: str | Sequence[str] | None) -> tuple[list[str], bool]:
@@ -167,6 +218,25 @@ def _parse_baselines(baselines: str | Sequence[str] | None) -> tuple[list[str], 
     return names, True
 
 
+def _open_parts(stack: ExitStack, store: Path, test_path: Path | None, labels: str | Path | None
+                ) -> tuple[list[StorePart], str]:
+    """The opened store and test store (checked to have the same columns) with their labels,
+    and where the labels came from; ``stack`` closes the stores."""
+    from ..stores.reader import open_encodings
+
+    parts: list[StorePart] = []
+    sources = []
+    for path, is_test in ((store, False),) + (((test_path, True),) if test_path is not None else ()):
+        enc = stack.enter_context(open_encodings(path))
+        sample_index = np.asarray(enc.sample_index, dtype=np.int64)
+        y, source = labels_of(enc, path, sample_index, labels, is_test=is_test)
+        parts.append(StorePart(path, enc, y, sample_index))
+        sources.append(source)
+    if len(parts) == 2:
+        check_same_encoding(parts[0], parts[1])
+    return parts, sources[0] if len(set(sources)) == 1 else " / ".join(sources)
+
+
 def _store_dims(part: StorePart) -> tuple[str, int, int]:
     """(granularity, dimensions kept, dimensions in all) as the store records them."""
     attrs = part.attrs
@@ -176,9 +246,6 @@ def _store_dims(part: StorePart) -> tuple[str, int, int]:
         raise UserError(f"{part.path} does not record its granularity and dimension counts, so the random "
                         f"baseline cannot draw the same number of dimensions; was it written by vdvl encode?"
                         ) from None
-
-
-# ============================================================================ the run
 
 
 def _checkpoint_for(part: StorePart, ckpt: str | Path | None, names: list[str], explicit: bool
@@ -201,6 +268,195 @@ def _checkpoint_for(part: StorePart, ckpt: str | Path | None, names: list[str], 
     if expected and file_sha256(path) != expected:
         raise UserError(f"checkpoint {path} is not the one {part.path} was encoded with (its sha256 differs).")
     return path, None
+
+
+# ============================================================================ feature sets
+
+
+@dataclass
+class _Log:
+    """The report's notes and skipped baselines."""
+
+    notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def skip(self, names: list[str], reason: str) -> None:
+        for name in names:
+            self.skipped.append({"name": name, "reason": reason})
+        self.notes.append(f"{' and '.join(names)} skipped: {reason}.")
+
+
+def _with_checkpoint(main: StorePart, ckpt: str | Path | None, wanted: list[str], explicit: bool, log: _Log
+                     ) -> tuple[list[str], Path | None]:
+    """The baselines that remain once those that run the model have their checkpoint, and it
+    (None when none of them is wanted or they are skipped)."""
+    model_names = [n for n in wanted if n in MODEL_BASELINES]
+    if not model_names:
+        return wanted, None
+    checkpoint, reason = _checkpoint_for(main, ckpt, model_names, explicit)
+    if checkpoint is None:
+        log.skip(model_names, reason or "no checkpoint")
+        return [n for n in wanted if n not in model_names], None
+    return wanted, checkpoint
+
+
+def _with_images(inputs: ProbeInputs, wanted: list[str], explicit: bool, log: _Log, say: Progress
+                 ) -> tuple[list[str], int]:
+    """The baselines that remain once the images are loaded (pixels and pca use them, full and
+    random encode them), and the pixel values per image."""
+    if not wanted:
+        return wanted, 0
+    try:
+        say("loading images")
+        h, w, c = inputs.pixel_shape()  # loads and checks every used store's images
+    except UserError as exc:
+        if explicit:
+            raise
+        log.skip(wanted, str(exc).rstrip("."))
+        return [], 0
+    return wanted, h * w * c
+
+
+def _stream_rule(stream: str, n_used: int, memory_budget: float) -> Callable[[int], bool]:
+    """Whether a feature set of a given width is streamed (``--stream``, ``--memory-budget``)."""
+    def streamed(width: int) -> bool:
+        return stream == "always" or (stream == "auto" and n_used * width * IN_MEMORY_FACTOR > memory_budget)
+
+    return streamed
+
+
+class _FeatureSets:
+    """Makes a run's feature sets on its pool: the store's columns (:meth:`active`) and each
+    baseline (:meth:`make`). Values of the used rows that several sets or seeds share (the
+    pixels, the full latents) are computed once, on first use (``memo``)."""
+
+    def __init__(self, main: StorePart, pool: _Pool, splits: list[_Split], n_pixels: int,
+                 streamed: Callable[[int], bool], notes: list[str], say: Progress) -> None:
+        self.main, self.pool, self.splits, self.n_pixels = main, pool, splits, n_pixels
+        self.streamed, self.notes, self.say = streamed, notes, say
+        self.k = main.n_features
+        self.memo = UsedValues()
+        # The model of full, random and random-unpruned (load_model); it lives as long as the
+        # feature sets that encode with it.
+        self.net: Any = None
+        self.dev: Any = None
+
+    def load_model(self, checkpoint: Path, device: str) -> None:
+        from ..core.runtime import auto_device
+        from ..model.checkpoints import load_model
+
+        self.dev = auto_device(device)
+        self.say("loading the checkpoint")
+        self.net, _ = load_model(checkpoint, ema=True, device=self.dev)
+
+    def make(self, name: str) -> FeatureSet:
+        """The feature set of the baseline ``name`` (one of :data:`BASELINES`)."""
+        return {"pixels": self.pixels, "pca": self.pca, "full": self.full, "random-unpruned": self.random_unpruned,
+                "random": self.random}[name]()
+
+    def active(self) -> FeatureSet:
+        from ..stores.schema import disk_bytes
+
+        inputs, used, dtype = self.pool.inputs, self.pool.used, np.dtype(self.main.enc.dtype)
+        fs = fixed_set("active", "the store's active latent dimensions", dtype.name, dtype.itemsize, self.k,
+                       lambda: self.memo.get("active", lambda: inputs.store_rows(used)), inputs.store_rows,
+                       self.streamed(self.k))
+        fs.disk_bytes_per_image = disk_bytes(self.main.path) / max(len(self.main.labels), 1)
+        return fs
+
+    def _used_pixels(self) -> np.ndarray:
+        return self.memo.get("pixels", lambda: self.pool.inputs.pixel_rows(self.pool.used))
+
+    def pixels(self) -> FeatureSet:
+        # One uint8 per pixel value: H*W*C bytes per image.
+        return fixed_set("pixels", "raw pixels / 255", "uint8", 1, self.n_pixels, self._used_pixels,
+                         self.pool.inputs.pixel_rows, self.streamed(self.n_pixels))
+
+    def pca(self) -> FeatureSet:
+        unit, block = self.pool.unit, block_rows_for(self.n_pixels)
+        return pca_set(self.k, self.n_pixels, self._used_pixels, self.pool.inputs.pixel_rows,
+                       lambda split: blocks(split.train, unit, block), self.notes,
+                       self.streamed(max(self.n_pixels, self.k)))
+
+    def _full_latents(self) -> tuple[int, Callable[[], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+        """(latent scalars in all, their values on the used rows, the function of pool rows)."""
+        net, dev, say, inputs = self.net, self.dev, self.say, self.pool.inputs
+        total = sum(v * h * w for v, h, w in net.cfg.layer_shapes())
+        return (total, lambda: self.memo.get("full", lambda: inputs.full_latents(net, dev, say)),
+                lambda rows: inputs.full_rows(net, rows, dev, say))
+
+    def full(self) -> FeatureSet:
+        total, used_full, full_rows = self._full_latents()
+        return fixed_set("full", "every latent scalar (posterior means, unpruned)", "float32", FLOAT32_BYTES, total,
+                         used_full, full_rows, self.streamed(total))
+
+    def random_unpruned(self) -> FeatureSet:
+        total, used_full, full_rows = self._full_latents()
+        if self.k >= total:
+            self.notes.append(f"random-unpruned: the store keeps all {total} latent scalars, so it equals full.")
+        return random_unpruned_set(min(self.k, total), total, used_full, full_rows, self.streamed(total))
+
+    def random(self) -> FeatureSet:
+        """Each seed's random active set of the store's size, encoded as the store was."""
+        from ..latents.encoder import Encoder
+
+        net, dev, say, inputs, splits = self.net, self.dev, self.say, self.pool.inputs, self.splits
+        granularity, n_dims, n_total = _store_dims(self.main)
+        if n_dims >= n_total:
+            self.notes.append(f"random: the store keeps all {n_total} dimensions, so it equals active.")
+        encoders = {s.seed: Encoder(net, random_active_set(net.cfg.layer_shapes(), granularity, min(n_dims, n_total),
+                                                           s.seed)) for s in splits}
+        counts = [encoders[s.seed].n_features for s in splits]
+
+        def rows_of_seed(seed: int) -> Callable[[np.ndarray], np.ndarray]:
+            return lambda rows: inputs.pruned_rows(encoders[seed], rows, dev, say, f"random set {seed + 1}")
+
+        def used_of_seed(seed: int) -> np.ndarray:
+            what = f"random set {seed + 1}/{len(splits)}"
+            return self.memo.get(("random", seed), lambda: inputs.pruned_latents(encoders[seed], dev, say, what),
+                                 keep_one_of="random")
+
+        return random_pruned_set(n_dims, granularity, counts, used_of_seed, rows_of_seed, self.streamed(max(counts)))
+
+
+def _feature_sets(main: StorePart, pool: _Pool, splits: list[_Split], wanted: list[str], explicit: bool,
+                  ckpt: str | Path | None, device: str, streamed: Callable[[int], bool], log: _Log, say: Progress
+                  ) -> tuple[list[FeatureSet], Path | None]:
+    """The store's feature set and those of the baselines that can run, and the checkpoint
+    their model was loaded from (None when none ran the model)."""
+    # The checkpoint first (full, random): a wrong --ckpt fails before any slow work.
+    wanted, checkpoint = _with_checkpoint(main, ckpt, wanted, explicit, log)
+    wanted, n_pixels = _with_images(pool.inputs, wanted, explicit, log, say)
+    if not any(n in MODEL_BASELINES for n in wanted):
+        checkpoint = None  # the images are missing, so no baseline runs the model
+    sets = _FeatureSets(main, pool, splits, n_pixels, streamed, log.notes, say)
+    if checkpoint is not None:
+        sets.load_model(checkpoint, device)
+    return [sets.active()] + [sets.make(name) for name in wanted], checkpoint
+
+
+# ============================================================================ fitting and the report
+
+
+def _fit(fs: FeatureSet, pool: _Pool, splits: list[_Split], *, model: str, cv: int, epochs: int | None,
+         memory_budget: float, say: Progress) -> list[dict]:
+    """The probe result of every seed on one feature set, in memory or streamed."""
+    if fs.streaming and model not in STREAM_MODELS:
+        raise UserError(f"{fs.name}: {len(pool.used):,} rows x {fs.n_features:,} features do not fit the memory "
+                        f"budget ({memory_budget / 1e9:g} GB) and --model {model} cannot stream; use --model "
+                        f"logreg or linear-svm, a larger --memory-budget, or --max-train.")
+    results = []
+    for split in splits:
+        say(f"{fs.name}: seed {split.seed + 1}/{len(splits)}" + (" (streaming)" if fs.streaming else ""))
+        if fs.streaming:
+            results.append(stream_probe(fs.rows_for(split), pool.y, split.train, split.test, pool.unit, model=model,
+                                        seed=split.seed, cv=cv, epochs=epochs,
+                                        block_rows=block_rows_for(fs.n_features), say=say))
+        else:
+            X_train, X_test = fs.arrays(split, pool.position[split.train], pool.position[split.test])
+            results.append(probe_features(X_train, pool.y[split.train], X_test, pool.y[split.test],
+                                          model=model, seed=split.seed, cv=cv))
+    return results
 
 
 def _summarise(fs: FeatureSet, results: list[dict]) -> dict:
@@ -226,6 +482,13 @@ def _summarise(fs: FeatureSet, results: list[dict]) -> dict:
     if fs.streaming:
         row["epochs"] = int(results[0]["epochs"])
     return row
+def _chance_accuracy(y: np.ndarray, splits: list[_Split]) -> float:
+    """The share of the test rows in the most frequent training class, averaged over the seeds."""
+    chance = []
+    for split in splits:
+        values, counts = np.unique(y[split.train], return_counts=True)
+        chance.append(float(np.mean(y[split.test] == values[np.argmax(counts)])))
+    return float(np.mean(chance))
 
 
 def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str = "logreg",
@@ -268,199 +531,41 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
         ``test_accuracies``, ``convergence_warnings``; the store's row adds
         ``disk_bytes_per_image``), ``skipped`` (name and reason) and ``notes``.
     """
-    from ..stores.reader import open_encodings
-    from ..stores.schema import disk_bytes
-
-    model = check_model(model)
-    for name, value, low in (("--seeds", seeds, 1), ("--cv", cv, 2), ("--max-train", max_train, 2),
-                             ("--epochs", epochs, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low):
-            raise UserError(f"{name} must be an integer of at least {low}, not {value!r}.")
-    if stream not in STREAM_CHOICES:
-        raise UserError(f"--stream must be one of {', '.join(STREAM_CHOICES)}, not '{stream}'.")
-    if not memory_budget > 0:
-        raise UserError(f"--memory-budget must be a positive number of bytes, not {memory_budget}.")
+    model = _check_options(model, seeds=seeds, cv=cv, max_train=max_train, epochs=epochs, stream=stream,
+                           memory_budget=memory_budget)
     wanted, explicit = _parse_baselines(baselines)
-    store = Path(store)
-    test_path = Path(test_store) if test_store is not None else None
-    if test_path is not None and test_path.resolve() == store.resolve():
-        raise UserError(f"--test-store {test_path} is the store being probed; give the test split's store.")
+    store, test_path = _store_paths(store, test_store)
     say = progress or (lambda message: None)
+    log = _Log()
 
     with ExitStack() as stack:
-        parts: list[StorePart] = []
-        sources = []
-        for path, is_test in ((store, False),) + (((test_path, True),) if test_path is not None else ()):
-            enc = stack.enter_context(open_encodings(path))
-            sample_index = np.asarray(enc.sample_index, dtype=np.int64)
-            y, source = labels_of(enc, path, sample_index, labels, is_test=is_test)
-            parts.append(StorePart(path, enc, y, sample_index))
-            sources.append(source)
+        parts, labels_source = _open_parts(stack, store, test_path, labels)
         main = parts[0]
-        if len(parts) == 2:
-            check_same_encoding(main, parts[1])
-
-        # The pool: the store's rows, then the test store's. Splits index into it; `unit` is
-        # the store chunk of each pool row (streaming reads whole chunks).
-        pool_part = np.concatenate([np.full(len(p.labels), i) for i, p in enumerate(parts)])
-        pool_row = np.concatenate([np.arange(len(p.labels)) for p in parts])
-        unit = np.concatenate([i * (1 << 40) + np.arange(len(p.labels)) // p.enc.chunk_rows
-                               for i, p in enumerate(parts)])
-        y_pool = np.concatenate([p.labels for p in parts])
         splits = _make_splits(main.labels, len(parts[1].labels) if len(parts) == 2 else 0, seeds=seeds,
                               max_train=max_train, cv=cv, store=store)
-        used = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits]))
-        position = np.full(len(y_pool), -1, dtype=np.int64)
-        position[used] = np.arange(len(used))
-        inputs = ProbeInputs(parts, pool_part, pool_row, used)
-        memo = UsedValues()
+        pool = _make_pool(parts, splits)
+        feature_sets, checkpoint = _feature_sets(main, pool, splits, wanted, explicit, ckpt, device,
+                                                 _stream_rule(stream, len(pool.used), memory_budget), log, say)
+        rows = [_summarise(fs, _fit(fs, pool, splits, model=model, cv=cv, epochs=epochs, memory_budget=memory_budget,
+                                    say=say))
+                for fs in feature_sets]
 
-        def streamed(width: int) -> bool:
-            return stream == "always" or (stream == "auto" and len(used) * width * IN_MEMORY_FACTOR > memory_budget)
+    unseen = np.setdiff1d(pool.y[splits[0].test], pool.y[splits[0].train])
+    if len(unseen):
+        log.notes.append(f"the test rows have classes never seen in training ({', '.join(map(str, unseen))}).")
+    if ckpt is not None and checkpoint is None and not log.skipped:
+        log.notes.append("--ckpt was not used: no full or random baseline was asked for.")
+    return {
+        "store": str(store), "test_store": str(test_path) if test_path is not None else None,
+        "model": model, "labels": labels_source,
+        "n_rows": int(len(main.labels)), "n_train": int(len(splits[0].train)), "n_test": int(len(splits[0].test)),
+        "n_classes": int(len(np.unique(main.labels))), "chance_accuracy": _chance_accuracy(pool.y, splits),
+        "seeds": int(seeds), "cv": int(cv), "max_train": max_train,
+        "holdout_fraction": None if test_path is not None else HOLDOUT_FRACTION,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "rows": rows, "skipped": log.skipped, "notes": log.notes,
+    }
 
-        notes: list[str] = []
-        skipped: list[dict] = []
-
-        def skip(names: list[str], reason: str) -> None:
-            for name in names:
-                skipped.append({"name": name, "reason": reason})
-            notes.append(f"{' and '.join(names)} skipped: {reason}.")
-
-        k = main.n_features
-        store_dtype = np.dtype(main.enc.dtype)
-        active = fixed_set("active", "the store's active latent dimensions", store_dtype.name, store_dtype.itemsize, k,
-                           lambda: memo.get("active", lambda: inputs.store_rows(used)), inputs.store_rows,
-                           streamed(k))
-        active.disk_bytes_per_image = disk_bytes(main.path) / max(len(main.labels), 1)
-        feature_sets = [active]
-
-        # ---- the checkpoint first (full, random): a wrong --ckpt fails before any slow work
-        checkpoint = None
-        model_names = [n for n in wanted if n in MODEL_BASELINES]
-        if model_names:
-            checkpoint, reason = _checkpoint_for(main, ckpt, model_names, explicit)
-            if checkpoint is None:
-                skip(model_names, reason or "no checkpoint")
-                wanted = [n for n in wanted if n not in model_names]
-
-        # ---- images: pixels and pca use them, full and random encode them
-        n_pixels = 0
-        if wanted:
-            try:
-                say("loading images")
-                h, w, c = inputs.pixel_shape()  # loads and checks every used store's images
-                n_pixels = h * w * c
-            except UserError as exc:
-                if explicit:
-                    raise
-                skip(wanted, str(exc).rstrip("."))
-                wanted = []
-        used_pixels = lambda: memo.get("pixels", lambda: inputs.pixel_rows(used))  # noqa: E731
-
-        net = dev = None
-        if any(n in wanted for n in MODEL_BASELINES):
-            from ..core.runtime import auto_device
-            from ..model.checkpoints import load_model
-
-            dev = auto_device(device)
-            say("loading the checkpoint")
-            net, _ = load_model(checkpoint, ema=True, device=dev)
-        else:
-            checkpoint = None
-
-        for name in wanted:
-            if name == "pixels":
-                # One uint8 per pixel value: H*W*C bytes per image.
-                feature_sets.append(fixed_set("pixels", "raw pixels / 255", "uint8", 1, n_pixels, used_pixels,
-                                              inputs.pixel_rows, streamed(n_pixels)))
-            elif name == "pca":
-                pca_streamed = streamed(max(n_pixels, k))
-                block = block_rows_for(n_pixels)
-                feature_sets.append(pca_set(k, n_pixels, used_pixels, inputs.pixel_rows,
-                                            lambda split, block=block: blocks(split.train, unit, block), notes,
-                                            pca_streamed))
-            elif name in ("full", "random-unpruned"):
-                total = sum(v * hh * ww for v, hh, ww in net.cfg.layer_shapes())
-                full_rows = lambda rows: inputs.full_rows(net, rows, dev, say)  # noqa: E731
-                used_full = lambda: memo.get("full", lambda: inputs.full_latents(net, dev, say))  # noqa: E731
-                if name == "full":
-                    feature_sets.append(fixed_set("full", "every latent scalar (posterior means, unpruned)", "float32",
-                                                  FLOAT32_BYTES, total, used_full, full_rows, streamed(total)))
-                else:
-                    if k >= total:
-                        notes.append(f"random-unpruned: the store keeps all {total} latent scalars, so it equals "
-                                     f"full.")
-                    feature_sets.append(random_unpruned_set(min(k, total), total, used_full, full_rows,
-                                                            streamed(total)))
-            elif name == "random":
-                feature_sets.append(_random_set(main, net, dev, splits, inputs, memo, say, notes, streamed))
-
-        # ---- the probes
-        rows = []
-        for fs in feature_sets:
-            if fs.streaming and model not in STREAM_MODELS:
-                raise UserError(f"{fs.name}: {len(used):,} rows x {fs.n_features:,} features do not fit the memory "
-                                f"budget ({memory_budget / 1e9:g} GB) and --model {model} cannot stream; use --model "
-                                f"logreg or linear-svm, a larger --memory-budget, or --max-train.")
-            results = []
-            for split in splits:
-                say(f"{fs.name}: seed {split.seed + 1}/{len(splits)}" + (" (streaming)" if fs.streaming else ""))
-                if fs.streaming:
-                    results.append(stream_probe(fs.rows_for(split), y_pool, split.train, split.test, unit, model=model,
-                                                seed=split.seed, cv=cv, epochs=epochs,
-                                                block_rows=block_rows_for(fs.n_features), say=say))
-                else:
-                    tr, te = position[split.train], position[split.test]
-                    X_train, X_test = fs.arrays(split, tr, te)
-                    results.append(probe_features(X_train, y_pool[split.train], X_test, y_pool[split.test],
-                                                  model=model, seed=split.seed, cv=cv))
-            rows.append(_summarise(fs, results))
-        del net
-
-        n_train, n_test = len(splits[0].train), len(splits[0].test)
-        chance = []
-        for split in splits:
-            values, counts = np.unique(y_pool[split.train], return_counts=True)
-            chance.append(float(np.mean(y_pool[split.test] == values[np.argmax(counts)])))
-        unseen = np.setdiff1d(y_pool[splits[0].test], y_pool[splits[0].train])
-        if len(unseen):
-            notes.append(f"the test rows have classes never seen in training ({', '.join(map(str, unseen))}).")
-        if ckpt is not None and checkpoint is None and not skipped:
-            notes.append("--ckpt was not used: no full or random baseline was asked for.")
-
-        return {
-            "store": str(store), "test_store": str(test_path) if test_path is not None else None,
-            "model": model, "labels": sources[0] if len(set(sources)) == 1 else " / ".join(sources),
-            "n_rows": int(len(main.labels)), "n_train": int(n_train), "n_test": int(n_test),
-            "n_classes": int(len(np.unique(main.labels))), "chance_accuracy": float(np.mean(chance)),
-            "seeds": int(seeds), "cv": int(cv), "max_train": max_train,
-            "holdout_fraction": None if test_path is not None else HOLDOUT_FRACTION,
-            "checkpoint": str(checkpoint) if checkpoint is not None else None,
-            "rows": rows, "skipped": skipped, "notes": notes,
-        }
-
-
-def _random_set(main: StorePart, net: Any, dev: Any, splits: list[_Split], inputs: ProbeInputs, memo: UsedValues,
-                say: Progress, notes: list[str], streamed: Callable[[int], bool]) -> FeatureSet:
-    """Each seed's random active set of the store's size, encoded as the store was."""
-    from ..latents.encoder import Encoder
-
-    granularity, n_dims, n_total = _store_dims(main)
-    if n_dims >= n_total:
-        notes.append(f"random: the store keeps all {n_total} dimensions, so it equals active.")
-    encoders = {s.seed: Encoder(net, random_active_set(net.cfg.layer_shapes(), granularity, min(n_dims, n_total),
-                                                       s.seed)) for s in splits}
-    counts = [encoders[s.seed].n_features for s in splits]
-
-    def rows_of_seed(seed: int) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda rows: inputs.pruned_rows(encoders[seed], rows, dev, say, f"random set {seed + 1}")
-
-    def used_of_seed(seed: int) -> np.ndarray:
-        return memo.get(("random", seed), lambda: inputs.pruned_latents(encoders[seed], dev, say,
-                                                                        f"random set {seed + 1}/{len(splits)}"),
-                        keep_one_of="random")
-
-    return random_pruned_set(n_dims, granularity, counts, used_of_seed, rows_of_seed, streamed(max(counts)))
 
 # ============================================================================ the plot
 
