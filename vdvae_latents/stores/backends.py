@@ -1,7 +1,8 @@
 """The two store formats behind one small interface: a Zarr v3 group or an HDF5 file.
 
-:mod:`~vdvae_latents.stores.writer` decides what arrays a store holds (its layout); this module knows how each
-format creates, writes, reads and inspects them. Both formats hold the same arrays, so a
+:mod:`~vdvae_latents.stores.create` decides what arrays a store holds (the layout
+:mod:`~vdvae_latents.stores.writer` documents); this module knows how each format creates,
+writes, reads and inspects them. Both formats hold the same arrays, so a
 store reads identically whichever it is.
 
 Compression codecs are named by short strings (``vdvl encode --codec``), chosen by

@@ -145,20 +145,21 @@ def fit_quantizer(values: np.ndarray, dtype: str, *, scheme: str = DEFAULT_SCHEM
         width = vmax - vmin
         scale = np.where(width > 0, width / (hi - lo), 1.0)
         offset = vmin - lo * scale
-    elif scheme == "std-step":
-        _check_step(step)
-        scale = step * spread
-        offset = values.mean(axis=0) - ((lo + hi + 1) // 2) * scale
     else:
         _check_step(step)
-        if prior_std is None:
-            raise ValueError("the prior-step scheme needs the prior std of the calibration values")
-        prior_std = np.asarray(prior_std, dtype=np.float64)
-        rms = np.sqrt(np.mean(np.square(prior_std), axis=0)) if prior_std.ndim == 2 else prior_std
-        scale = step * np.where(rms > 0, rms, spread)
+        scale = step * (spread if scheme == "std-step" else _prior_rms(prior_std, spread))
         middle = (lo + hi + 1) // 2  # int8: 0, uint8: 128
         offset = values.mean(axis=0) - middle * scale
     return Quantizer(dtype=dtype, scale=scale, offset=offset, spread=spread)
+
+
+def _prior_rms(prior_std: np.ndarray | None, spread: np.ndarray) -> np.ndarray:
+    """Each column's root mean square prior std (its ``spread`` where that is 0): the prior-step unit."""
+    if prior_std is None:
+        raise ValueError("the prior-step scheme needs the prior std of the calibration values")
+    prior_std = np.asarray(prior_std, dtype=np.float64)
+    rms = np.sqrt(np.mean(np.square(prior_std), axis=0)) if prior_std.ndim == 2 else prior_std
+    return np.where(rms > 0, rms, spread)
 
 
 def _check_step(step: float) -> None:

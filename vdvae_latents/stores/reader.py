@@ -20,8 +20,8 @@ import numpy as np
 from .backends import Backend, BackendOwner, StoreError, StoreFormat, close_on_error
 from .codes import Quantizer
 from .schema import (
-    FILL_INDEX,
     DIM_FIELDS,
+    FILL_INDEX,
     VALUE_ARRAYS,
     ChunkChecker,
     StoreLayout,

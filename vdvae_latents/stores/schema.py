@@ -1,8 +1,9 @@
 """The store schema (version 2): its names and dtypes, what a store says about itself checked
 against the arrays it holds, and the per-chunk checks every reader makes.
 
-:mod:`~vdvae_latents.stores.writer` documents the layout and writes stores; :mod:`~vdvae_latents.stores.reader` reads them;
-:mod:`~vdvae_latents.stores.verify` checks all of a store at once. All three share what is here.
+:mod:`~vdvae_latents.stores.writer` documents the layout and writes stores (:mod:`~vdvae_latents.stores.create`
+makes new ones); :mod:`~vdvae_latents.stores.reader` reads them; :mod:`~vdvae_latents.stores.verify` checks all
+of a store at once. They all share what is here.
 """
 
 from __future__ import annotations
