@@ -21,5 +21,4 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
                     "resolve_checkpoint", "list_checkpoints", "latest_checkpoint", "checkpoint_path",
                     "prune_checkpoints", "file_sha256", "describe_run", "last_metrics"],
     "openai_hps": ["OpenAIHps", "OPENAI_HPS", "get_openai_hps", "parse_blocks", "openai_layout", "openai_config"],
-    "blocks": ["Unpool"],
 })

@@ -112,6 +112,15 @@ class VAE(nn.Module):
         # Which skip (index into bottom_up()'s list) each latent layer reads, top-down order.
         self.skip_of_layer = skip_of_layer(cfg)
 
+    def use_channels_last(self) -> VAE:
+        """Weights and activations in NHWC (channels_last), in place: every block keeps that layout."""
+        self.to(memory_format=torch.channels_last)
+        for module in self.modules():
+            if isinstance(module, Unpool):
+                # From a 1x1 input interpolate cannot tell the layout; it is told to keep NHWC.
+                module.channels_last = True
+        return self
+
     # ------------------------------------------------------------------ paths
     def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The skip activations, in the order the top-down path reads them (lowest first)."""

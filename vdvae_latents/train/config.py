@@ -1,26 +1,16 @@
-"""Training configuration and the resolved run config (TOML).
+"""The training settings of a run: one validated dataclass, :class:`TrainConfig`.
 
-A run is fully described by a :class:`RunConfig`: the model (:class:`ModelConfig`), the
-optimisation (:class:`TrainConfig`), the data spec and the preset it started from.
-It is resolved from ``--preset`` or ``--config FILE.toml`` plus ``--set key=value``
-overrides, and written to ``RUN_DIR/config.toml`` so a run can be read and resumed.
-
-A config file looks like::
-
-    preset = "fashion-mnist-cpu"      # optional base preset
-    data = "fashion-mnist"
-    [model]                           # any ModelConfig field
-    variates = 8
-    [train]                           # any TrainConfig field
-    steps = 5000
+Its defaults follow the paper and its public code; a preset's recipe (``recipes``) and
+``--set train.KEY=VALUE`` override them. The run config that pairs it with a model config
+and a data spec is in ``run_config``; the schedules it parametrises are in ``schedules``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..core.errors import ConfigError
+from .schedules import kl_balancing, kl_weight, learning_rate
 
 
 @dataclass(frozen=True)
@@ -67,107 +57,62 @@ class TrainConfig:
     num_workers: int = -1             # DataLoader worker processes per rank (-1 = auto: data.resolve_workers)
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"train setting '{name}' {why}.")
+        check_train_config(self)
 
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be at least 1, not {getattr(self, name)}")
-        for name in ("warmup_steps", "decay_start", "decay_steps", "kl_warmup_steps", "eval_every", "val_limit",
-                     "grad_clip", "grad_skip_threshold", "weight_decay", "min_lr"):
-            if getattr(self, name) < 0:
-                raise bad(name, f"must be non-negative, not {getattr(self, name)}")
-        if self.num_workers < -1:
-            raise bad("num_workers", f"must be -1 (auto) or a number of processes, not {self.num_workers}")
-        if not self.lr > 0:
-            raise bad("lr", f"must be positive, not {self.lr}")
-        if self.min_lr > self.lr:
-            raise bad("min_lr", f"must not exceed lr ({self.lr}), not {self.min_lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise bad("ema_decay", f"must be in [0, 1), not {self.ema_decay}")
-        if self.optimizer not in ("adamax", "adamw", "adam"):
-            raise bad("optimizer", f"must be adamax, adamw or adam, not '{self.optimizer}'")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise bad("device", f"must be auto, cpu or cuda, not '{self.device}'")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise bad("lr_schedule", f"must be {' or '.join(LR_SCHEDULES)}, not '{self.lr_schedule}'")
-        if self.lr_schedule == "official" and self.decay_steps:
-            if self.decay_steps <= self.decay_start:
-                raise bad("decay_steps", f"must exceed decay_start ({self.decay_start}) with the official "
-                          f"schedule, where it is the step the cosine ends at, not {self.decay_steps}")
-            if self.warmup_steps > self.decay_start:
-                raise bad("decay_start", f"must not precede the end of the warm-up ({self.warmup_steps}) with the "
-                          f"official schedule, not {self.decay_start}")
-        if not 0 <= self.kl_weight_min <= 1:
-            raise bad("kl_weight_min", f"must be in [0, 1], not {self.kl_weight_min}")
-        if self.eval_binarization not in EVAL_BINARIZATIONS:
-            raise bad("eval_binarization", f"must be {' or '.join(EVAL_BINARIZATIONS)}, not "
-                      f"'{self.eval_binarization}'")
-
+    # The schedules live in train/schedules.py, beside the step that uses them.
     def lr_at(self, step: int) -> float:
-        """Learning rate for update ``step`` (0-based).
-
-        ``"cosine"`` (the project's): linear warm-up ``lr * (step + 1) / warmup_steps``, then a
-        cosine from ``lr`` to ``min_lr``, measured from its own start (``decay_start``, or the
-        end of the warm-up if later) over ``decay_steps`` (0: to the end of the run), so a
-        warm-up does not eat into the decay.
-
-        ``"official"``: the trajectory of Efficient-VDVAE's ``NarrowCosineDecay`` (a
-        subclass of torch's ``CosineAnnealingLR`` with ``T_max = decay_steps``), stepped
-        once per update from the start: ``lr * min(1, step / warmup_steps)`` (0 at the
-        first update) and constant until ``decay_start``; from there torch's recursion
-        ``l_s - floor = (l_{s-1} - floor) * (1 + cos(pi s / T)) / (1 + cos(pi (s-1) / T))``
-        telescopes to a cosine of the absolute step, rescaled to be continuous at
-        ``decay_start``, that reaches ``min_lr`` at step ``decay_steps`` and stays there.
-        (torch's cosine is periodic, but the official code keeps its rates as float32
-        tensors, in which the first step of the climb past ``decay_steps`` rounds away for
-        every shipped config, so its runs stay on the floor; before that step the float32
-        recursion drifts from this exact form by at most 0.16% of ``lr``.)
-        ``decay_steps = 0``: no decay, openai/VDVAE's linear warm-up to a constant rate.
-        """
-        if self.lr_schedule == "official":
-            return self._official_lr(step)
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        start = max(self.decay_start, self.warmup_steps)
-        length = self.decay_steps or max(1, self.steps - start)
-        t = min(max(step - start, 0) / length, 1.0)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
-
-    def _official_lr(self, step: int) -> float:
-        def warm(s: int) -> float:
-            return self.lr * min(1.0, s / self.warmup_steps) if self.warmup_steps else self.lr
-
-        if not self.decay_steps or step < self.decay_start:
-            return warm(step)
-        period = self.decay_steps
-        if step >= period:
-            return self.min_lr
-        before = max(self.decay_start - 1, 0)  # the rate the recursion starts from (the initial lr at 0)
-        start_lr = warm(before) if self.decay_start else self.lr
-        ratio = (1 + math.cos(math.pi * step / period)) / (1 + math.cos(math.pi * before / period))
-        return self.min_lr + (start_lr - self.min_lr) * ratio
+        """Learning rate for update ``step`` (0-based): :func:`~vdvae_latents.train.schedules.learning_rate`."""
+        return learning_rate(self, step)
 
     def kl_weight_at(self, step: int) -> float:
-        """Weight of the KL term at update ``step`` (0-based).
-
-        The official (NVAE-style) linear ramp, exactly as Efficient-VDVAE computes it:
-        ``clamp((step - start) / (start + steps), kl_weight_min, 1)`` with ``start =
-        kl_warmup_start`` and ``steps = kl_warmup_steps`` (its denominator is ``start +
-        steps``, so the ramp reaches 1 at ``2 * start + steps``). 1 when ``kl_warmup_steps``
-        is 0.
-        """
-        if not self.kl_warmup_steps:
-            return 1.0
-        start = self.kl_warmup_start
-        return min(1.0, max(self.kl_weight_min, (step - start) / (start + self.kl_warmup_steps)))
+        """Weight of the KL term at update ``step``: :func:`~vdvae_latents.train.schedules.kl_weight`."""
+        return kl_weight(self, step)
 
     def kl_balance_at(self, step: int) -> bool:
-        """Whether KL balancing (gamma) weighs the layers at update ``step`` (official: step <= N)."""
-        return self.kl_balance_steps > 0 and step <= self.kl_balance_steps
+        """Whether KL balancing weighs the layers at ``step``: :func:`~vdvae_latents.train.schedules.kl_balancing`."""
+        return kl_balancing(self, step)
 
 
 LR_SCHEDULES = ("cosine", "official")
 EVAL_BINARIZATIONS = ("threshold", "sampled")
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first train setting of ``cfg`` that is out of range."""
+
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"train setting '{name}' {why}.")
+
+    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise bad(name, f"must be at least 1, not {getattr(cfg, name)}")
+    for name in ("warmup_steps", "decay_start", "decay_steps", "kl_warmup_steps", "eval_every", "val_limit",
+                 "grad_clip", "grad_skip_threshold", "weight_decay", "min_lr"):
+        if getattr(cfg, name) < 0:
+            raise bad(name, f"must be non-negative, not {getattr(cfg, name)}")
+    if cfg.num_workers < -1:
+        raise bad("num_workers", f"must be -1 (auto) or a number of processes, not {cfg.num_workers}")
+    if not cfg.lr > 0:
+        raise bad("lr", f"must be positive, not {cfg.lr}")
+    if cfg.min_lr > cfg.lr:
+        raise bad("min_lr", f"must not exceed lr ({cfg.lr}), not {cfg.min_lr}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise bad("ema_decay", f"must be in [0, 1), not {cfg.ema_decay}")
+    if cfg.optimizer not in ("adamax", "adamw", "adam"):
+        raise bad("optimizer", f"must be adamax, adamw or adam, not '{cfg.optimizer}'")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise bad("device", f"must be auto, cpu or cuda, not '{cfg.device}'")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise bad("lr_schedule", f"must be {' or '.join(LR_SCHEDULES)}, not '{cfg.lr_schedule}'")
+    if cfg.lr_schedule == "official" and cfg.decay_steps:
+        if cfg.decay_steps <= cfg.decay_start:
+            raise bad("decay_steps", f"must exceed decay_start ({cfg.decay_start}) with the official "
+                      f"schedule, where it is the step the cosine ends at, not {cfg.decay_steps}")
+        if cfg.warmup_steps > cfg.decay_start:
+            raise bad("decay_start", f"must not precede the end of the warm-up ({cfg.warmup_steps}) with the "
+                      f"official schedule, not {cfg.decay_start}")
+    if not 0 <= cfg.kl_weight_min <= 1:
+        raise bad("kl_weight_min", f"must be in [0, 1], not {cfg.kl_weight_min}")
+    if cfg.eval_binarization not in EVAL_BINARIZATIONS:
+        raise bad("eval_binarization", f"must be {' or '.join(EVAL_BINARIZATIONS)}, not "
+                  f"'{cfg.eval_binarization}'")

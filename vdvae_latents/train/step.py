@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..model.blocks import Unpool
 from ..model.vae import VAE
 from .config import TrainConfig
 from .run_config import RunConfig
+from .schedules import kl_balancing, kl_weight, learning_rate
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -81,10 +81,7 @@ def build_model(run: RunConfig, device: torch.device) -> tuple[VAE, EMA, torch.o
         torch.backends.cuda.matmul.allow_tf32 = tcfg.tf32
         torch.backends.cudnn.allow_tf32 = tcfg.tf32
     if tcfg.channels_last:  # NHWC: oneDNN (CPU) and cuDNN convolutions skip layout reorders
-        model.to(memory_format=torch.channels_last)
-        for module in model.modules():
-            if isinstance(module, Unpool):
-                module.channels_last = True
+        model.use_channels_last()
     # Made last, so the averages share the weights' device and layout (the per-step lerp
     # then runs on matching strides).
     ema = EMA(model, tcfg.ema_decay, warmup=tcfg.ema_warmup)
@@ -204,11 +201,11 @@ class TrainStep:
         # sum over (V, H, W), not flatten(1): flattening a channels_last tensor copies it to NCHW,
         # and the KL's backward pass would then run in NCHW against NHWC inputs.
         kl_layers = torch.stack([layer.kl.float().sum((1, 2, 3)) for layer in out.layers], dim=1)  # (B, L)
-        if tcfg.kl_balance_at(step):
+        if kl_balancing(tcfg, step):
             kl_term = balanced_kl(kl_layers.mean(0), self.elements if tcfg.kl_balance_scaled else None)
         else:
             kl_term = kl_layers.sum(1).mean()
-        loss = (nll.mean() + tcfg.kl_weight_at(step) * kl_term) / self.dims
+        loss = (nll.mean() + kl_weight(tcfg, step) * kl_term) / self.dims
         return loss, nll, kl_layers.sum(1)
 
     def __call__(self, x: torch.Tensor, step: int, generator: torch.Generator | None = None) -> StepStats:
@@ -216,7 +213,7 @@ class TrainStep:
         if tcfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
-            group["lr"] = tcfg.lr_at(step)
+            group["lr"] = learning_rate(tcfg, step)
         with self.autocast:
             out = self.forward(x, generator)
         loss, nll, kl = self.loss(out, step)
