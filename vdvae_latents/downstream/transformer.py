@@ -147,94 +147,37 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         self : ActiveLatents
         """
         if self.store is not None:
-            return self._fit_from_store(X)
+            # Everything from the (verified) store, nothing measured.
+            encoder, ckpt_path, sha256, n_images, quantizers = _store_encoder(self.store, self.checkpoint,
+                                                                              self.device)
+            _validated_pixels(self, X, encoder.model.cfg, reset=True)
+            return self._set_fitted(encoder, ckpt_path, sha256, n_images, quantizers)
         # Cheap parameter checks first: a typo should not cost a model load.
-        self._check_params()
-        keep, threshold = self._selection_rule()
+        _check_params(self)
+        keep, threshold = _selection_rule(self.keep, self.threshold)
 
         model, info = load_model(self.checkpoint, ema=True, device=self.device)
-        X = self._validated_pixels(X, model.cfg, reset=True)
-        images = self._uint8_batches(X, model.cfg)
+        X = _validated_pixels(self, X, model.cfg, reset=True)
+        images = _uint8_batches(X, model.cfg, self.input_max, self.batch_size)
 
         device = next(model.parameters()).device
         active = fit_active_set(model, images, granularity=self.granularity, keep=keep, threshold=threshold,
                                 batch_size=self.batch_size, seed=self.seed, device=device, checkpoint=info["path"],
                                 checkpoint_sha256=info["sha256"])
         encoder = Encoder(model, active, statistic=self.statistic)
+        return self._set_fitted(encoder, info["path"], info["sha256"], active.n_images, {})
 
-        self.model_ = model
-        self.active_set_ = active
-        self.encoder_ = encoder
-        self.checkpoint_path_ = info["path"]
-        self.checkpoint_sha256_ = info["sha256"]
-        self.n_images_ = active.n_images
-        self.n_features_out_ = encoder.n_features * (2 if self.statistic == "mean+std" else 1)
-        self.quantizers_ = {}
-        return self
-
-    def _fit_from_store(self, X):
-        """fit() with ``store``: everything from the (verified) store, nothing measured."""
-        from ..model.checkpoints import file_sha256
-        from ..stores.backends import StoreError
-        from ..stores.decode import store_encoder
-        from ..stores.reader import open_encodings
-        from ..stores.verify import verify_store
-
-        report = verify_store(self.store)
-        if not report["ok"]:
-            raise StoreError(report["summary"])
-        with open_encodings(self.store) as enc:
-            encoder, ckpt_path = store_encoder(enc, self.checkpoint, device=self.device,
-                                               statistic=enc.attrs.get("statistic", "mean"))
-            quantizers, n_images = dict(enc.quantizers), int(enc.attrs.get("kl_images", 0))
-        X = self._validated_pixels(X, encoder.model.cfg, reset=True)
+    def _set_fitted(self, encoder: Encoder, ckpt_path, sha256: str, n_images: int, quantizers: dict):
+        """Set the fitted attributes (fit's end, whichever way it went); returns self."""
         self.model_ = encoder.model
         self.active_set_ = encoder.active
         self.encoder_ = encoder
         self.checkpoint_path_ = str(ckpt_path)
-        self.checkpoint_sha256_ = file_sha256(ckpt_path)
+        self.checkpoint_sha256_ = sha256
         self.n_images_ = n_images
         self.n_features_out_ = encoder.n_features * (2 if encoder.statistic == "mean+std" else 1)
         self.quantizers_ = quantizers
         return self
-
-    def _selection_rule(self) -> tuple[float | None, float | None]:
-        """(keep fraction, threshold nats) with exactly one of them set."""
-        if self.threshold is not None and self.keep is not None:
-            raise ValueError("ActiveLatents takes exactly one of keep and threshold: pass keep=None to select "
-                             f"by threshold (got keep={self.keep!r}, threshold={self.threshold!r}).")
-        if self.threshold is None and self.keep is None:
-            raise ValueError("ActiveLatents needs keep (a fraction like 0.03 or '3%') or threshold (nats); "
-                             "both are None.")
-        if self.keep is not None:
-            if isinstance(self.keep, bool):  # True would parse as '1' = 100%, surely not meant
-                raise ValueError(f"ActiveLatents keep must be a fraction like 0.03 or '3%', not {self.keep!r}.")
-            try:
-                return parse_keep(self.keep), None
-            except UserError as err:
-                raise ValueError(f"ActiveLatents keep={self.keep!r} is invalid: {err}") from None
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, Real) \
-                or not math.isfinite(self.threshold):
-            raise ValueError(f"ActiveLatents threshold must be a finite number of nats, not {self.threshold!r}.")
-        return None, float(self.threshold)
-
-    def _check_params(self) -> None:
-        if self.checkpoint is None:
-            raise ValueError("ActiveLatents needs a checkpoint: pass a checkpoint file or run directory, "
-                             "e.g. ActiveLatents('runs/tiny').")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"ActiveLatents granularity must be one of {', '.join(GRANULARITIES)}, "
-                             f"not {self.granularity!r}.")
-        if self.statistic not in STATISTICS:
-            raise ValueError(f"ActiveLatents statistic must be one of {', '.join(STATISTICS)}, "
-                             f"not {self.statistic!r}.")
-        if isinstance(self.input_max, bool) or not isinstance(self.input_max, Real) \
-                or not (math.isfinite(self.input_max) and self.input_max > 0):
-            raise ValueError(f"ActiveLatents input_max must be a positive number, not {self.input_max!r}.")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, Integral) or self.batch_size < 1:
-            raise ValueError(f"ActiveLatents batch_size must be a positive integer, not {self.batch_size!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
-            raise ValueError(f"ActiveLatents seed must be an integer, not {self.seed!r}.")
 
     # ------------------------------------------------------------------ transforming
     def transform(self, X):
@@ -251,13 +194,13 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         cfg = self.model_.cfg
-        X = self._validated_pixels(X, cfg, reset=False)
+        X = _validated_pixels(self, X, cfg, reset=False)
         device = next(self.model_.parameters()).device
         generator = None
         if self.encoder_.statistic == "sample":
             generator = torch.Generator(device=device).manual_seed(self.seed)
         chunks = []
-        for batch in self._uint8_batches(X, cfg):
+        for batch in _uint8_batches(X, cfg, self.input_max, self.batch_size):
             feats, stds = self.encoder_.encode(prepare_batch(cfg, batch, device=device), generator=generator)
             values = [self._as_stored("features", feats.cpu().numpy())]
             if stds is not None:
@@ -285,13 +228,7 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if input_features is not None:
-            input_features = np.asarray(input_features, dtype=object)
-            if len(input_features) != self.n_features_in_:
-                raise ValueError(f"input_features should have length equal to the number of features seen in fit "
-                                 f"({self.n_features_in_}), got {len(input_features)}.")
-            seen = getattr(self, "feature_names_in_", None)
-            if seen is not None and not np.array_equal(input_features, seen):
-                raise ValueError("input_features is not equal to feature_names_in_.")
+            _check_input_features(self, input_features)
         cols = self.encoder_.columns
         names = [f"l{l}_v{v}_y{y}_x{x}" for l, v, y, x in zip(cols.layer, cols.variate, cols.y, cols.x)]
         if self.encoder_.statistic == "mean+std":
@@ -316,53 +253,132 @@ class ActiveLatents(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float32"]  # the output is float32 whatever the input
         return tags
 
-    # ------------------------------------------------------------------ input handling
-    def _validated_pixels(self, X, cfg, *, reset: bool) -> np.ndarray:
-        """Check ``X`` and return it as a 2-D numeric (N, H*W*C) array of in-range pixels."""
-        h = w = cfg.loss_size
-        c = cfg.channels
-        expected = h * w * c
-        if not hasattr(X, "shape"):  # a list of lists: give it a shape to inspect
-            X = np.asarray(X)
-        if len(X.shape) == 4:
-            # Images: check their shape against the model, then flatten in H, W, C order,
-            # the layout of load_digits().data, so 2-D and 4-D inputs meet in one path.
-            check_images_fit(cfg, tuple(X.shape[1:]), "X")
-            X = np.asarray(X).reshape(X.shape[0], expected)
-        elif len(X.shape) != 2:
-            raise ValueError(f"ActiveLatents expects X of shape (n_images, {expected}) (flattened {h}x{w}x{c} "
-                             f"images) or (n_images, {h}, {w}, {c}); got an array of shape {tuple(X.shape)}.")
-        # dtype="numeric" keeps uint8 / float32 input as is (no float64 copy of a big set).
-        X = validate_data(self, X, reset=reset, dtype="numeric", ensure_all_finite=True)
-        # Values before shape: an out-of-range X is wrong whatever its shape, and the
-        # "Negative values in data" wording is scikit-learn's convention for
-        # estimators tagged positive_only.
-        lo, hi = X.min(), X.max()
-        if lo < 0 or hi > self.input_max:
-            what = "Negative values in data" if lo < 0 else "Values above input_max in data"
-            raise ValueError(f"{what} passed to ActiveLatents: pixel values must lie in [0, input_max="
-                             f"{self.input_max:g}] but X ranges over [{lo:g}, {hi:g}]; set input_max to the "
-                             "value of a white pixel.")
-        if reset and X.shape[1] != expected:
-            # In transform, validate_data itself has already refused a count that differs from fit.
-            raise ValueError(f"X has {X.shape[1]} feature(s) per sample, but ActiveLatents with this checkpoint "
-                             f"expects {expected} (flattened {h}x{w}x{c} images in H, W, C order).")
-        return X
 
-    def _uint8_batches(self, X: np.ndarray, cfg):
-        """Yield uint8 NCHW tensors of ``batch_size`` images, converted lazily (memory)."""
-        h = w = cfg.loss_size
-        c = cfg.channels
-        scale = 255.0 / self.input_max
-        for start in range(0, X.shape[0], self.batch_size):
-            batch = X[start:start + self.batch_size]
-            # Same rounding as the library's digits loader (np.rint of x * 255 / max).
-            pixels = np.rint(batch * scale).astype(np.uint8).reshape(-1, h, w, c)
-            # Copy into a freshly allocated NCHW array rather than passing a transposed
-            # view: with C = 1 a view's channel stride is arbitrary yet still counts as
-            # "contiguous", and torch then picks the channels-last convolution kernels,
-            # which round differently. A fixed layout makes the features independent of
-            # how X happened to be laid out in memory (2-D vs 4-D input, slicing, ...).
-            nchw = np.empty((len(pixels), c, h, w), dtype=np.uint8)
-            nchw[...] = pixels.transpose(0, 3, 1, 2)
-            yield torch.from_numpy(nchw)
+# ---------------------------------------------------------------------- parameter checks (in fit)
+def _check_params(est: ActiveLatents) -> None:
+    """ValueError naming the first of ``est``'s parameters (other than keep/threshold) that is invalid."""
+    if est.checkpoint is None:
+        raise ValueError("ActiveLatents needs a checkpoint: pass a checkpoint file or run directory, "
+                         "e.g. ActiveLatents('runs/tiny').")
+    if est.granularity not in GRANULARITIES:
+        raise ValueError(f"ActiveLatents granularity must be one of {', '.join(GRANULARITIES)}, "
+                         f"not {est.granularity!r}.")
+    if est.statistic not in STATISTICS:
+        raise ValueError(f"ActiveLatents statistic must be one of {', '.join(STATISTICS)}, "
+                         f"not {est.statistic!r}.")
+    if isinstance(est.input_max, bool) or not isinstance(est.input_max, Real) \
+            or not (math.isfinite(est.input_max) and est.input_max > 0):
+        raise ValueError(f"ActiveLatents input_max must be a positive number, not {est.input_max!r}.")
+    if isinstance(est.batch_size, bool) or not isinstance(est.batch_size, Integral) or est.batch_size < 1:
+        raise ValueError(f"ActiveLatents batch_size must be a positive integer, not {est.batch_size!r}.")
+    if isinstance(est.seed, bool) or not isinstance(est.seed, Integral):
+        raise ValueError(f"ActiveLatents seed must be an integer, not {est.seed!r}.")
+
+
+def _selection_rule(keep, threshold) -> tuple[float | None, float | None]:
+    """(keep fraction, threshold nats) with exactly one of them set."""
+    if threshold is not None and keep is not None:
+        raise ValueError("ActiveLatents takes exactly one of keep and threshold: pass keep=None to select "
+                         f"by threshold (got keep={keep!r}, threshold={threshold!r}).")
+    if threshold is None and keep is None:
+        raise ValueError("ActiveLatents needs keep (a fraction like 0.03 or '3%') or threshold (nats); "
+                         "both are None.")
+    if keep is not None:
+        if isinstance(keep, bool):  # True would parse as '1' = 100%, surely not meant
+            raise ValueError(f"ActiveLatents keep must be a fraction like 0.03 or '3%', not {keep!r}.")
+        try:
+            return parse_keep(keep), None
+        except UserError as err:
+            raise ValueError(f"ActiveLatents keep={keep!r} is invalid: {err}") from None
+    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not math.isfinite(threshold):
+        raise ValueError(f"ActiveLatents threshold must be a finite number of nats, not {threshold!r}.")
+    return None, float(threshold)
+
+
+def _check_input_features(est: ActiveLatents, input_features) -> None:
+    """get_feature_names_out's check: ``input_features`` must match what ``fit`` saw."""
+    input_features = np.asarray(input_features, dtype=object)
+    if len(input_features) != est.n_features_in_:
+        raise ValueError(f"input_features should have length equal to the number of features seen in fit "
+                         f"({est.n_features_in_}), got {len(input_features)}.")
+    seen = getattr(est, "feature_names_in_", None)
+    if seen is not None and not np.array_equal(input_features, seen):
+        raise ValueError("input_features is not equal to feature_names_in_.")
+
+
+# ---------------------------------------------------------------------- fitting from a store
+def _store_encoder(store, checkpoint, device) -> tuple[Encoder, str, str, int, dict]:
+    """(encoder, checkpoint path, its sha256, images the KL was measured on, quantizers) of a
+    verified store; StoreError if any chunk is missing, corrupt or not finite."""
+    from ..stores.backends import StoreError
+    from ..stores.decode import store_encoder
+    from ..stores.reader import open_encodings
+    from ..stores.verify import verify_store
+
+    report = verify_store(store)
+    if not report["ok"]:
+        raise StoreError(report["summary"])
+    with open_encodings(store) as enc:
+        encoder, ckpt_path = store_encoder(enc, checkpoint, device=device,
+                                           statistic=enc.attrs.get("statistic", "mean"))
+        # store_encoder refuses a checkpoint whose sha256 is not the recorded one, so the
+        # recorded hash is the file's: no second pass over the file.
+        sha256 = str(enc.attrs["checkpoint_sha256"])
+        return encoder, str(ckpt_path), sha256, int(enc.attrs.get("kl_images", 0)), dict(enc.quantizers)
+
+
+# ---------------------------------------------------------------------- input handling
+def _validated_pixels(est: ActiveLatents, X, cfg, *, reset: bool) -> np.ndarray:
+    """Check ``X`` and return it as a 2-D numeric (N, H*W*C) array of in-range pixels.
+
+    ``validate_data`` records (``reset=True``, in fit) or checks (in transform) ``est``'s
+    ``n_features_in_`` and ``feature_names_in_``.
+    """
+    h = w = cfg.loss_size
+    c = cfg.channels
+    expected = h * w * c
+    if not hasattr(X, "shape"):  # a list of lists: give it a shape to inspect
+        X = np.asarray(X)
+    if len(X.shape) == 4:
+        # Images: check their shape against the model, then flatten in H, W, C order,
+        # the layout of load_digits().data, so 2-D and 4-D inputs meet in one path.
+        check_images_fit(cfg, tuple(X.shape[1:]), "X")
+        X = np.asarray(X).reshape(X.shape[0], expected)
+    elif len(X.shape) != 2:
+        raise ValueError(f"ActiveLatents expects X of shape (n_images, {expected}) (flattened {h}x{w}x{c} "
+                         f"images) or (n_images, {h}, {w}, {c}); got an array of shape {tuple(X.shape)}.")
+    # dtype="numeric" keeps uint8 / float32 input as is (no float64 copy of a big set).
+    X = validate_data(est, X, reset=reset, dtype="numeric", ensure_all_finite=True)
+    # Values before shape: an out-of-range X is wrong whatever its shape, and the
+    # "Negative values in data" wording is scikit-learn's convention for
+    # estimators tagged positive_only.
+    lo, hi = X.min(), X.max()
+    if lo < 0 or hi > est.input_max:
+        what = "Negative values in data" if lo < 0 else "Values above input_max in data"
+        raise ValueError(f"{what} passed to ActiveLatents: pixel values must lie in [0, input_max="
+                         f"{est.input_max:g}] but X ranges over [{lo:g}, {hi:g}]; set input_max to the "
+                         "value of a white pixel.")
+    if reset and X.shape[1] != expected:
+        # In transform, validate_data itself has already refused a count that differs from fit.
+        raise ValueError(f"X has {X.shape[1]} feature(s) per sample, but ActiveLatents with this checkpoint "
+                         f"expects {expected} (flattened {h}x{w}x{c} images in H, W, C order).")
+    return X
+
+
+def _uint8_batches(X: np.ndarray, cfg, input_max: float, batch_size: int):
+    """Yield uint8 NCHW tensors of ``batch_size`` images, converted lazily (memory)."""
+    h = w = cfg.loss_size
+    c = cfg.channels
+    scale = 255.0 / input_max
+    for start in range(0, X.shape[0], batch_size):
+        batch = X[start:start + batch_size]
+        # Same rounding as the library's digits loader (np.rint of x * 255 / max).
+        pixels = np.rint(batch * scale).astype(np.uint8).reshape(-1, h, w, c)
+        # Copy into a freshly allocated NCHW array rather than passing a transposed
+        # view: with C = 1 a view's channel stride is arbitrary yet still counts as
+        # "contiguous", and torch then picks the channels-last convolution kernels,
+        # which round differently. A fixed layout makes the features independent of
+        # how X happened to be laid out in memory (2-D vs 4-D input, slicing, ...).
+        nchw = np.empty((len(pixels), c, h, w), dtype=np.uint8)
+        nchw[...] = pixels.transpose(0, 3, 1, 2)
+        yield torch.from_numpy(nchw)
