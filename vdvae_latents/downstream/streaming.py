@@ -110,6 +110,71 @@ class _Moments:
         return mean.astype(np.float32), scale.astype(np.float32)
 
 
+class _FoldModels:
+    """The SGD models of one streamed fit, one per (fit, C) of the grid: fit None learns from
+    all training rows, fit k from the rows outside fold k, each on rows standardised as
+    ``StandardScaler`` fitted on its own rows would."""
+
+    def __init__(self, moments: _Moments, model: str, cv: int, seed: int) -> None:
+        from sklearn.linear_model import SGDClassifier
+
+        self.cv = cv
+        self.fits = [None, *range(cv)]  # None: all training rows; k: the rows outside fold k
+        self.scalers = {k: moments.scaler(k) for k in self.fits}
+        self.n_fit = {k: int(moments.n.sum() - (0 if k is None else moments.n[k])) for k in self.fits}
+        self.grid = C_GRIDS[model]
+        loss = "log_loss" if model == "logreg" else "hinge"
+        self.models = {(k, c): SGDClassifier(loss=loss, alpha=1.0 / (c * self.n_fit[k]), random_state=seed)
+                       for k in self.fits for c in self.grid}
+
+    def scaled(self, X: np.ndarray, k: int | None) -> np.ndarray:
+        mean, scale = self.scalers[k]
+        return (X - mean) / scale
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray, fold: np.ndarray, classes: np.ndarray) -> None:
+        """One update of every model on the block's rows it learns from."""
+        for k in self.fits:
+            mask = slice(None) if k is None else fold != k
+            Xk, yk = self.scaled(X[mask], k), y[mask]
+            if len(yk):
+                for c in self.grid:
+                    self.models[k, c].partial_fit(Xk, yk, classes=classes)
+
+    def fold_hits(self, X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+        """(cv, len(grid)) correct predictions of each fold's models on the block's rows of that fold."""
+        hits = np.zeros((self.cv, len(self.grid)))
+        for k in range(self.cv):
+            mask = fold == k
+            if mask.any():
+                Xk = self.scaled(X[mask], k)
+                for j, c in enumerate(self.grid):
+                    hits[k, j] += np.count_nonzero(self.models[k, c].predict(Xk) == y[mask])
+        return hits
+
+
+def _fold_labels(train: np.ndarray, y_train: np.ndarray, n_pool: int, cv: int, seed: int) -> np.ndarray:
+    """The fold of each pool row (-1 outside ``train``): the folds of the in-memory grid search."""
+    from sklearn.model_selection import StratifiedKFold
+
+    fold = np.full(n_pool, -1)
+    splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(train)), y_train)):
+        fold[train[held]] = k
+    return fold
+
+
+def _training_moments(features_of: RowsFn, train: np.ndarray, unit: np.ndarray, block_rows: int, fold: np.ndarray,
+                      cv: int) -> _Moments:
+    """One pass: the standardisation of every fold's training part and of all training rows."""
+    moments = None
+    for rows in blocks(train, unit, block_rows):
+        X = _finite(features_of(rows), "the training features")
+        moments = moments or _Moments(cv, X.shape[1])
+        moments.add(X, fold[rows])
+    assert moments is not None
+    return moments
+
+
 def stream_probe(features_of: RowsFn, y_pool: np.ndarray, train: np.ndarray, test: np.ndarray, unit: np.ndarray, *,
                  model: str = "logreg", seed: int = 0, cv: int = 3, epochs: int | None = None,
                  block_rows: int = 8192, say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
@@ -119,9 +184,6 @@ def stream_probe(features_of: RowsFn, y_pool: np.ndarray, train: np.ndarray, tes
     lives in. Returns the keys :func:`~vdvae_latents.downstream.protocol.probe_features` returns, with
     ``params`` ``{"C": ..., "alpha": ...}``, plus ``epochs``.
     """
-    from sklearn.linear_model import SGDClassifier
-    from sklearn.model_selection import StratifiedKFold
-
     if model not in STREAM_MODELS:
         raise UserError(f"--model {model} needs its training rows in memory; streaming fits {', '.join(STREAM_MODELS)}.")
     start = time.perf_counter()
@@ -130,28 +192,9 @@ def stream_probe(features_of: RowsFn, y_pool: np.ndarray, train: np.ndarray, tes
     check_training_labels(y_train, cv)
     classes = np.unique(y_train)
     epochs = default_epochs(len(train)) if epochs is None else int(epochs)
-    fold = np.full(len(y_pool), -1)
-    splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
-    for k, (_, held) in enumerate(splitter.split(np.zeros(len(train)), y_train)):
-        fold[train[held]] = k
-
-    # ---- standardisation of every fold's training part and of all training rows
-    moments = None
-    for rows in blocks(train, unit, block_rows):
-        X = _finite(features_of(rows), "the training features")
-        moments = moments or _Moments(cv, X.shape[1])
-        moments.add(X, fold[rows])
-    assert moments is not None
-    fits = [None, *range(cv)]  # None: all training rows; k: the rows outside fold k
-    scalers = {k: moments.scaler(k) for k in fits}
-    n_fit = {k: int(moments.n.sum() - (0 if k is None else moments.n[k])) for k in fits}
-    grid = C_GRIDS[model]
-    loss = "log_loss" if model == "logreg" else "hinge"
-    models = {(k, c): SGDClassifier(loss=loss, alpha=1.0 / (c * n_fit[k]), random_state=seed) for k in fits for c in grid}
-
-    def scaled(X: np.ndarray, k: int | None) -> np.ndarray:
-        mean, scale = scalers[k]
-        return (X - mean) / scale
+    fold = _fold_labels(train, y_train, len(y_pool), cv, seed)
+    moments = _training_moments(features_of, train, unit, block_rows, fold, cv)
+    models = _FoldModels(moments, model, cv, seed)
 
     # ---- the passes
     for epoch in range(epochs):
@@ -161,35 +204,24 @@ def stream_probe(features_of: RowsFn, y_pool: np.ndarray, train: np.ndarray, tes
             X = features_of(rows)
             order = rng.permutation(len(rows))
             X, rows = X[order], rows[order]
-            y, f = y_pool[rows], fold[rows]
-            for k in fits:
-                mask = slice(None) if k is None else f != k
-                Xk, yk = scaled(X[mask], k), y[mask]
-                if len(yk):
-                    for c in grid:
-                        models[k, c].partial_fit(Xk, yk, classes=classes)
-    correct = np.zeros((cv, len(grid)))
+            models.partial_fit(X, y_pool[rows], fold[rows], classes)
+    correct = np.zeros((cv, len(models.grid)))
     for rows in blocks(train, unit, block_rows):
-        X, y, f = features_of(rows), y_pool[rows], fold[rows]
-        for k in range(cv):
-            mask = f == k
-            if mask.any():
-                Xk = scaled(X[mask], k)
-                for j, c in enumerate(grid):
-                    correct[k, j] += np.count_nonzero(models[k, c].predict(Xk) == y[mask])
+        correct += models.fold_hits(features_of(rows), y_pool[rows], fold[rows])
     fold_sizes = np.bincount(fold[train], minlength=cv)
     cv_acc = (correct / fold_sizes[:, None]).mean(0)
     best = int(np.argmax(cv_acc))
-    chosen = models[None, grid[best]]
+    c_best = models.grid[best]
+    chosen = models.models[None, c_best]
     seconds = time.perf_counter() - start  # fitting and model selection, as probe_features counts it
     hits = 0
     for rows in blocks(test, unit, block_rows):
         X = _finite(features_of(rows), "the test features")
-        hits += int(np.count_nonzero(chosen.predict(scaled(X, None)) == y_pool[rows]))
+        hits += int(np.count_nonzero(chosen.predict(models.scaled(X, None)) == y_pool[rows]))
     return {
         "test_accuracy": hits / len(test),
         "cv_accuracy": float(cv_acc[best]),
-        "params": {"C": grid[best], "alpha": 1.0 / (grid[best] * n_fit[None])},
+        "params": {"C": c_best, "alpha": 1.0 / (c_best * models.n_fit[None])},
         "fit_seconds": seconds,
         "n_train": int(len(train)),
         "n_test": int(len(test)),
