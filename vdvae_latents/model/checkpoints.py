@@ -334,13 +334,15 @@ def describe_mismatch(expected: dict[str, torch.Tensor], state: dict) -> str | N
     return ", ".join(parts) or None
 
 
-def load_model(path: PathLike, *, ema: bool = True,
-               device: str | torch.device = "cpu") -> tuple[VAE, dict[str, Any]]:
+def load_model(path: PathLike, *, ema: bool = True, device: str | torch.device = "cpu",
+               sha256: str | None = None) -> tuple[VAE, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint (or a run directory's latest one).
 
     With ``ema=True`` the EMA weights are used when the checkpoint has them (they are
     what sampling and evaluation want), otherwise the raw training weights. The model
-    is returned in eval mode on ``device``.
+    is returned in eval mode on ``device``. ``sha256``: the file's SHA-256 when the caller
+    has already computed it (to check it against a record), so that a command hashes a
+    checkpoint once; otherwise it is computed here.
 
     Returns:
         ``(model, info)`` with info keys ``path`` (str), ``sha256``, ``step``, ``preset``,
@@ -376,7 +378,7 @@ def load_model(path: PathLike, *, ema: bool = True,
 
     info = {
         "path": str(resolved),
-        "sha256": file_sha256(resolved),
+        "sha256": sha256 if sha256 is not None else file_sha256(resolved),
         "step": payload.get("step"),
         "preset": payload.get("preset"),
         "model_config": payload.get("model_config"),

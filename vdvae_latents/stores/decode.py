@@ -1,4 +1,9 @@
-"""`vdvl decode`: stored rows back to images through the store's checkpoint."""
+"""`vdvl decode`: stored rows back to images through the store's checkpoint.
+
+:func:`store_encoder` rebuilds the :class:`~vdvae_latents.latents.encoder.Encoder` a store was written
+with (its checkpoint and columns), which decoding and :class:`~vdvae_latents.downstream.ActiveLatents`
+use.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from ..core.runtime import auto_device
 from ..data.grids import save_grid, to_uint8
 from ..latents.active_set import ActiveSet
 from ..latents.encoder import Encoder
+from ..latents.stats import DimTable
+from ..model.checkpoints import file_sha256, load_model, resolve_checkpoint
 from .reader import open_encodings
 
 
@@ -22,18 +29,15 @@ def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> t
     The active set is rebuilt from the store's dims table at element granularity, which
     gives exactly the stored columns; a table that does not fit the model is a UserError.
     """
-    from ..core.errors import UserError
-    from ..latents.stats import DimTable
-    from ..model.checkpoints import file_sha256, load_model, resolve_checkpoint
-
     attrs = enc.attrs
     if ckpt is None and not attrs.get("checkpoint"):
         raise UserError(f"store '{enc.path}' records no checkpoint; pass one explicitly.")
     ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
-    if file_sha256(ckpt_path) != attrs.get("checkpoint_sha256"):
+    sha = file_sha256(ckpt_path)  # checked before the (possibly large) weights are read
+    if sha != attrs.get("checkpoint_sha256"):
         raise UserError(f"checkpoint '{ckpt_path}' is not the one store '{enc.path}' was encoded with "
                         "(sha256 differs).")
-    model, _ = load_model(ckpt_path, ema=True, device=device)
+    model, _ = load_model(ckpt_path, ema=True, device=device, sha256=sha)
     shapes = model.cfg.layer_shapes()
     layer, variate, y, x = (np.asarray(enc.dims[k]) for k in ("layer", "variate", "y", "x"))
     # A damaged or foreign dims table must be a one-sentence refusal, not an IndexError below.

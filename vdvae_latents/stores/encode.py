@@ -1,13 +1,14 @@
-"""`vdvl encode` and `vdvl decode` as library calls.
+"""`vdvl encode` as a library call: checkpoint + data split + active set -> a store of the active dimensions.
 
-encode: checkpoint + data split + active set -> a Zarr/HDF5 store of the active
-dimensions, written chunk by chunk (resumable; under torchrun, ranks write disjoint
-chunks of one Zarr store). decode: store rows -> images through the same checkpoint.
+The store (Zarr or HDF5) is written chunk by chunk: resumable, and under torchrun ranks write
+disjoint chunks of one Zarr store. ``decode`` reads it back into images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ import torch.distributed as dist
 
 from ..core.errors import UserError
 from ..core.runtime import auto_device, join_processes
-from ..data import open_images, resolve_workers
-from ..data.loading import stream
+from ..data.loading import resolve_workers, stream
+from ..data.splits import LazyImages, open_images
 from ..latents.active_set import ActiveSet, fit_active_set, parse_keep
 from ..latents.encoder import STATISTICS, Encoder
 from ..model.checkpoints import load_model, resolve_checkpoint
@@ -54,8 +55,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     storing lost over all rows (float16 rounding too). ``codec`` names the compression
     (:func:`~vdvae_latents.stores.backends.parse_codec`; default: the measured best for the format and dtype).
     """
-    rules = sum(x is not None for x in (keep, threshold, active_file))
-    if rules != 1:
+    if sum(x is not None for x in (keep, threshold, active_file)) != 1:
         raise UserError("give exactly one of --keep, --threshold or --active.")
     if statistic not in STATISTICS:
         raise UserError(f"--stat must be one of {', '.join(STATISTICS)}, not '{statistic}'.")
@@ -68,149 +68,201 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     if resume and overwrite:
         raise UserError("give at most one of --resume and --overwrite.")
     out = Path(out)
-    fmt = store_format(out)
-    parse_codec(fmt, codec, dtype if dtype in DTYPES else "float16")  # a bad --codec fails before the model loads
-    dev = auto_device(device)
-    dev, rank, world = join_processes(dev)
-    distributed = world > 1
+    parse_codec(store_format(out), codec, dtype)  # a bad --codec fails before the model loads
+    dev, rank, world = join_processes(auto_device(device))
     # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
     ckpt_path = resolve_checkpoint(path).absolute()
     model, info = load_model(ckpt_path, ema=True, device=dev)
-    sha = info["sha256"]
     images = open_images(data, split=split)
     check_images_fit(model.cfg, images.shape, data)
     if out.exists() and not (resume or overwrite):
         raise UserError(f"store '{out}' exists; use --resume to finish it or --overwrite to replace it.")
-
-    # ---- the active set: reuse a saved one, or rank the dimensions on the KL split now
+    job = _EncodeJob(model=model, images=images, data=data, split=split, out=out, device=dev, rank=rank, world=world,
+                     batch_size=batch_size, workers=workers, seed=seed)
     if active_file is not None:
         active = ActiveSet.load(active_file)
-        if active.checkpoint_sha256 and active.checkpoint_sha256 != sha:
+        if active.checkpoint_sha256 and active.checkpoint_sha256 != info["sha256"]:
             raise UserError(f"active set '{active_file}' was computed for another checkpoint "
-                            f"(sha256 {active.checkpoint_sha256[:12]}..., this one is {sha[:12]}...).")
-    else:
+                            f"(sha256 {active.checkpoint_sha256[:12]}..., this one is {info['sha256'][:12]}...).")
+    else:  # rank the dimensions on the KL split now
         kl_images = open_images(data, split=kl_split, limit=kl_limit)
         check_images_fit(model.cfg, kl_images.shape, data)
-        active = fit_active_set(model, stream(kl_images.shard(rank, world), batch_size, workers, dev, world),
-                                granularity=granularity, keep=parse_keep(keep) if keep is not None else None,
-                                threshold=threshold, batch_size=batch_size, seed=seed + rank, device=dev, data=data,
-                                split=kl_split, checkpoint=str(ckpt_path), checkpoint_sha256=sha)
+        active = fit_active_set(model, job.stream(kl_images), granularity=granularity,
+                                keep=parse_keep(keep) if keep is not None else None, threshold=threshold,
+                                batch_size=batch_size, seed=seed + rank, device=dev, data=data, split=kl_split,
+                                checkpoint=str(ckpt_path), checkpoint_sha256=info["sha256"])
     encoder = Encoder(model, active, statistic=statistic)
-    summary = active.summary()
-    attrs = {
-        "checkpoint_sha256": sha, "checkpoint": str(ckpt_path), "checkpoint_step": info["step"],
-        "model_config": model.cfg.to_dict(), "data": data, "split": split, "granularity": active.granularity,
+    attrs = _store_attrs(encoder, info, str(ckpt_path), data, split, dtype, seed)
+    calib = calibration_rows(len(images), CALIBRATION_ROWS, seed) if dtype in INT_DTYPES else None
+    quantization = None if calib is None else {"scheme": quantize, "step": None if quantize == "range" else quant_step,
+                                               "calibration_rows": len(calib), "calibration_seed": seed}
+    identity = {k: attrs[k] for k in IDENTITY_ATTRS}
+    if quantization is not None:
+        identity["quantization"] = {"dtype": dtype, **quantization}
+
+    def create() -> StoreWriter:
+        quantizers = None
+        if calib is not None:
+            calib_batches = (images.read(calib[b:b + batch_size]) for b in range(0, len(calib), batch_size))
+            quantizers = _calibrate(encoder, calib_batches, dtype, quantize, quant_step, dev, seed)
+        writer = StoreWriter.create(out, n_rows=len(images), dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
+                                    with_std=statistic == "mean+std", has_labels=images.labels is not None,
+                                    has_source_names=images.source_names is not None, quantizers=quantizers,
+                                    quantization=quantization, codec=codec, chunk_rows=chunk_rows,
+                                    overwrite=overwrite)
+        if active_file is None:
+            active.save(_active_path(out))
+        return writer
+
+    writer = job.open_writer(create, resume=resume, identity=identity)
+    start = time.perf_counter()
+    written_rows = job.encode_chunks(writer, encoder, check_data=resume, progress=progress)
+    seconds = time.perf_counter() - start
+    errors, store_codec = job.finish(writer, codec)
+    return _summary(job, encoder, attrs, errors, store_codec, quantization, quantize, written_rows, seconds)
+
+
+# What identifies a store's contents: a resumed store must have been started with the same.
+IDENTITY_ATTRS = ("checkpoint_sha256", "data", "split", "granularity", "selection_rule", "selection_value",
+                  "statistic", "dtype", "n_features", "columns_sha256")
+
+
+def _store_attrs(encoder: Encoder, info: dict, checkpoint: str, data: str, split: str, dtype: str,
+                 seed: int) -> dict:
+    """The store's provenance attributes: checkpoint, data, selection, statistic and sizes."""
+    active = encoder.active
+    return {
+        "checkpoint_sha256": info["sha256"], "checkpoint": checkpoint, "checkpoint_step": info["step"],
+        "model_config": encoder.model.cfg.to_dict(), "data": data, "split": split, "granularity": active.granularity,
         "selection_rule": active.rule, "selection_value": active.value, "kl_split": active.split,
-        "kl_images": active.n_images, "statistic": statistic, "dtype": dtype,
+        "kl_images": active.n_images, "statistic": encoder.statistic, "dtype": dtype,
         "n_dims_total": active.n_dims, "n_dims_kept": active.n_active,
         "n_latent_scalars_total": active.total_scalars_per_image(), "n_features": encoder.n_features,
-        "kl_share_kept": summary["kl_share_active"], "seed": seed,
+        "kl_share_kept": active.summary()["kl_share_active"], "seed": seed,
         # Which latent scalars the columns are: a resumed store must continue the same ones.
         "columns_sha256": _columns_digest(encoder.columns.arrays()),
     }
-    n = len(images)
-    calib = calibration_rows(n, CALIBRATION_ROWS, seed) if dtype in INT_DTYPES else None
-    quantization = None if calib is None else {"scheme": quantize, "step": None if quantize == "range" else quant_step,
-                                               "calibration_rows": len(calib), "calibration_seed": seed}
-    identity = {k: attrs[k] for k in ("checkpoint_sha256", "data", "split", "granularity", "selection_rule",
-                                      "selection_value", "statistic", "dtype", "n_features", "columns_sha256")}
-    if quantization is not None:
-        identity["quantization"] = {"dtype": dtype, **quantization}
-    # ---- create (rank 0) or re-open the store
-    writer = None
-    failure: str | None = None
-    if rank == 0:
-        try:
-            if resume and out.exists():
-                writer = StoreWriter.open(out, expect_attrs=identity)
-            else:
-                quantizers = None
-                if calib is not None:
-                    calib_batches = (images.read(calib[b:b + batch_size]) for b in range(0, len(calib), batch_size))
-                    quantizers = _calibrate(encoder, calib_batches, dtype, quantize, quant_step, dev, seed)
-                writer = StoreWriter.create(out, n_rows=n, dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
-                                            with_std=statistic == "mean+std", has_labels=images.labels is not None,
-                                            has_source_names=images.source_names is not None, quantizers=quantizers,
-                                            quantization=quantization, codec=codec, chunk_rows=chunk_rows,
-                                            overwrite=overwrite)
-                if active_file is None:
-                    active.save(_active_path(out))
-        except UserError as err:
-            if not distributed:
-                raise
-            failure = str(err)
-    if distributed:
-        # Every rank learns whether rank 0 could set the store up, so none waits forever.
-        box = [failure]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise UserError(box[0])
-    parallel = distributed and fmt == "zarr"  # HDF5 has one writer: rank 0
-    if rank != 0:
-        writer = StoreWriter.open(out, expect_attrs=identity) if parallel else None
-    start = time.perf_counter()
-    written_rows = 0
-    if writer is not None:
+
+
+@dataclass
+class _EncodeJob:
+    """One process's part of an encode: under torchrun, rank 0 creates the store and every rank
+    encodes its chunks (Zarr: chunk i on rank i % world; HDF5 has one writer, rank 0)."""
+
+    model: torch.nn.Module
+    images: LazyImages
+    data: str
+    split: str
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    batch_size: int
+    workers: int | None
+    seed: int
+
+    @property
+    def parallel(self) -> bool:
+        return self.world > 1 and store_format(self.out) == "zarr"
+
+    def stream(self, images: LazyImages):
+        """This rank's shard of ``images``, batch by batch."""
+        return stream(images.shard(self.rank, self.world), self.batch_size, self.workers, self.device, self.world)
+
+    def open_writer(self, create, *, resume: bool, identity: dict) -> StoreWriter | None:
+        """Rank 0 creates the store (``create()``) or re-opens it to resume; the other ranks open it
+        once it exists (Zarr) or write nothing (HDF5)."""
+        writer, failure = None, None
+        if self.rank == 0:
+            try:
+                writer = StoreWriter.open(self.out, expect_attrs=identity) if resume and self.out.exists() else create()
+            except UserError as err:
+                if self.world == 1:
+                    raise
+                failure = str(err)
+        if self.world > 1:
+            # Every rank learns whether rank 0 could set the store up, so none waits forever.
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None:
+                raise UserError(box[0])
+        if self.rank != 0:
+            writer = StoreWriter.open(self.out, expect_attrs=identity) if self.parallel else None
+        return writer
+
+    def encode_chunks(self, writer: StoreWriter | None, encoder: Encoder, *, check_data: bool, progress=None) -> int:
+        """Encode and write this rank's missing chunks; the number of rows written."""
+        if writer is None:
+            return 0
+        images, cfg, written = self.images, self.model.cfg, 0
         # A resumed store is read once: damaged chunks (deleted, corrupt) are rewritten too.
-        todo = writer.missing_chunks(check_data=resume)
-        mine = [i for i in todo if not parallel or i % world == rank]
-        labels, names = images.labels, images.source_names
+        mine = [i for i in writer.missing_chunks(check_data=check_data)
+                if not self.parallel or i % self.world == self.rank]
         # One loader over every batch of this rank's chunks, in the order they are encoded.
-        order = [np.arange(b, min(hi, b + batch_size)) for lo, hi in map(writer.chunk_range, mine)
-                 for b in range(lo, hi, batch_size)]
-        loader = images.loader(order, workers=resolve_workers(workers, images, dev.type, world),
-                               pin_memory=dev.type == "cuda")
+        order = [np.arange(b, min(hi, b + self.batch_size)) for lo, hi in map(writer.chunk_range, mine)
+                 for b in range(lo, hi, self.batch_size)]
+        loader = images.loader(order, workers=resolve_workers(self.workers, images, self.device.type, self.world),
+                               pin_memory=self.device.type == "cuda")
         batches = iter(loader)  # a generator: close() (or garbage collection) stops its workers
         for i in mine:
             lo, hi = writer.chunk_range(i)
             feats, stds = [], []
             # Seeded per chunk so a resumed run draws exactly what an uninterrupted one would.
-            g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
-            for b in range(lo, hi, batch_size):
-                x = prepare_batch(model.cfg, next(batches).images, device=dev)
+            g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + i)
+            for _ in range(lo, hi, self.batch_size):
+                x = prepare_batch(cfg, next(batches).images, device=self.device)
                 f, s = encoder.encode(x, generator=g)
                 feats.append(f.cpu().numpy())
                 if s is not None:
                     stds.append(s.cpu().numpy())
                 if progress is not None:
                     progress(len(x))
-            feats = _finite(np.concatenate(feats), lo, data, split)
-            writer.write_chunk(i, feats, features_std=_finite(np.concatenate(stds), lo, data, split) if stds else None,
-                               labels=None if labels is None else labels[lo:hi], sample_index=np.arange(lo, hi),
-                               source_index=images.source_index[lo:hi],
-                               source_names=None if names is None else names[lo:hi])
-            written_rows += hi - lo
+            where = (lo, self.data, self.split)
+            writer.write_chunk(i, _finite(np.concatenate(feats), *where),
+                               features_std=_finite(np.concatenate(stds), *where) if stds else None,
+                               labels=None if images.labels is None else images.labels[lo:hi],
+                               sample_index=np.arange(lo, hi), source_index=images.source_index[lo:hi],
+                               source_names=None if images.source_names is None else images.source_names[lo:hi])
+            written += hi - lo
         batches.close()
-    if distributed:
-        dist.barrier()
-    seconds = time.perf_counter() - start
-    errors: dict = {}
-    store_codec = codec
-    if rank == 0:
-        errors = writer.error_summary()  # every rank's chunks are written by now
-        store_codec = writer.layout.attrs.get("codec")
-        writer.finalize()
-    elif writer is not None:
-        writer.close()
-    if distributed:
-        dist.barrier()
+        return written
+
+    def finish(self, writer: StoreWriter | None, codec: str | None) -> tuple[dict, str | None]:
+        """Once every rank has written: rank 0 summarises the errors and marks the store complete."""
+        if self.world > 1:
+            dist.barrier()
+        errors: dict = {}
+        if self.rank == 0:
+            errors = writer.error_summary()  # every rank's chunks are written by now
+            codec = writer.layout.attrs.get("codec")
+            writer.finalize()
+        elif writer is not None:
+            writer.close()
+        if self.world > 1:
+            dist.barrier()
+        return errors, codec
+
+
+def _summary(job: _EncodeJob, encoder: Encoder, attrs: dict, errors: dict, codec: str | None,
+             quantization: dict | None, scheme: str, written_rows: int, seconds: float) -> dict:
+    """What `vdvl encode` reports: sizes beside the pixels and the full latents, and what storing lost."""
+    active, n, dtype, out = encoder.active, len(job.images), attrs["dtype"], job.out
     # Integer stores compare with the float16 full latents (the smallest float store).
     full_dtype = dtype if dtype in ("float16", "float32") else "float16"
-    item = DTYPES[full_dtype]
-    c, s = model.cfg.channels, model.cfg.loss_size
+    c, s = encoder.model.cfg.channels, encoder.model.cfg.loss_size
     on_disk = disk_bytes(out)
     notes = []
     lost = (errors.get("features") or {}).get("relative_rmse", 0.0)
     if quantization is not None and lost > 0.2:
         notes.append(f"quantisation error is {lost:.2f} of the columns' spread: these features vary little on the "
-                     f"scale of a {quantize} step; encode with --quantize range, a smaller --quant-step, or float16.")
+                     f"scale of a {scheme} step; encode with --quantize range, a smaller --quant-step, or float16.")
     return {
-        "store": str(out), "format": fmt, "rows": n, "features": encoder.n_features, "dims_kept": active.n_active,
-        "dims_total": active.n_dims, "kl_share_kept": summary["kl_share_active"], "statistic": statistic,
-        "dtype": dtype, "quantization": quantization, "codec": store_codec,
+        "store": str(out), "format": store_format(out), "rows": n, "features": encoder.n_features,
+        "dims_kept": active.n_active, "dims_total": active.n_dims, "kl_share_kept": attrs["kl_share_kept"],
+        "statistic": encoder.statistic, "dtype": dtype, "quantization": quantization, "codec": codec,
         "bytes_on_disk": on_disk, "bytes_per_image": on_disk / n, "error": errors.get("features"),
         "error_std": errors.get("features_std"), "full_latents_dtype": full_dtype,
-        "full_latents_bytes": n * active.total_scalars_per_image() * item,
+        "full_latents_bytes": n * active.total_scalars_per_image() * DTYPES[full_dtype],
         "raw_pixel_bytes": n * c * s * s, "rows_written": written_rows, "seconds": seconds,
         "images_per_s": written_rows / seconds if seconds > 0 else 0.0, "notes": notes,
     }
@@ -245,8 +297,6 @@ def _finite(values: np.ndarray, first_row: int, data: str, split: str) -> np.nda
 
 
 def _columns_digest(arrays: dict[str, np.ndarray]) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for key in ("layer", "variate", "y", "x"):
         h.update(np.ascontiguousarray(arrays[key], dtype=np.int32).tobytes())
