@@ -54,13 +54,13 @@ def run_one(case: str, steps: int, warmup: int) -> dict:
     from vdvae_latents.model.inputs import prepare_batch
     from vdvae_latents.train.run_config import resolve_run_config
     from vdvae_latents.train.step import TrainStep, build_model
-    from vdvae_latents.core.runtime import pick_device, DistEnv
+    from vdvae_latents.core.runtime import auto_device
     from vdvae_latents.train.loop import step_generator
 
     preset, batch, sets = parse_case(case)
     run = resolve_run_config(preset=preset, overrides=sets, train_overrides={"batch_size": batch})
     cfg, tcfg = run.model, run.train
-    device = pick_device(tcfg.device, DistEnv())
+    device = auto_device(tcfg.device, setting="train setting 'device'")
     model, ema, optimizer = build_model(run, device)
     step_fn = TrainStep(model, ema, optimizer, run, device)
 

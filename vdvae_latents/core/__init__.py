@@ -11,6 +11,6 @@ from .lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "errors": ["UserError", "ConfigError", "DataError", "CheckpointError"],
     "atomic": ["atomic_file", "write_text", "save_figure"],
-    "runtime": ["DistEnv", "init_distributed", "leave_process_group", "auto_device", "pick_device", "join_processes"],
+    "runtime": ["DistEnv", "init_distributed", "leave_process_group", "auto_device", "join_processes"],
 })
 __all__ += ["lazy_exports"]

@@ -58,38 +58,35 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def auto_device(name: str = "auto") -> torch.device:
-    """``--device auto|cpu|cuda`` as a torch device: auto takes CUDA when there is one."""
+def auto_device(name: str = "auto", *, setting: str = "--device") -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` as a torch device: auto takes CUDA when there is one.
+
+    ``setting`` names the option in the error when CUDA is asked for and absent (a
+    ConfigError naming ``train setting 'device'`` for training, a UserError naming the flag
+    for the other commands).
+    """
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available.")
+        if setting.startswith("train setting"):
+            raise ConfigError(f"{setting} is cuda but no CUDA device is available.")
+        raise UserError(f"{setting} cuda was asked for but no CUDA device is available.")
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
-def pick_device(name: str, env: DistEnv) -> torch.device:
-    """Training's device (the ``train.device`` setting): on CUDA this rank's local GPU, made current."""
-    import torch
+def join_processes(dev: torch.device) -> tuple[torch.device, DistEnv]:
+    """Join torchrun's process group if there is one: (this rank's device, its place in the job).
 
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train setting 'device' is cuda but no CUDA device is available.")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
-def join_processes(dev: torch.device) -> tuple[torch.device, int, int]:
-    """Join torchrun's process group if there is one: (device for this rank, rank, world size).
-
-    The same mechanism training uses; on CUDA each rank takes its own local GPU.
+    Training and every job over a data set (analyze-kl, encode) start here; on CUDA each rank
+    takes its own local GPU and makes it the current one.
     """
     import torch
 
     env = init_distributed(dev.type)
-    if env.world_size > 1 and dev.type == "cuda":
+    if dev.type == "cuda":
         dev = torch.device("cuda", env.local_rank)
-    return dev, env.rank, env.world_size
+        torch.cuda.set_device(dev)
+    return dev, env
 
 
-__all__ = ["DistEnv", "init_distributed", "leave_process_group", "auto_device", "pick_device", "join_processes"]
+__all__ = ["DistEnv", "init_distributed", "leave_process_group", "auto_device", "join_processes"]

@@ -40,7 +40,8 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
     keep_fraction = parse_keep(keep) if keep is not None else None
     if div_stats is not None and granularity != "variate":
         raise UserError("--div-stats needs --granularity variate (the official file has one value per variate).")
-    dev, rank, world = join_processes(auto_device(device))
+    dev, env = join_processes(auto_device(device))
+    rank, world = env.rank, env.world_size
     ckpt_path = resolve_checkpoint(path)
     model, info = load_model(ckpt_path, ema=True, device=dev)
     images = open_images(data, split=split, limit=limit)

@@ -69,7 +69,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         raise UserError("give at most one of --resume and --overwrite.")
     out = Path(out)
     parse_codec(store_format(out), codec, dtype)  # a bad --codec fails before the model loads
-    dev, rank, world = join_processes(auto_device(device))
+    dev, env = join_processes(auto_device(device))
+    rank, world = env.rank, env.world_size
     # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
     ckpt_path = resolve_checkpoint(path).absolute()
     model, info = load_model(ckpt_path, ema=True, device=dev)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..core.atomic import write_text
 from ..core.errors import ConfigError
-from ..core.runtime import DistEnv, init_distributed, pick_device
+from ..core.runtime import DistEnv, auto_device, join_processes
 from ..data import LazyImages, TrainLoader, open_images, resolve_workers
 from ..model import checkpoints as ckpt
 from ..model.inputs import check_images_fit, evaluation_images, prepare_batch
@@ -102,9 +102,7 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory '{run_dir}' is a file, not a directory.")
-    device_type = "cuda" if (tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())) else "cpu"
-    env = init_distributed(device_type)
-    device = pick_device(tcfg.device, env)
+    device, env = join_processes(auto_device(tcfg.device, setting="train setting 'device'"))
     if tcfg.batch_size % env.world_size:
         raise ConfigError(f"train setting 'batch_size' ({tcfg.batch_size}) must divide evenly across "
                           f"{env.world_size} processes.")
