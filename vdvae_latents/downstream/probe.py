@@ -347,7 +347,9 @@ class _FeatureSets:
 
         self.dev = auto_device(device)
         self.say("loading the checkpoint")
-        self.net, _ = load_model(checkpoint, ema=True, device=self.dev)
+        # _checkpoint_for has checked the file against the store's recorded sha256: not hashed again.
+        self.net, _ = load_model(checkpoint, ema=True, device=self.dev,
+                                 sha256=self.main.attrs.get("checkpoint_sha256") or None)
 
     def make(self, name: str) -> FeatureSet:
         """The feature set of the baseline ``name`` (one of :data:`BASELINES`)."""
