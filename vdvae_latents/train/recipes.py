@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -107,11 +106,4 @@ def recipe_for_preset(preset: str) -> Recipe:
     return RECIPES["cpu"]
 
 
-def get_recipe(name: str) -> Recipe:
-    try:
-        return RECIPES[name]
-    except KeyError:
-        raise ConfigError(f"unknown training recipe '{name}' (known: {', '.join(RECIPES)}).") from None
-
-
-__all__ = ["Recipe", "RECIPES", "recipe_for_preset", "get_recipe"]
+__all__ = ["Recipe", "RECIPES", "recipe_for_preset"]
