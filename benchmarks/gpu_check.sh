@@ -9,7 +9,8 @@
 #      scaled to 32x32 RGB, made here, nothing downloaded) that must lower the loss and skip nothing;
 #   4. encode images/s on that run (benchmarks/encode.py).
 # `--dry-run` runs the same stages on the CPU at tiny sizes in seconds (the test suite does, so
-# the script cannot rot) and writes under the tag dry-run.
+# the script cannot rot) and writes under the tag dry-run, into --out DIR or a new temporary
+# folder: never into benchmarks/results/, which holds real runs only.
 #
 #   benchmarks/gpu_check.sh              # on a GPU machine
 #   benchmarks/gpu_check.sh --dry-run --out /tmp/check
@@ -18,7 +19,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
-OUT="$ROOT/benchmarks/results"
+RESULTS="$ROOT/benchmarks/results"
+OUT=""
 DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,6 +31,16 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ "$DRY" = 1 ]; then
+  if [ -z "$OUT" ]; then
+    OUT="$(mktemp -d "${TMPDIR:-/tmp}/vdvl-gpu-check-dry-run.XXXXXX")"
+  elif [ "$(cd "$(dirname "$OUT")" 2>/dev/null && pwd)/$(basename "$OUT")" = "$RESULTS" ]; then
+    echo "gpu_check.sh: a dry run does not write into benchmarks/results/ (real runs only); give another --out." >&2
+    exit 2
+  fi
+  echo "gpu_check.sh: dry run; results go to $OUT" >&2
+fi
+OUT="${OUT:-$RESULTS}"
 mkdir -p "$OUT"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
