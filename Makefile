@@ -27,7 +27,10 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py --out $(QS) --steps $(QS_STEPS)
 
+# The layer contract (pyproject.toml, [tool.importlinter]) first: seconds, and a broken layering
+# fails before the suite runs.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
