@@ -19,18 +19,39 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from ..core.errors import DataError
 
-if TYPE_CHECKING:  # splits imports this module (LazyImages.batches); at run time nothing here needs splits
-    from .splits import ImageSet, LazyImages
-
 __all__ = ["Batch", "BatchReads", "BatchLoader", "ReadFailure", "TrainOrder", "TrainLoader", "ImageDataset", "consecutive",
            "resolve_workers", "stream"]
+
+
+class LazyImages(Protocol):
+    """What the loaders need of a split, as :class:`~vdvae_latents.data.splits.LazyImages` provides it.
+
+    A protocol rather than an import: ``splits`` builds its loaders from this module, so this
+    module names the split's interface instead of importing it back.
+    """
+
+    labels: np.ndarray | None
+    in_memory: bool
+
+    def __len__(self) -> int: ...
+
+    def read(self, positions: np.ndarray) -> np.ndarray: ...
+
+    def batches(self, batch_size: int, *, workers: int = 0, pin_memory: bool = False, prefetch: int = 2): ...
+
+
+class ImageSet(Protocol):
+    """An in-memory split, as :class:`~vdvae_latents.data.splits.ImageSet` holds it: uint8 NHWC images, labels."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
 
 
 class Batch(NamedTuple):

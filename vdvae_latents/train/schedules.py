@@ -8,10 +8,24 @@ closed forms and the official code's trajectories.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # config.py imports this module for TrainConfig's lr_at/kl_weight_at/kl_balance_at
-    from .config import TrainConfig
+
+class TrainConfig(Protocol):
+    """The settings the schedules read, as :class:`~vdvae_latents.train.config.TrainConfig` holds them
+    (a protocol: ``config`` calls these functions, so this module does not import it back)."""
+
+    steps: int
+    lr: float
+    min_lr: float
+    lr_schedule: str
+    warmup_steps: int
+    decay_start: int
+    decay_steps: int
+    kl_warmup_steps: int
+    kl_warmup_start: int
+    kl_weight_min: float
+    kl_balance_steps: int
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
