@@ -172,12 +172,12 @@ def test_the_wheel_installs_one_top_level_package():
 
 
 # ----------------------------------------------------------------------------- an instant CLI
-HEAVY = ("torch", "sklearn", "zarr", "h5py")
+HEAVY = ("torch", "sklearn", "zarr", "h5py", "numpy")
 COMMANDS = ("presets", "model", "train", "eval", "sample", "reconstruct", "first-k", "info", "analyze-kl", "encode",
             "pack", "decode", "verify", "probe", "import efficient-vdvae", "import openai-vdvae")
 
 
-def test_help_and_usage_errors_import_neither_torch_nor_sklearn_nor_zarr():
+def test_help_and_usage_errors_import_none_of_torch_sklearn_zarr_h5py_numpy():
     # One fresh interpreter runs every help and a few usage errors in-process, then lists what got imported.
     argvs = [["--help"], []] + [[*c.split(), "--help"] for c in COMMANDS] + [
         ["train", "--bogus"], ["encode"], ["analyze-kl", "run", "--data", "digits", "--out", "a.json",

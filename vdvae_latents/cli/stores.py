@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..core.errors import UserError
-from ..stores.codes import (
-    DEFAULT_STEP as DEFAULT_QUANT_STEP,  # numpy only: the stores package loads lazily
+from ..stores.choices import (
+    DEFAULT_STEP as DEFAULT_QUANT_STEP,  # plain Python: the help stays light
 )
 from . import render
 from .common import WORKERS_HELP, out, print_json, progress

@@ -15,7 +15,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "backends": ["StoreError", "store_format", "parse_codec", "default_codec"],
     "schema": ["SCHEMA_NAME", "SCHEMA_VERSION", "DIM_FIELDS", "disk_bytes"],
     "verify": ["verify_store", "PROBLEMS"],
-    "codes": ["Quantizer", "fit_quantizer", "DEFAULT_STEP", "DEFAULT_SCHEME", "SCHEMES"],
+    "codes": ["Quantizer", "fit_quantizer"],
+    "choices": ["DTYPES", "SCHEMES", "DEFAULT_SCHEME", "DEFAULT_STEP"],
     "encode": ["encode_to_store"],
     "decode": ["decode_store", "store_encoder"],
 })

@@ -24,19 +24,10 @@ from ..latents.encoder import STATISTICS, Encoder
 from ..model.checkpoints import load_model, resolve_checkpoint
 from ..model.inputs import check_images_fit, prepare_batch
 from .backends import parse_codec, store_format
-from .codes import (
-    CALIBRATION_ROWS,
-    DEFAULT_SCHEME,
-    DEFAULT_STEP,
-    INT_DTYPES,
-    SCHEMES,
-    calibration_rows,
-    fit_quantizer,
-)
+from .choices import DEFAULT_SCHEME, DEFAULT_STEP, DTYPES, check_scheme, check_step
+from .codes import CALIBRATION_ROWS, INT_DTYPES, calibration_rows, fit_quantizer
 from .schema import disk_bytes
 from .writer import StoreWriter
-
-DTYPES = {"float16": 2, "float32": 4, "int8": 1, "uint8": 1}
 
 
 def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str = "test",
@@ -61,10 +52,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         raise UserError(f"--stat must be one of {', '.join(STATISTICS)}, not '{statistic}'.")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
-    if quantize not in SCHEMES:
-        raise UserError(f"--quantize must be one of {', '.join(SCHEMES)}, not '{quantize}'.")
-    if not quant_step > 0:
-        raise UserError(f"--quant-step must be a positive number of standard deviations, not {quant_step}.")
+    check_scheme(quantize)
+    check_step(quant_step)
     if resume and overwrite:
         raise UserError("give at most one of --resume and --overwrite.")
     out = Path(out)
