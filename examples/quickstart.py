@@ -20,14 +20,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vdvae_latents.stores.decode import decode_store
-from vdvae_latents.stores.encode import encode_to_store
-from vdvae_latents.latents.analyze import analyze_checkpoint
-from vdvae_latents.model.evaluation import eval_checkpoint
-from vdvae_latents.model.generate import reconstruct_images, sample_images
-from vdvae_latents.downstream.probe import plot_probe, run_probe
-from vdvae_latents.train.run_config import resolve_run_config
-from vdvae_latents.train.loop import train
+from vdvae_latents.downstream import plot_probe, run_probe
+from vdvae_latents.latents import analyze_checkpoint
+from vdvae_latents.model import eval_checkpoint, reconstruct_images, sample_images
+from vdvae_latents.stores import decode_store, encode_to_store
+from vdvae_latents.train import resolve_run_config, train
 
 console = Console(width=120)
 

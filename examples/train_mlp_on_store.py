@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdvae_latents.downstream.torch_dataset import ChunkShuffleSampler, EncodingsDataset  # noqa: E402
+from vdvae_latents.downstream import ChunkShuffleSampler, EncodingsDataset  # noqa: E402
 
 
 def evaluate(model: nn.Module, loader: DataLoader, mean: torch.Tensor, std: torch.Tensor) -> float:
