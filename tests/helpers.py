@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from vdvae_latents.cli import main
+
+
+def pixels(n: int, h: int, w: int, c: int, seed: int) -> np.ndarray:
+    """Images whose first pixel is their number, so rows can be told apart."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    return images
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -1,4 +1,5 @@
-"""Two-process KL reduction, run by tests/test_kl_analysis.py under torchrun (gloo, CPU).
+"""Two-process KL reduction: the KL part of tests/torchrun_worker.py (2 gloo ranks on CPU), checked
+by tests/test_kl_analysis.py.
 
 Every rank builds the same seeded model, fits LatentKL(posterior="mean", batch_size=1)
 on its shard ``images[rank::world]`` of a fixed uint8 array, and writes what it ends
@@ -44,13 +45,12 @@ def fixed_images() -> np.ndarray:
     return load_images("digits", split="all", limit=N_IMAGES).images
 
 
-def main(out_dir: Path) -> None:
+def run(out_dir: Path) -> None:
+    """Needs an initialised process group."""
     import torch.distributed as dist
 
     from vdvae_latents.latents.stats import LatentKL
 
-    torch.set_num_threads(1)
-    dist.init_process_group(backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model()
     images = fixed_images()[rank::world]
@@ -62,8 +62,12 @@ def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / f"rank{rank}.npz", **arrays)
     dist.barrier()
+
+
+if __name__ == "__main__":  # standalone: torchrun --nproc_per_node 2 tests/kl_ddp_worker.py OUT
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend="gloo")
+    run(Path(sys.argv[1]))
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))

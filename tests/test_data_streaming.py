@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, pixels, run_cli
 from PIL import Image
 
 from vdvae_latents.model import checkpoints as ckpt
@@ -38,13 +37,6 @@ def run_until_killed(tmp_path: Path, *args: str) -> None:
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_worker.py"), *args], stdout=err,
                               stderr=err, timeout=120, env=SUBPROCESS_ENV)
     assert proc.returncode == -9, (tmp_path / "stderr.txt").read_text()[-2000:]
-
-
-def pixels(n: int, h: int, w: int, c: int, seed: int) -> np.ndarray:
-    """Images whose first pixel is their number, so rows can be told apart."""
-    images = np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
-    images[:, 0, 0, 0] = np.arange(n) % 256
-    return images
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
@@ -245,20 +237,12 @@ def test_train_resumes_after_sigkill_mid_epoch_in_the_same_order(tmp_path):
             assert torch.equal(value, cut[part][key]), f"{part}.{key}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_gloo_ranks_read_disjoint_shards_covering_the_split(tmp_path):
-    np.save(tmp_path / "d.npy", pixels(40, 4, 4, 1, seed=5))  # train split: 32 images, 4 batches of 8
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "tests" / "data_ddp_worker.py"), str(tmp_path / "d.npy"),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_gloo_ranks_read_disjoint_shards_covering_the_split(torchrun_session):
+    """tests/data_ddp_worker.py on pixels(40, 4, 4, 1, seed=5) (train split: 32 images, 4 batches of 8), run
+    as a part of the session's one torchrun launch (tests/torchrun_worker.py)."""
+    tmp_path = torchrun_session.out / "data"
+    assert (torchrun_session.out / "data.ok").exists(), torchrun_session.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     split = sorted(ranks[0]["split"])
     assert len(split) == 32

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from PIL import Image
 from vdvae_latents.cli import main
 from vdvae_latents.stores import writer as stores
 from vdvae_latents.model.inputs import prepare_batch
-from vdvae_latents.model.checkpoints import load_checkpoint, load_model, save_checkpoint
+from vdvae_latents.model.checkpoints import load_model
 from vdvae_latents.data import load_images
 from vdvae_latents.latents.encoder import Encoder
 from vdvae_latents.latents.active_set import ActiveSet, build_active_set
@@ -73,19 +72,11 @@ def _train(run_dir: Path, steps: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def ckpt(encode_checkpoint) -> Path:
     """A 30-step checkpoint whose EMA posterior biases are randomised (so the KL of the
-    variates is far from zero and well separated, and the posterior means carry signal)."""
-    path = _train(tmp_path_factory.mktemp("enc") / "run", 30)
-    payload = load_checkpoint(path)
-    g = torch.Generator().manual_seed(1)
-    for key, value in payload["ema"].items():
-        if key.endswith("posterior_params.bias"):
-            payload["ema"][key] = value + torch.randn(value.shape, generator=g) * 0.7
-    for key in ("format", "format_version"):
-        payload.pop(key, None)
-    save_checkpoint(path, payload)
-    return path
+    variates is far from zero and well separated, and the posterior means carry signal); made
+    once per session (tests/conftest.py), shared with the torchrun launch. Read-only."""
+    return encode_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -865,24 +856,14 @@ def test_decode_refuses_a_store_whose_dims_do_not_fit_its_checkpoint(capsys, tmp
 # ----------------------------------------------------------------------------- 8. two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_process_encode_equals_one_process(tmp_path, run_dir, ref_dir):
-    single = ref_dir / "single32.zarr"
-    if not single.exists():
-        encode_quietly(run_dir, single, "--keep", "25%", "--chunk-rows", "32")
-    out = tmp_path / "ddp.zarr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "vdvae_latents", "encode", str(run_dir), "--data", "digits",
-           "--split", "test", "--keep", "25%", "--out", str(out), "--chunk-rows", "32", "--device", "cpu", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_process_encode_equals_one_process(tmp_path, torchrun_session):
+    """`python -m vdvae_latents encode` on two torchrun ranks (the last part of the session's one torchrun
+    launch, tests/torchrun_worker.py) against the same command in one process."""
+    run_dir, out = torchrun_session.encode_run, torchrun_session.encode_out
+    assert torchrun_session.returncode == 0, torchrun_session.stderr[-3000:]
+    single = tmp_path / "single32.zarr"
+    encode_quietly(run_dir, single, "--keep", "25%", "--chunk-rows", "32")
 
     a, b = raw_arrays(out), raw_arrays(single)
     assert sorted(a) == sorted(b)

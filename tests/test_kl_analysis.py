@@ -12,10 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -663,21 +659,12 @@ class TestLoadRejects:
 # ------------------------------------------------------------------------ two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 class TestDistributedReduction:
-    def test_two_process_gloo_reduction_equals_single_process(self, tmp_path):
-        out_dir = tmp_path / "ddp"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(ROOT / "tests" / "kl_ddp_worker.py"), str(out_dir)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def test_two_process_gloo_reduction_equals_single_process(self, torchrun_session):
+        """tests/kl_ddp_worker.py, run as a part of the session's one torchrun launch (tests/torchrun_worker.py)."""
+        out_dir = torchrun_session.out / "kl"
+        assert (torchrun_session.out / "kl.ok").exists(), torchrun_session.stderr[-3000:]
 
         images = worker.fixed_images()
         assert len(images) == worker.N_IMAGES == 64

@@ -6,9 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +19,6 @@ from vdvae_latents.train.run_config import RunConfig, dump_toml, load_run_config
 from vdvae_latents.train.config import TrainConfig
 from vdvae_latents.train.step import EMA
 from vdvae_latents.train.loop import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def tiny_run(**train_changes) -> RunConfig:
     run = resolve_run_config(preset="tiny", data="digits")
@@ -249,21 +243,12 @@ class TestUpdateSkipping:
         assert result.skips == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 class TestDistributed:
-    def test_two_process_gloo_ranks_end_identical(self, tmp_path):
-        run_dir = tmp_path / "ddp"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(ROOT / "tests" / "ddp_worker.py"), str(run_dir)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def test_two_process_gloo_ranks_end_identical(self, torchrun_session):
+        """tests/ddp_worker.py, run as a part of the session's one torchrun launch (tests/torchrun_worker.py)."""
+        run_dir = torchrun_session.out / "train"
+        assert (torchrun_session.out / "train.ok").exists(), torchrun_session.stderr[-3000:]
         digests = [(run_dir / f"rank{r}.json").read_text() for r in range(2)]
         assert json.loads(digests[0]) == json.loads(digests[1])
         payload = final_state(run_dir)
