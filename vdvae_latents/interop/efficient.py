@@ -38,13 +38,15 @@ from typing import Any
 import torch
 
 from ..core.errors import CheckpointError, ConfigError
-from ..model.checkpoints import file_sha256, read_torch_file
+from ..model.checkpoints import file_sha256
 from ..model.config import ModelConfig
 from .hparams_cfg import read_hparams
 from .run_dir import write_imported_run
+from .weights import WeightMap, from_vdvl, mol_channel_order, read_weight_file, to_vdvl
 
 __all__ = ["SOURCE_KIND", "OfficialLayout", "official_layout", "config_from_hparams", "official_to_vdvl_keys",
-           "load_official_checkpoint", "convert_state", "to_official_state", "import_efficient_vdvae"]
+           "official_weight_map", "load_official_checkpoint", "convert_state", "to_official_state",
+           "import_efficient_vdvae"]
 
 SOURCE_KIND = "efficient-vdvae"
 MNIST_PAD = 2  # the official Bernoulli loss scores pixels [2:30] of the 32x32 input
@@ -132,10 +134,35 @@ def official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
 
 
 def _official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
-    data = hp.get("data", {})
     target = _model_value(hp, "target_res", "data", int)
     channels = _model_value(hp, "channels", "data", int)
-    binary = data.get("dataset_source") == "binarized_mnist"
+    binary = hp.get("data", {}).get("dataset_source") == "binarized_mnist"
+    strides = _up_strides(hp)
+    _check_fixed_settings(hp, len(strides), binary=binary, target=target, channels=channels)
+    res_of_block, resolutions = _block_resolutions(target, strides)
+    found: dict[str, dict[int, set]] = {}  # per setting, per resolution index: the values its blocks have
+    up_groups, up_at = _top_down_groups(hp, strides[::-1], resolutions, found)
+    down_groups, down_at = _bottom_up_blocks(hp, strides, res_of_block, resolutions, up_groups, found)
+    width = _one_per_resolution(found["width"], "up_filters/down_filters", resolutions)
+    options = _output_options(hp, binary)
+    try:
+        cfg = ModelConfig(
+            image_size=target, channels=channels, resolutions=resolutions,
+            up_blocks=[sum(g) for g in up_groups], down_blocks=[sum(g) for g in down_groups],
+            widths=width, skip_widths=width,
+            bottleneck=_one_per_resolution(found["bottleneck"], "up_mid_filters_ratio/down_mid_filters_ratio",
+                                           resolutions),
+            variates=_one_per_resolution(found["variates"], "down_latent_variates", resolutions),
+            latent_beta=_model_value(hp, "gradient_smoothing_beta", kind=float),
+            up_skip_groups=up_groups, down_skip_groups=down_groups, output_gain=False, init="xavier",
+            name=str(hp.get("run", {}).get("name", "efficient-vdvae")), **options)
+    except ConfigError as exc:
+        raise ConfigError(f"hparams file describes a model vdvl cannot build: {str(exc).rstrip('.')}.") from None
+    return OfficialLayout(cfg, down_at, up_at, strides, binary)
+
+
+def _up_strides(hp: dict) -> list[int]:
+    """``up_strides`` (bottom-up order), checked to be ``down_strides`` reversed."""
     up_strides = _model_value(hp, "up_strides")
     if not isinstance(up_strides, (list, tuple)) or not up_strides:
         raise ConfigError("hparams value 'model.up_strides' must be a non-empty list.")
@@ -143,6 +170,11 @@ def _official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
     up_strides = _per_block(hp, "up_strides", k_up)
     down_strides = _per_block(hp, "down_strides", k_up)
     _require(down_strides == up_strides[::-1], "down_strides", "is not up_strides reversed")
+    return up_strides
+
+
+def _check_fixed_settings(hp: dict, k_up: int, *, binary: bool, target: int, channels: int) -> None:
+    """The settings for which vdvl's model has one value only."""
     for key in ("up_n_blocks", "down_n_blocks"):
         _require(all(b == 1 for b in _per_block(hp, key, k_up)), key, "is not 1 everywhere")
     for key in ("up_n_layers", "down_n_layers"):
@@ -157,105 +189,107 @@ def _official_layout(hp: dict[str, dict[str, Any]]) -> OfficialLayout:
     else:
         _require(channels == 3, "channels", "is not 3 (the official mixture of logistics is RGB only)")
 
-    # ---- bottom-up: walk the blocks from the image down, recording resolutions and widths
-    n_up_extra = _per_block(hp, "up_n_blocks_per_res", k_up)
-    up_filters = _per_block(hp, "up_filters", k_up)
-    in_up = [_model_value(hp, "input_conv_filters", kind=int)] + up_filters[:-1]
+
+def _block_resolutions(target: int, up_strides: list[int]) -> tuple[list[int], list[int]]:
+    """The resolution each bottom-up block runs at, from the image down, and all resolutions (ascending)."""
     res, res_of_block = target, []
     for j, stride in enumerate(up_strides):
         res_of_block.append(res)
         if stride < 1 or res % stride:
             raise ConfigError(f"hparams value 'model.up_strides' does not divide the resolution {res} at block {j}.")
         res //= stride
-    resolutions = sorted(set(res_of_block) | {res})
     if res not in res_of_block:
         raise ConfigError("hparams value 'model.up_strides' leaves no block at the lowest resolution.")
-    index = {r: i for i, r in enumerate(resolutions)}
+    return res_of_block, sorted(set(res_of_block))
 
-    # ---- top-down: groups from the lowest resolution up
-    n_down_extra = _per_block(hp, "down_n_blocks_per_res", k_up)
-    down_filters = _per_block(hp, "down_filters", k_up)
-    in_down = [down_filters[0]] + down_filters[:-1]
-    widths: dict[int, set] = {}
-    bottlenecks: dict[int, set] = {}
-    variates: dict[int, set] = {}
-    up_groups: list[list[int]] = [[] for _ in resolutions]
-    up_blocks_at: list[tuple[int, int, int]] = []
+
+def _note(found: dict[str, dict[int, set]], i: int, **values: Any) -> None:
+    """Record the values of one block at resolution index ``i`` (vdvl has one per resolution)."""
+    for key, value in values.items():
+        found.setdefault(key, {}).setdefault(i, set()).add(value)
+
+
+def _top_down_groups(hp: dict, down_strides: list[int], resolutions: list[int], found: dict
+                     ) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+    """Top-down groups from the lowest resolution up: vdvl's ``up_skip_groups`` (blocks per
+    group, per resolution) and, per group, (resolution index, first block there, blocks)."""
+    k = len(down_strides)
+    n_extra = _per_block(hp, "down_n_blocks_per_res", k)
+    filters = _per_block(hp, "down_filters", k)
+    in_filters = [filters[0]] + filters[:-1]
+    ratio = _per_block(hp, "down_mid_filters_ratio", k, float)
+    kernel = _per_block(hp, "down_kernel_size", k, _kernel)
+    variates = _per_block(hp, "down_latent_variates", k)
+    groups: list[list[int]] = [[] for _ in resolutions]
+    blocks_at: list[tuple[int, int, int]] = []
     res = resolutions[0]
-    down_ratio = _per_block(hp, "down_mid_filters_ratio", k_up, float)
-    down_kernel = _per_block(hp, "down_kernel_size", k_up, _kernel)
-    down_variates = _per_block(hp, "down_latent_variates", k_up)
     for g, stride in enumerate(down_strides):
         res *= stride
-        i = index[res]
+        i = resolutions.index(res)
         if stride == 1:
-            _require(in_down[g] == down_filters[g], "down_filters", f"changes width without upsampling at block {g}")
-        widths.setdefault(i, set()).add(down_filters[g])
-        bottlenecks.setdefault(i, set()).add(down_ratio[g])
-        variates.setdefault(i, set()).add(down_variates[g])
-        _require(down_kernel[g] == (3 if res > 1 else 1), "down_kernel_size",
-                 f"is not 3 (1 at 1x1) at block {g}")
-        size = 1 + n_down_extra[g]
-        up_blocks_at.append((i, sum(up_groups[i]), size))
-        up_groups[i].append(size)
+            _require(in_filters[g] == filters[g], "down_filters", f"changes width without upsampling at block {g}")
+        _note(found, i, width=filters[g], bottleneck=ratio[g], variates=variates[g])
+        _require(kernel[g] == (3 if res > 1 else 1), "down_kernel_size", f"is not 3 (1 at 1x1) at block {g}")
+        size = 1 + n_extra[g]
+        blocks_at.append((i, sum(groups[i]), size))
+        groups[i].append(size)
+    return groups, blocks_at
 
-    # bottom-up blocks, with their skip group numbered in top-down order at their resolution
-    up_ratio = _per_block(hp, "up_mid_filters_ratio", k_up, float)
-    up_kernel = _per_block(hp, "up_kernel_size", k_up, _kernel)
-    skip_filters = _per_block(hp, "up_skip_filters", k_up)
-    down_groups: list[list[int]] = [[0] * len(g) for g in up_groups]
-    seen = [0] * len(resolutions)
-    cells_so_far = [0] * len(resolutions)
-    down_blocks_at: list[tuple[int, int, int, int]] = []
+
+def _bottom_up_blocks(hp: dict, up_strides: list[int], res_of_block: list[int], resolutions: list[int],
+                      up_groups: list[list[int]], found: dict
+                      ) -> tuple[list[list[int]], list[tuple[int, int, int, int]]]:
+    """Bottom-up blocks, each with its skip group numbered in top-down order at its resolution:
+    vdvl's ``down_skip_groups`` (cells per skip, per resolution) and, per block, (resolution
+    index, skip group, first cell, cells)."""
+    k = len(up_strides)
+    n_extra = _per_block(hp, "up_n_blocks_per_res", k)
+    filters = _per_block(hp, "up_filters", k)
+    in_filters = [_model_value(hp, "input_conv_filters", kind=int)] + filters[:-1]
+    ratio = _per_block(hp, "up_mid_filters_ratio", k, float)
+    kernel = _per_block(hp, "up_kernel_size", k, _kernel)
+    skip_filters = _per_block(hp, "up_skip_filters", k)
+    groups: list[list[int]] = [[0] * len(g) for g in up_groups]
+    seen, cells_so_far = [0] * len(resolutions), [0] * len(resolutions)
+    blocks_at: list[tuple[int, int, int, int]] = []
     for j, stride in enumerate(up_strides):
-        i = index[res_of_block[j]]
-        k = len(up_groups[i]) - 1 - seen[i]
-        if k < 0:
+        i = resolutions.index(res_of_block[j])
+        skip = len(up_groups[i]) - 1 - seen[i]
+        if skip < 0:
             raise ConfigError("hparams values 'model.up_strides' and 'model.down_strides' give resolution "
                               f"{resolutions[i]} different numbers of skips.")
         seen[i] += 1
-        cells = n_up_extra[j] + 1
-        down_blocks_at.append((i, k, cells_so_far[i], cells))
+        cells = n_extra[j] + 1
+        blocks_at.append((i, skip, cells_so_far[i], cells))
         cells_so_far[i] += cells
-        down_groups[i][k] = cells
-        widths.setdefault(i, set()).add(in_up[j])
-        bottlenecks.setdefault(i, set()).add(up_ratio[j])
-        _require(stride > 1 or up_filters[j] == in_up[j], "up_filters", f"changes width without pooling at block {j}")
-        _require(skip_filters[j] == in_up[j], "up_skip_filters",
+        groups[i][skip] = cells
+        _note(found, i, width=in_filters[j], bottleneck=ratio[j])
+        _require(stride > 1 or filters[j] == in_filters[j], "up_filters", f"changes width without pooling at block {j}")
+        _require(skip_filters[j] == in_filters[j], "up_skip_filters",
                  f"differs from the block's width at block {j} (the official posterior assumes they are equal)")
-        _require(up_kernel[j] == (3 if res_of_block[j] > 1 else 1), "up_kernel_size",
-                 f"is not 3 (1 at 1x1) at block {j}")
+        _require(kernel[j] == (3 if res_of_block[j] > 1 else 1), "up_kernel_size", f"is not 3 (1 at 1x1) at block {j}")
     if seen != [len(g) for g in up_groups]:
         raise ConfigError("hparams values 'model.up_strides' and 'model.down_strides' give the resolutions "
                           "different numbers of skips.")
+    return groups, blocks_at
 
-    width = _one_per_resolution(widths, "up_filters/down_filters", resolutions)
+
+def _output_options(hp: dict, binary: bool) -> dict[str, Any]:
+    """ModelConfig's likelihood and input settings: the official mixture of logistics, or
+    binarized MNIST's Bernoulli output on the padded {0, 1} input."""
     output_base = _model_value(hp, "output_distribution_base")
     _require(output_base in ("std", "logstd"), "output_distribution_base", "is neither 'std' nor 'logstd'")
-    options = {} if binary else dict(
-        n_mixtures=_model_value(hp, "num_output_mixtures", kind=int),
+    if binary:  # {-1, 1} data -> the official {0, 1} input
+        return dict(output="bernoulli", pad=MNIST_PAD, n_bits=8, input_shift=1.0, input_scale=0.5)
+    options = dict(
+        output="mol", pad=0, n_mixtures=_model_value(hp, "num_output_mixtures", kind=int),
         mol_scale="softplus" if output_base == "std" else "logstd", mol_tail="pixelcnn",
         mol_log_scale_floor=_model_value(hp, "min_mol_logscale", "loss", float),
-        output_beta=_model_value(hp, "output_gradient_smoothing_beta", kind=float))
-    n_bits = 8 if binary else _model_value(hp, "num_bits", "data", int)
-    if binary:  # {-1, 1} data -> the official {0, 1} input
-        options.update(input_shift=1.0, input_scale=0.5)
-    elif n_bits < 8:
+        output_beta=_model_value(hp, "output_gradient_smoothing_beta", kind=float),
+        n_bits=_model_value(hp, "num_bits", "data", int))
+    if options["n_bits"] < 8:
         options.update(bit_reduction="truncate-all")
-    try:
-        cfg = ModelConfig(
-            image_size=target, channels=channels, n_bits=n_bits,
-            output="bernoulli" if binary else "mol", pad=MNIST_PAD if binary else 0,
-            resolutions=resolutions, up_blocks=[sum(g) for g in up_groups], down_blocks=[sum(g) for g in down_groups],
-            widths=width, skip_widths=width, bottleneck=_one_per_resolution(bottlenecks, "up_mid_filters_ratio/down_mid_filters_ratio",
-                                                                           resolutions),
-            variates=_one_per_resolution(variates, "down_latent_variates", resolutions),
-            latent_beta=_model_value(hp, "gradient_smoothing_beta", kind=float),
-            up_skip_groups=up_groups, down_skip_groups=down_groups, output_gain=False, init="xavier",
-            name=str(hp.get("run", {}).get("name", "efficient-vdvae")), **options)
-    except ConfigError as exc:
-        raise ConfigError(f"hparams file describes a model vdvl cannot build: {str(exc).rstrip('.')}.") from None
-    return OfficialLayout(cfg, down_blocks_at, up_blocks_at, up_strides, binary)
+    return options
 
 
 def config_from_hparams(hp: dict[str, dict[str, Any]]) -> ModelConfig:
@@ -303,16 +337,19 @@ def official_to_vdvl_keys(layout: OfficialLayout) -> dict[str, str]:
     return keys
 
 
-def _mol_permutation(m: int, c: int) -> torch.Tensor:
-    """Index into the official output channels for each of vdvl's MoL head channels."""
-    def official(channel: int, part: int, k: int) -> int:  # part: 0 means, 1 log-scales, 2 coefficients
-        return m + channel * 3 * m + part * m + k
+def official_weight_map(layout: OfficialLayout) -> WeightMap:
+    """:func:`official_to_vdvl_keys` for the shared import path; unpool biases may be absent."""
+    pairs = tuple((official, name) for name, official in official_to_vdvl_keys(layout).items())
+    return WeightMap(layout.cfg, pairs, model="the --config model", hint=" (is the .cfg the run's own?)",
+                     optional=_made_by_first_forward)
 
-    order = list(range(m))
-    order += [official(ch, 0, k) for k in range(m) for ch in range(c)]
-    order += [official(ch, 1, k) for k in range(m) for ch in range(c)]
-    order += [official(j, 2, k) for k in range(m) for j in range(3)]
-    return torch.tensor(order)
+
+def _made_by_first_forward(official: str) -> bool:
+    """The official code creates the unpool's scale_bias in its first forward pass (zeros until then)."""
+    return official.endswith("unpool.scale_bias")
+
+
+_mol_permutation = mol_channel_order  # the conformance test's name for it
 
 
 def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *, which: str = "model",
@@ -322,53 +359,12 @@ def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *, whi
     Raises CheckpointError naming ``source`` and the first tensor that is missing,
     unexpected or of the wrong shape for the configuration.
     """
-    from ..model.vae import VAE
-
-    with torch.device("meta"):
-        expected = VAE(layout.cfg).state_dict()
-    keys = official_to_vdvl_keys(layout)
-    if set(keys) != set(expected):  # a bug in the mapping, not the user's file
-        raise RuntimeError(f"official key mapping does not cover the model: {sorted(set(expected) ^ set(keys))[:3]}")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    unexpected = sorted(set(state) - set(keys.values()))
-    if unexpected:
-        raise CheckpointError(f"{source} has {which} tensor '{unexpected[0]}', which the --config model "
-                              "does not have (is the .cfg the run's own?).")
-    out, filled = {}, []
-    for name, official in keys.items():
-        tensor = state.get(official)
-        if tensor is None and official.endswith("unpool.scale_bias"):
-            tensor = torch.zeros(expected[name].shape)  # created by the official code's first forward pass
-            filled.append(official)
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{source} lacks {which} tensor '{official}', which the --config model "
-                                  "needs (is the .cfg the run's own?).")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{source} has {which} tensor '{official}' of shape {tuple(tensor.shape)}, but the "
-                                  f"--config model needs {tuple(expected[name].shape)} (is the .cfg the run's own?).")
-        out[name] = tensor
-    _to_vdvl_conventions(out, layout)
-    return out, filled
-
-
-def _to_vdvl_conventions(state: dict[str, torch.Tensor], layout: OfficialLayout) -> None:
-    """In place: the MoL channels reordered (binary models need nothing: see input_shift)."""
-    cfg = layout.cfg
-    if not layout.binary:
-        perm = _mol_permutation(cfg.n_mixtures, cfg.channels)
-        state["head.out.weight"] = state["head.out.weight"][perm]
-        state["head.out.bias"] = state["head.out.bias"][perm]
+    return to_vdvl(state, official_weight_map(layout), source, f"{which} tensor")
 
 
 def to_official_state(state: dict[str, torch.Tensor], layout: OfficialLayout) -> dict[str, torch.Tensor]:
     """The inverse of :func:`convert_state`: vdvl weights under the official names and layout."""
-    state = dict(state)
-    if not layout.binary:
-        inverse = torch.argsort(_mol_permutation(layout.cfg.n_mixtures, layout.cfg.channels))
-        state["head.out.weight"] = state["head.out.weight"][inverse]
-        state["head.out.bias"] = state["head.out.bias"][inverse]
-    return {official: state[name] for name, official in official_to_vdvl_keys(layout).items()}
+    return from_vdvl(state, official_weight_map(layout))
 
 
 # --------------------------------------------------------------------------- import
@@ -376,7 +372,7 @@ def to_official_state(state: dict[str, torch.Tensor], layout: OfficialLayout) ->
 
 def load_official_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read an official checkpoint with the safe loader and check it is one."""
-    payload = read_torch_file(path)
+    payload = read_weight_file(path, "Checkpoint file")
     if not isinstance(payload, dict) or not isinstance(payload.get("model_state_dict"), dict):
         raise CheckpointError(f"Checkpoint file {path} is not an official Efficient-VDVAE checkpoint "
                               "(it has no 'model_state_dict').")
@@ -401,20 +397,19 @@ def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: 
     hp = read_hparams(config)
     layout = official_layout(hp)
     payload = load_official_checkpoint(checkpoint)
-    where = f"Checkpoint file {checkpoint}"
-    weights, filled = convert_state(payload["model_state_dict"], layout, source=where)
+    mapping, where = official_weight_map(layout), f"Checkpoint file {checkpoint}"
+    weights, filled = to_vdvl(payload["model_state_dict"], mapping, where, "model tensor")
     ema_state = payload.get("ema_model_state_dict")
     ema, ema_filled = ((None, []) if not isinstance(ema_state, dict)
-                       else convert_state(ema_state, layout, which="EMA", source=where))
+                       else to_vdvl(ema_state, mapping, where, "EMA tensor"))
     step = payload.get("global_step", 0)
     step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
     step = max(int(step), 0) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
-    keys = official_to_vdvl_keys(layout)
     source = {
         "kind": SOURCE_KIND,
         "files": {"checkpoint": {"path": str(checkpoint.resolve()), "sha256": file_sha256(checkpoint)},
                   "hparams": {"path": str(config.resolve()), "sha256": file_sha256(config)}},
-        "key_mapping": keys,
+        "key_mapping": {name: official for official, name in mapping.pairs},
         "transforms": {"head.out": "mixture-of-logistics channels reordered from the PixelCNN++ layout"}
         if not layout.binary else {"input": "input_shift=1, input_scale=0.5: the official {0, 1} input"},
         "zero_filled": sorted(set(filled) | set(ema_filled)),

@@ -12,9 +12,7 @@ ever executed.
 
 from __future__ import annotations
 
-import pickle
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,10 @@ from ..model.openai_hps import (
     openai_layout,
     parse_blocks,
 )
-from ..model.vae import VAE
 from ..train.presets import PRESETS
 from .run_dir import write_imported_run
+from .weights import WeightMap, from_vdvl, has_ddp_prefix, mol_channel_order, read_weight_file, to_vdvl
 
-_DDP_PREFIX = "module."
 _STEP_IN_NAME = re.compile(r"iter-(\d+)-model(?:-ema)?\.th$")
 
 
@@ -46,21 +43,7 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
             truncated or not a PyTorch file, or is not a flat dict of tensors.
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"weight file {p} does not exist or is not a file.")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
-            warnings.simplefilter("ignore")
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
-            raise CheckpointError(f"weight file {p} holds Python objects besides tensors and was refused "
-                                  "(loading it would run code).") from exc
-        raise CheckpointError(f"weight file {p} is not a PyTorch weight file.") from exc
-    except PermissionError as exc:
-        raise CheckpointError(f"weight file {p} cannot be read ({exc.strerror or exc}).") from exc
-    except Exception as exc:  # noqa: BLE001 - torch reports damage as OSError, RuntimeError, EOFError, KeyError, ...
-        raise CheckpointError(f"weight file {p} is not a readable PyTorch file (it may be truncated).") from exc
+    state = read_weight_file(p)
     if not isinstance(state, dict):
         raise CheckpointError(f"weight file {p} holds a {type(state).__name__}, not a dict of named tensors.")
     for key, value in state.items():
@@ -69,44 +52,19 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``module.`` prefix of a DistributedDataParallel state dict (all keys or none)."""
-    if state and all(k.startswith(_DDP_PREFIX) for k in state):
-        return {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
-    return state
+def openai_weight_map(hps: str | OpenAIHps) -> WeightMap:
+    """:func:`openai_key_map` for the shared import path (errors name ``--hps``)."""
+    h = get_openai_hps(hps)
+    return WeightMap(openai_config(h), tuple(openai_key_map(h)), model=f"--hps {h.name}",
+                     hint=" (are the weights from another --hps?)")
 
 
-def check_openai_state(state: dict[str, torch.Tensor], hps: str | OpenAIHps, path: Path) -> None:
-    """Raise naming the first tensor where ``state`` differs from openai's ``--hps`` model."""
-    hps = get_openai_hps(hps)
-    cfg = openai_config(hps)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in VAE(cfg).state_dict().items()}
-    pairs = openai_key_map(hps)
-    for src, dst in pairs:
-        if src not in state:
-            raise CheckpointError(f"weight file {path} has no tensor '{src}', which --hps {hps.name} needs "
-                                  "(are the weights from another --hps?).")
-        if state[src].shape != shapes[dst]:
-            raise CheckpointError(f"weight file {path} has tensor '{src}' of shape {list(state[src].shape)}, "
-                                  f"but --hps {hps.name} expects {list(shapes[dst])}.")
-    known = {src for src, _ in pairs}
-    extra = [k for k in state if k not in known]
-    if extra:
-        raise CheckpointError(f"weight file {path} has tensor '{extra[0]}', which --hps {hps.name} does not have.")
-
-
-def _load_openai(path: str | Path, hps: OpenAIHps) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _load_openai(path: str | Path, mapping: WeightMap) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """vdvl weights from one openai file, and the file's provenance record."""
     p = Path(path)
     raw = read_tensor_file(p)
-    state = _strip_ddp(raw)
-    check_openai_state(state, hps, p)
-    for name, t in state.items():
-        if not t.is_floating_point():
-            raise CheckpointError(f"weight file {p} has tensor '{name}' of type {t.dtype}, not floating point.")
-    record = {"file": str(p), "sha256": file_sha256(p), "ddp_prefix": len(raw) > 0 and raw is not state}
-    return openai_to_vdvl(state, hps), record
+    weights, _ = to_vdvl(raw, mapping, f"weight file {p}")
+    return weights, {"file": str(p), "sha256": file_sha256(p), "ddp_prefix": has_ddp_prefix(raw)}
 
 
 def import_openai_vdvae(model_path: str | Path, *, hps: str | OpenAIHps, run_dir: str | Path,
@@ -128,9 +86,10 @@ def import_openai_vdvae(model_path: str | Path, *, hps: str | OpenAIHps, run_dir
         A summary: run directory, checkpoint, preset, parameter count, step, sha256s.
     """
     h = get_openai_hps(hps)
-    cfg = openai_config(h)
-    weights, model_record = _load_openai(model_path, h)
-    ema, ema_record = _load_openai(ema_path, h) if ema_path is not None else (None, None)
+    mapping = openai_weight_map(h)
+    cfg = mapping.cfg
+    weights, model_record = _load_openai(model_path, mapping)
+    ema, ema_record = _load_openai(ema_path, mapping) if ema_path is not None else (None, None)
     if step is None:
         match = _STEP_IN_NAME.search(Path(model_path).name)
         step = int(match.group(1)) if match else 0
@@ -141,7 +100,7 @@ def import_openai_vdvae(model_path: str | Path, *, hps: str | OpenAIHps, run_dir
         "hps": h.as_dict(),
         "model_file": model_record,
         "ema_file": ema_record,
-        "mapping": {src: dst for src, dst in openai_key_map(h)},
+        "mapping": dict(mapping.pairs),
         "notes": "head.out takes decoder.out_net.out_conv's channels reordered from PixelCNN++'s "
                  "per-colour layout to vdvl's (interop.openai.mol_channel_order)",
     }
@@ -157,7 +116,7 @@ def import_openai_vdvae(model_path: str | Path, *, hps: str | OpenAIHps, run_dir
     }
 
 
-__all__ = ["import_openai_vdvae", "read_tensor_file", "check_openai_state", "openai_key_map", "mol_channel_order",
+__all__ = ["import_openai_vdvae", "read_tensor_file", "openai_weight_map", "openai_key_map", "mol_channel_order",
            "openai_to_vdvl", "vdvl_to_openai"]
 
 
@@ -198,39 +157,11 @@ def openai_key_map(name: str | OpenAIHps) -> list[tuple[str, str]]:
     return pairs
 
 
-def mol_channel_order(n_mixtures: int, channels: int = 3) -> torch.Tensor:
-    """For each output channel of vdvl's MoL head, the reference channel it takes.
-
-    vdvl's head emits [logits (M) | means (M x C) | scales (M x C) | coeffs (M x 3)],
-    mixture-major; openai/vdvae and Efficient-VDVAE emit PixelCNN++'s [logits (M) |
-    per colour c: means (M), log-scales (M), coeffs (M)], where colour c's coefficient
-    block is vdvl's coefficient c. ``vdvl_out = reference_out[order]``.
-    """
-    if channels != 3:
-        raise ValueError("the PixelCNN++ channel layout is defined for RGB only")
-    m = n_mixtures
-    order = list(range(m))
-    order += [m + c * 3 * m + j for j in range(m) for c in range(3)]            # means
-    order += [m + c * 3 * m + m + j for j in range(m) for c in range(3)]        # log-scales
-    order += [m + k * 3 * m + 2 * m + j for j in range(m) for k in range(3)]    # coeffs
-    return torch.tensor(order)
-
-
 def openai_to_vdvl(state: dict[str, torch.Tensor], name: str | OpenAIHps) -> dict[str, torch.Tensor]:
-    """openai/vdvae weights (no ``module.`` prefix, names and shapes already checked) as vdvl's."""
-    order = mol_channel_order(get_openai_hps(name).num_mixtures)
-    out = {}
-    for src, dst in openai_key_map(name):
-        t = state[src]
-        out[dst] = t[order].contiguous() if src.startswith("decoder.out_net.") else t
-    return out
+    """openai/vdvae weights (``module.`` prefixes dropped) as vdvl's; the first mismatching tensor is named."""
+    return to_vdvl(state, openai_weight_map(name), "the openai state dict")[0]
 
 
 def vdvl_to_openai(state: dict[str, torch.Tensor], name: str | OpenAIHps) -> dict[str, torch.Tensor]:
     """The inverse of :func:`openai_to_vdvl`: a vdvl state dict in openai/vdvae's names and layout."""
-    inverse = torch.argsort(mol_channel_order(get_openai_hps(name).num_mixtures))
-    out = {}
-    for src, dst in openai_key_map(name):
-        t = state[dst]
-        out[src] = t[inverse].contiguous() if src.startswith("decoder.out_net.") else t
-    return out
+    return from_vdvl(state, openai_weight_map(name))

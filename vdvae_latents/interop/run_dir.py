@@ -41,7 +41,7 @@ def write_imported_run(run_dir: str | Path, cfg: ModelConfig, weights: dict[str,
     run_dir = Path(run_dir)
     if ckpt.list_checkpoints(run_dir):
         raise CheckpointError(f"run directory {run_dir} already holds checkpoints; choose an empty --run-dir.")
-    expected = _meta_state(cfg)
+    expected = meta_state_dict(cfg)
     for which, state in (("model", weights), ("ema", ema_weights)):
         if state is None:
             continue
@@ -65,10 +65,10 @@ def write_imported_run(run_dir: str | Path, cfg: ModelConfig, weights: dict[str,
     return ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, int(step)), payload)
 
 
-def _meta_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's state dict with shapes only (no memory): enough to check names and shapes."""
     with torch.device("meta"):
         return VAE(cfg).state_dict()
 
 
-__all__ = ["write_imported_run"]
+__all__ = ["write_imported_run", "meta_state_dict"]
