@@ -10,27 +10,27 @@ writing into it):
   (tests/torchrun_worker.py).
 - ``gpu_check_dry_run``: ``benchmarks/gpu_check.sh --dry-run`` (tests/test_gpu_check.py).
 
-The last two are subprocesses that leave the pytest process idle. When the session's tests need
-them they start in the background as the session begins (one after the other, on the core the
-single-threaded pytest process leaves free), and a test waits for the result when it gets there.
+The last two are subprocess fixtures (tests/background.py): when the session's tests use them
+they start in the background as the session begins, on the core the single-threaded pytest
+process leaves free, and a test waits for the result when it gets there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
+import socket
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import pixels
+
+import background
+from background import subprocess_fixture
+from helpers import copy_run, pixels, rewrite_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -59,12 +59,6 @@ def one_thread():
         yield
 
 
-def copy_run(src: Path, dst: Path) -> Path:
-    """A private copy of a (session) run directory, to write into."""
-    shutil.copytree(src, dst)
-    return dst
-
-
 # ----------------------------------------------------------------------------- trained runs
 
 
@@ -86,28 +80,6 @@ def tiny_digits_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def rewrite_checkpoint(path: Path, *, spread_posterior_biases: float | None = None, seed: int = 1,
-                       drop_optimizer: bool = False) -> Path:
-    """Rewrite a checkpoint in place: optionally add N(0, spread^2) noise to the EMA posterior
-    biases (so the KL of the variates is far from zero and well separated, and the posterior
-    means carry signal), optionally without the optimizer state (which nothing but resuming
-    reads; without it the file loads about 2.5x faster)."""
-    from vdvae_latents.model.checkpoints import load_checkpoint, save_checkpoint
-
-    payload = load_checkpoint(path)
-    if spread_posterior_biases is not None:
-        g = torch.Generator().manual_seed(seed)
-        for key, value in payload["ema"].items():
-            if key.endswith("posterior_params.bias"):
-                payload["ema"][key] = value + torch.randn(value.shape, generator=g) * spread_posterior_biases
-    if drop_optimizer:
-        payload.pop("optimizer", None)
-    for key in ("format", "format_version"):
-        payload.pop(key, None)
-    save_checkpoint(path, payload)
-    return path
-
-
 @pytest.fixture(scope="session")
 def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
     """The 30-step checkpoint with its EMA posterior biases spread out (N(0, 0.7^2), seed 1) and
@@ -121,132 +93,39 @@ def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- background subprocesses
 
 
-class _Job:
-    """A subprocess a test asks for the result of; it runs at most once per session.
-
-    ``prepare(**args)`` (called on the main thread) makes its folder and returns
-    ``(argv, cwd, env, timeout, extra fields for the result)``; ``run`` may then be called on
-    another thread, and ``result`` waits for it (or runs it, when nothing started it).
-    """
-
-    def __init__(self, prepare) -> None:
-        self._prepare = prepare
-        self._spec = None
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
-        self._result: SimpleNamespace | None = None
-
-    def prepare(self, **args) -> None:
-        if self._spec is None:
-            self._spec = self._prepare(**args)
-
-    def run(self) -> SimpleNamespace:
-        with self._lock:
-            if self._result is None:
-                argv, cwd, env, timeout, extra = self._spec
-                try:
-                    self._proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.PIPE, text=True)
-                    try:
-                        out, err = self._proc.communicate(timeout=timeout)
-                    except subprocess.TimeoutExpired:
-                        self._proc.kill()
-                        out, err = self._proc.communicate()
-                        err += f"\n(killed after {timeout} s)"
-                    self._result = SimpleNamespace(returncode=self._proc.returncode, stdout=out, stderr=err, **extra)
-                except BaseException as exc:  # noqa: BLE001 - reported to the test that asks
-                    self._result = SimpleNamespace(returncode=None, stdout="", stderr=repr(exc), **extra)
-            return self._result
-
-    def result(self, **args) -> SimpleNamespace:
-        self.prepare(**args)
-        return self.run()
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+@pytest.fixture(scope="session", autouse=True)
+def _background_subprocesses(request):
+    """Start the subprocess fixtures the session's tests use (tests/background.py)."""
+    background.start(request)
+    yield
+    background.close()
 
 
-class _Jobs:
-    """The session's subprocess jobs; ``start`` runs some of them in order on a background thread."""
-
-    def __init__(self) -> None:
-        self.jobs: dict[str, _Job] = {}
-        self._thread: threading.Thread | None = None
-
-    def add(self, name: str, prepare) -> None:
-        self.jobs[name] = _Job(prepare)
-
-    def start(self, names: list[str]) -> None:
-        if names:
-            self._thread = threading.Thread(target=lambda: [self.jobs[n].run() for n in names], daemon=True)
-            self._thread.start()
-
-    def close(self) -> None:
-        for job in self.jobs.values():
-            job.kill()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+@subprocess_fixture
+def torchrun_session(request):
+    """tests/torchrun_worker.py under torchrun (2 gloo ranks): returncode, stdout, stderr, out (its
+    folder), encode_run and encode_out (the store its `encode` part wrote)."""
+    encode_run = request.getfixturevalue("encode_checkpoint").parent.parent  # trained first, if need be
+    out = request.getfixturevalue("tmp_path_factory").mktemp("torchrun")
+    data = out / "d.npy"
+    np.save(data, pixels(40, 4, 4, 1, seed=5))  # train split: 32 images, 4 batches of 8
+    encode_out = out / "ddp.zarr"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), str(ROOT / "tests" / "torchrun_worker.py"), str(out), str(data),
+            str(encode_run), str(encode_out)]
+    return argv, ROOT, SUBPROCESS_ENV, 600, {"out": out, "encode_run": encode_run, "encode_out": encode_out}
 
 
-@pytest.fixture(scope="session")
-def _jobs(tmp_path_factory):
-    jobs = _Jobs()
-
-    def torchrun(encode_checkpoint: Path):
-        out = tmp_path_factory.mktemp("torchrun")
-        data = out / "d.npy"
-        np.save(data, pixels(40, 4, 4, 1, seed=5))  # train split: 32 images, 4 batches of 8
-        encode_run = encode_checkpoint.parent.parent
-        encode_out = out / "ddp.zarr"
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), str(ROOT / "tests" / "torchrun_worker.py"), str(out), str(data),
-                str(encode_run), str(encode_out)]
-        return argv, ROOT, SUBPROCESS_ENV, 600, {"out": out, "encode_run": encode_run, "encode_out": encode_out}
-
-    def gpu_check():
-        out = tmp_path_factory.mktemp("gpu_check")
-        env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-        argv = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)]
-        return argv, None, env, 600, {"out": out}
-
-    jobs.add("torchrun_session", torchrun)
-    jobs.add("gpu_check_dry_run", gpu_check)
-    yield jobs
-    jobs.close()
+@subprocess_fixture
+def gpu_check_dry_run(request):
+    """benchmarks/gpu_check.sh --dry-run --out OUT: returncode, stdout, stderr, out."""
+    out = request.getfixturevalue("tmp_path_factory").mktemp("gpu_check")
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    return ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)], None, env, 600, \
+        {"out": out}
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _start_background_jobs(request, _jobs):
-    """Start the jobs the collected tests will ask for (not under pytest-xdist, where every worker
-    collects every test: there each job starts when a test first asks for it)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
-    names = [n for n in _jobs.jobs if n in wanted]
-    for name in names:
-        args = {"encode_checkpoint": request.getfixturevalue("encode_checkpoint")} if name == "torchrun_session" \
-            else {}  # the launch encodes the checkpoint, so it is trained first, here
-        _jobs.jobs[name].prepare(**args)
-    _jobs.start(names)
-
-
-@pytest.fixture(scope="session")
-def torchrun_session(_jobs, encode_checkpoint) -> SimpleNamespace:
-    """tests/torchrun_worker.py under torchrun (2 gloo ranks): returncode, stdout, stderr, out (its
-    folder), encode_run and encode_out (the store its `encode` part wrote)."""
-    return _jobs.jobs["torchrun_session"].result(encode_checkpoint=encode_checkpoint)
-
-
-@pytest.fixture(scope="session")
-def gpu_check_dry_run(_jobs) -> SimpleNamespace:
-    """benchmarks/gpu_check.sh --dry-run --out OUT: returncode, stdout, stderr, out."""
-    return _jobs.jobs["gpu_check_dry_run"].result()

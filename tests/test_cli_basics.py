@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from background import subprocess_fixture
 from vdvae_latents.cli import main
 from vdvae_latents.train.presets import PRESETS
 
@@ -142,26 +142,34 @@ class TestModelCommand:
         assert result["latent_variates"] == 8 * 5
 
 
+def real_process(name: str, *argv: str):
+    """`python -m vdvae_latents ARGV` as a subprocess fixture called ``name`` (tests/background.py): it
+    runs in the background while the in-process tests run."""
+    def prepare(request):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        return [sys.executable, "-m", "vdvae_latents", *argv], REPO, env, 120, {}
+    return subprocess_fixture(prepare, name)
+
+
+bad_option_process = real_process("bad_option_process", "presets", "--bogus")
+unknown_preset_process = real_process("unknown_preset_process", "model", "--preset", "nope")
+model_tiny_process = real_process("model_tiny_process", "model", "--preset", "tiny", "--json")
+
+
 class TestRealProcess:
     """A real process exits with the contract's status codes."""
 
-    @staticmethod
-    def _run(*argv: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, "-m", "vdvae_latents", *argv], capture_output=True, text=True,
-                              cwd=REPO, env=env, timeout=120)
-
-    def test_bad_option_exit_status_is_2(self):
-        proc = self._run("presets", "--bogus")
+    def test_bad_option_exit_status_is_2(self, bad_option_process):
+        proc = bad_option_process
         assert proc.returncode == 2
         assert_one_sentence(proc.stderr, "--bogus")
 
-    def test_unknown_preset_exit_status_is_2(self):
-        proc = self._run("model", "--preset", "nope")
+    def test_unknown_preset_exit_status_is_2(self, unknown_preset_process):
+        proc = unknown_preset_process
         assert proc.returncode == 2
         assert_one_sentence(proc.stderr, "nope")
 
-    def test_success_exit_status_is_0(self):
-        proc = self._run("model", "--preset", "tiny", "--json")
+    def test_success_exit_status_is_0(self, model_tiny_process):
+        proc = model_tiny_process
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["preset"] == "tiny"

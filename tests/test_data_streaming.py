@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from background import subprocess_fixture
 from helpers import assert_one_line_error, pixels, run_cli
 from PIL import Image
 
@@ -216,12 +217,23 @@ def streaming_run(spec: str):
                                       checkpoint_every=3, val_limit=8, seed=2, num_workers=1))
 
 
-def test_train_resumes_after_sigkill_mid_epoch_in_the_same_order(tmp_path):
+@subprocess_fixture
+def train_killed_at_step_8(request):
+    """tests/kill_worker.py training tiny on pixels(44, 8, 8, 1, seed=4) (36 train images: 4 batches of 8 per
+    epoch) into OUT/cut, killing itself with SIGKILL at step 8; in the background (tests/background.py)."""
+    out = request.getfixturevalue("tmp_path_factory").mktemp("killed-train")
+    np.save(out / "d.npy", pixels(44, 8, 8, 1, seed=4))
+    argv = [sys.executable, str(ROOT / "tests" / "kill_worker.py"), "train", str(out / "cut"), str(out / "d.npy"), "8"]
+    return argv, None, SUBPROCESS_ENV, 120, {"out": out}
+
+
+def test_train_resumes_after_sigkill_mid_epoch_in_the_same_order(train_killed_at_step_8):
+    tmp_path = train_killed_at_step_8.out  # this test's own folder
     images = pixels(44, 8, 8, 1, seed=4)  # 36 train images: 4 batches of 8 per epoch
-    np.save(tmp_path / "d.npy", images)
     spec = str(tmp_path / "d.npy")
+    np.testing.assert_array_equal(np.load(spec), images)
     train(tmp_path / "whole", streaming_run(spec), quiet=True)
-    run_until_killed(tmp_path, "train", str(tmp_path / "cut"), spec, "8")
+    assert train_killed_at_step_8.returncode == -9, train_killed_at_step_8.stderr[-2000:]
     latest = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "cut"))
     assert latest["step"] == 6
     assert latest["data_position"] == {"epoch": 1, "batch": 2, "batches_per_epoch": 4, "images": 36}

@@ -55,6 +55,7 @@ N_SCALARS = sum(v * h * w for v, h, w in TINY_SHAPES)     # 644
 N_KEEP = math.ceil(0.25 * N_VARIATES)                     # --keep 25% -> 5 variates
 N_TEST, N_TRAIN = 180, 1437                               # digits splits
 CHUNK = 64                                                # -> 3 chunks of the test split
+KILL_CHUNK = 64                                           # the kill -9 test: 23 chunks of the train split
 ROW_ARRAYS = ("features", "features_std", "labels", "sample_index", "source_index", "chunks_written",
               "chunk_checksums", "chunk_errors")
 
@@ -289,13 +290,13 @@ def ref_f32(run_dir, ref_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def ref_train(run_dir, ref_dir) -> Path:
-    """Train split, --keep 25%, float16, Zarr, 16-row chunks (the kill -9 test's settings)."""
+    """Train split, --keep 25%, float16, Zarr, KILL_CHUNK-row chunks (the kill -9 test's settings)."""
     out = ref_dir / "train.zarr"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main([str(a) for a in ("encode", run_dir, "--data", "digits", "--split", "train", "--keep", "25%",
-                                      "--out", out, "--chunk-rows", 16, "--batch-size", 16, "--device", "cpu",
-                                      "--quiet")])
+                                      "--out", out, "--chunk-rows", KILL_CHUNK, "--batch-size", KILL_CHUNK,
+                                      "--device", "cpu", "--quiet")])
     assert code == 0
     return out
 
@@ -632,10 +633,10 @@ def test_resume_after_an_unwritable_store_midway(capsys, monkeypatch, tmp_path, 
 def test_resume_after_kill_9(capsys, tmp_path, run_dir, ref_train):
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "vdvae_latents", "encode", str(run_dir), "--data", "digits", "--split", "train",
-           "--keep", "25%", "--out", str(out), "--chunk-rows", "16", "--batch-size", "16", "--device", "cpu",
-           "--quiet"]
+           "--keep", "25%", "--out", str(out), "--chunk-rows", str(KILL_CHUNK), "--batch-size", str(KILL_CHUNK),
+           "--device", "cpu", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    n_chunks = math.ceil(N_TRAIN / 16)
+    n_chunks = math.ceil(N_TRAIN / KILL_CHUNK)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed_at = None
     try:
@@ -670,11 +671,11 @@ def test_resume_after_kill_9(capsys, tmp_path, run_dir, ref_train):
     assert attrs_of(out)["complete"] is False
 
     code, stdout, err = run_cli(capsys, "encode", run_dir, "--data", "digits", "--split", "train", "--keep", "25%",
-                                "--out", out, "--chunk-rows", 16, "--batch-size", 16, "--device", "cpu", "--resume",
-                                "--json")
+                                "--out", out, "--chunk-rows", KILL_CHUNK, "--batch-size", KILL_CHUNK, "--device", "cpu",
+                                "--resume", "--json")
     assert code == 0, err
     r = json.loads(stdout)
-    sizes = np.minimum(16, N_TRAIN - 16 * np.arange(n_chunks))  # the last chunk has 13 rows
+    sizes = np.minimum(KILL_CHUNK, N_TRAIN - KILL_CHUNK * np.arange(n_chunks))  # the last chunk has 29 rows
     assert r["rows_written"] == int(sizes[flags == 0].sum())
     assert_same_store(out, ref_train)
 

@@ -1,6 +1,6 @@
 """ActiveLatents: the scikit-learn transformer over a trained checkpoint's active latents.
 
-One tiny checkpoint (~30 training steps on digits) is trained per module; the KL
+One tiny checkpoint (~30 training steps on digits, trained once per session) is used; the KL
 ranking it gives is not meaningful, but every property tested here (closed loop to the
 library, determinism, input handling, scikit-learn conventions) holds for any weights.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,27 +22,28 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils import get_tags
 from sklearn.utils.estimator_checks import check_estimator
 
+from helpers import copy_run, rewrite_checkpoint
 from vdvae_latents.model.inputs import prepare_batch
 from vdvae_latents.model.checkpoints import load_model
 from vdvae_latents.latents.encoder import Encoder
 from vdvae_latents.core.errors import UserError
 from vdvae_latents.latents.stats import LatentKL
 from vdvae_latents.latents.active_set import build_active_set
-from vdvae_latents.train.run_config import resolve_run_config
 from vdvae_latents.downstream.transformer import ActiveLatents
-from vdvae_latents.train.loop import train
 
 N_FIT = 300  # images most tests fit on: enough to exercise batching (batch_size=128 below), quick on CPU
 BATCH = 128
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, one_thread):
-    """A run directory holding one real tiny checkpoint (8x8x1 images, scikit-learn's digits)."""
-    run = resolve_run_config(preset="tiny", data="digits")
-    run = replace(run, train=replace(run.train, steps=30, batch_size=32, val_limit=16, log_every=10))
-    run_dir = tmp_path_factory.mktemp("sklearn_api") / "run"
-    train(run_dir, run, quiet=True)
+def checkpoint(tmp_path_factory, tiny_digits_run):
+    """A run directory holding one real tiny checkpoint (8x8x1 images, scikit-learn's digits): the
+    session's 30-step run (tests/conftest.py), copied without the optimizer state, which an
+    estimator never reads (each fit loads the file; without it a load takes a third of the time)."""
+    from vdvae_latents.model.checkpoints import latest_checkpoint
+
+    run_dir = copy_run(tiny_digits_run, tmp_path_factory.mktemp("sklearn_api") / "run")
+    rewrite_checkpoint(latest_checkpoint(run_dir), drop_optimizer=True)
     return run_dir
 
 

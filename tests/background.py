@@ -1,0 +1,125 @@
+"""Subprocess fixtures that run in the background while the session's in-process tests run.
+
+A test that only waits for a subprocess (a torchrun launch, a real ``python -m vdvae_latents``,
+a worker that kills itself) leaves the single-threaded pytest process idle and the second core
+unused. Declared with ``@subprocess_fixture``, such a subprocess becomes a session fixture whose
+value is the finished process (``returncode``, ``stdout``, ``stderr`` and the fields its prepare
+function adds). When the session's tests use it, ``start`` (called by tests/conftest.py as the
+session begins) runs every such subprocess in turn on one background thread, in the order the
+tests will want them; a test that gets there first waits for it, or runs it itself if its turn
+has not come.
+
+    @subprocess_fixture
+    def my_process(request):          # called on the main thread, before the process starts
+        out = request.getfixturevalue("tmp_path_factory").mktemp("mine")
+        return [sys.executable, ...], cwd, env, timeout_s, {"out": out}
+
+    def test_it(my_process):
+        assert my_process.returncode == 0, my_process.stderr
+
+``prepare`` may only ask ``request`` for session fixtures of pytest or tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+
+class Job:
+    """One subprocess, run at most once per session."""
+
+    def __init__(self, prepare) -> None:
+        self._prepare = prepare
+        self._spec = None
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._result: SimpleNamespace | None = None
+
+    def prepare(self, request) -> None:
+        if self._spec is None:
+            self._spec = self._prepare(request)
+
+    def run(self) -> SimpleNamespace:
+        with self._lock:
+            if self._result is None:
+                argv, cwd, env, timeout, extra = self._spec
+                # Files, not pipes: a process killed with children (a DataLoader worker) leaves them
+                # holding its pipes open, and reading those would wait for the children to notice.
+                with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+                    note = ""
+                    try:
+                        self._proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+                        try:
+                            self._proc.wait(timeout=timeout)
+                        except subprocess.TimeoutExpired:
+                            self._proc.kill()
+                            self._proc.wait()
+                            note = f"\n(killed after {timeout} s)"
+                        returncode = self._proc.returncode
+                    except BaseException as exc:  # noqa: BLE001 - reported to the test that asks
+                        returncode, note = None, repr(exc)
+                    out.seek(0)
+                    err.seek(0)
+                    self._result = SimpleNamespace(returncode=returncode, stdout=out.read(), stderr=err.read() + note,
+                                                   **extra)
+            return self._result
+
+    def result(self, request) -> SimpleNamespace:
+        self.prepare(request)
+        return self.run()
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
+
+JOBS: dict[str, Job] = {}
+_thread: threading.Thread | None = None
+
+
+def subprocess_fixture(prepare, name: str | None = None):
+    """Make ``prepare(request) -> (argv, cwd, env, timeout_s, extra fields)`` a session fixture
+    (named ``name``, by default after it) whose value is the finished subprocess."""
+    name = name or prepare.__name__
+    job = JOBS.setdefault(name, Job(prepare))
+
+    @pytest.fixture(scope="session", name=name)
+    def fixture(request):
+        return job.result(request)
+
+    fixture.__doc__ = prepare.__doc__
+    return fixture
+
+
+def start(request) -> None:
+    """Start, on one background thread, the jobs the session's tests use, first needed first.
+
+    Not under pytest-xdist: there every worker collects every test, so each job runs when a
+    test first asks for it."""
+    global _thread
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    first_use: dict[str, int] = {}
+    for i, item in enumerate(request.session.items):
+        for name in getattr(item, "fixturenames", ()):
+            if name in JOBS:
+                first_use.setdefault(name, i)
+    names = sorted(first_use, key=first_use.get)
+    for name in names:
+        JOBS[name].prepare(request)  # on the main thread: may make session fixtures (a trained run)
+    if names:
+        _thread = threading.Thread(target=lambda: [JOBS[n].run() for n in names], daemon=True)
+        _thread.start()
+
+
+def close() -> None:
+    for job in JOBS.values():
+        job.kill()
+    if _thread is not None:
+        _thread.join(timeout=60)
