@@ -143,7 +143,7 @@ class WeightMap:
         return expected
 
 
-def to_vdvl(state: Mapping, weights: WeightMap, origin: str, tensor: str = "tensor"
+def to_vdvl(state: Mapping, mapping: WeightMap, origin: str, tensor: str = "tensor"
             ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A foreign state dict (``module.`` prefixes dropped) as vdvl's, and the foreign names filled with zeros.
 
@@ -152,31 +152,31 @@ def to_vdvl(state: Mapping, weights: WeightMap, origin: str, tensor: str = "tens
     Raises:
         CheckpointError: naming ``origin`` ("weight file X") and the first ``tensor`` that
             is missing, of the wrong shape or not floating point (in the order of
-            ``weights.pairs``), or else the first one the model does not have.
+            ``mapping.pairs``), or else the first one the model does not have.
     """
-    expected, state = weights.expected, strip_ddp(state)
+    expected, state = mapping.expected, strip_ddp(state)
     out, filled = {}, []
-    for src, dst in weights.pairs:
+    for src, dst in mapping.pairs:
         value, shape = state.get(src), expected[dst].shape
-        if value is None and weights.optional(src):
+        if value is None and mapping.optional(src):
             value = torch.zeros(shape)
             filled.append(src)
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{origin} has no {tensor} '{src}', which {weights.model} needs{weights.hint}.")
+            raise CheckpointError(f"{origin} has no {tensor} '{src}', which {mapping.model} needs{mapping.hint}.")
         if value.shape != shape:
-            raise CheckpointError(f"{origin} has {tensor} '{src}' of shape {list(value.shape)}, but {weights.model} "
-                                  f"expects {list(shape)}{weights.hint}.")
+            raise CheckpointError(f"{origin} has {tensor} '{src}' of shape {list(value.shape)}, but {mapping.model} "
+                                  f"expects {list(shape)}{mapping.hint}.")
         if not value.is_floating_point():
             raise CheckpointError(f"{origin} has {tensor} '{src}' of type {value.dtype}, not floating point.")
         out[dst] = value
-    known = {src for src, _ in weights.pairs}
+    known = {src for src, _ in mapping.pairs}
     extra = next((k for k in state if k not in known), None)
     if extra is not None:
-        raise CheckpointError(f"{origin} has {tensor} '{extra}', which {weights.model} does not have{weights.hint}.")
-    return reorder_mol_out(out, weights.cfg), filled
+        raise CheckpointError(f"{origin} has {tensor} '{extra}', which {mapping.model} does not have{mapping.hint}.")
+    return reorder_mol_out(out, mapping.cfg), filled
 
 
-def from_vdvl(state: Mapping[str, torch.Tensor], weights: WeightMap) -> dict[str, torch.Tensor]:
+def from_vdvl(state: Mapping[str, torch.Tensor], mapping: WeightMap) -> dict[str, torch.Tensor]:
     """The inverse of :func:`to_vdvl`: a vdvl state dict under the foreign names and layout."""
-    state = reorder_mol_out(dict(state), weights.cfg, inverse=True)
-    return {src: state[dst] for src, dst in weights.pairs}
+    state = reorder_mol_out(dict(state), mapping.cfg, inverse=True)
+    return {src: state[dst] for src, dst in mapping.pairs}
