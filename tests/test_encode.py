@@ -301,6 +301,31 @@ def ref_train(run_dir, ref_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ref_meanstd(run_dir, ref_dir) -> dict[str, Path]:
+    """Test split, --keep 25%, --stat mean+std, float16, in both formats. Read-only: copy to write."""
+    out = {fmt: ref_dir / f"meanstd{suffix}" for fmt, suffix in FORMATS.items()}
+    for path in out.values():
+        encode_quietly(run_dir, path, "--keep", "25%", "--stat", "mean+std")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_ms32(run_dir, ref_dir) -> Path:
+    """Test split, --keep 25%, --stat mean+std, float32, Zarr."""
+    out = ref_dir / "ms32.zarr"
+    encode_quietly(run_dir, out, "--keep", "25%", "--dtype", "float32", "--stat", "mean+std")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_sample32(run_dir, ref_dir) -> Path:
+    """Test split, --keep 25%, --stat sample --seed 0, float32, Zarr."""
+    out = ref_dir / "sample32.zarr"
+    encode_quietly(run_dir, out, "--keep", "25%", "--dtype", "float32", "--stat", "sample", "--seed", "0")
+    return out
+
+
 # ----------------------------------------------------------------------------- 1. numbers and contents
 
 
@@ -368,10 +393,8 @@ def test_encode_numbers_and_contents(capsys, fmt, tmp_path, run_dir, ckpt, model
     assert (sidecar.rule, sidecar.value, sidecar.split, sidecar.n_images) == ("keep", 0.25, "train", N_TRAIN)
 
 
-def test_zarr_and_hdf5_layouts_are_identical(capsys, tmp_path, run_dir):
-    a, b = tmp_path / "S.zarr", tmp_path / "S.h5"
-    encode(capsys, run_dir, a, "--keep", "25%", "--stat", "mean+std")
-    encode(capsys, run_dir, b, "--keep", "25%", "--stat", "mean+std")
+def test_zarr_and_hdf5_layouts_are_identical(ref_meanstd):
+    a, b = ref_meanstd["zarr"], ref_meanstd["hdf5"]  # --keep 25% --stat mean+std
     ra, rb = raw_arrays(a), raw_arrays(b)
     assert sorted(ra) == sorted(rb) == sorted(list(ROW_ARRAYS) + [f"dims/{n}" for n in
                                                                   ("layer", "variate", "y", "x", "avg_kl")])
@@ -403,11 +426,12 @@ def test_posterior_mean_is_deterministic(capsys, tmp_path, run_dir, ref_f32):
     assert a.tobytes() == b.tobytes()
 
 
-def test_sample_statistic_is_seeded(capsys, tmp_path, run_dir, ref_f32):
-    for name, seed in (("s0a", 0), ("s0b", 0), ("s1", 1)):
+def test_sample_statistic_is_seeded(capsys, tmp_path, run_dir, ref_f32, ref_sample32):
+    for name, seed in (("s0b", 0), ("s1", 1)):  # s0a: ref_sample32, made the same way
         encode(capsys, run_dir, tmp_path / f"{name}.zarr", "--keep", "25%", "--dtype", "float32",
                "--stat", "sample", "--seed", seed)
-    s0a, s0b, s1 = (raw_arrays(tmp_path / f"{n}.zarr")["features"] for n in ("s0a", "s0b", "s1"))
+    s0a = raw_arrays(ref_sample32)["features"]
+    s0b, s1 = (raw_arrays(tmp_path / f"{n}.zarr")["features"] for n in ("s0b", "s1"))
     mean = raw_arrays(ref_f32)["features"]
     assert s0a.tobytes() == s0b.tobytes()
     assert np.isfinite(s0a).all()
@@ -415,9 +439,8 @@ def test_sample_statistic_is_seeded(capsys, tmp_path, run_dir, ref_f32):
     assert attrs_of(tmp_path / "s1.zarr")["statistic"] == "sample" and attrs_of(tmp_path / "s1.zarr")["seed"] == 1
 
 
-def test_mean_plus_std(capsys, tmp_path, run_dir, model, kept, digits_test, ref_f32):
-    out = tmp_path / "ms.zarr"
-    encode(capsys, run_dir, out, "--keep", "25%", "--dtype", "float32", "--stat", "mean+std")
+def test_mean_plus_std(model, kept, digits_test, ref_f32, ref_ms32):
+    out = ref_ms32  # --keep 25% --dtype float32 --stat mean+std
     raw = raw_arrays(out)
     np.testing.assert_array_equal(raw["features"], raw_arrays(ref_f32)["features"])
     assert raw["features_std"].shape == raw["features"].shape and raw["features_std"].dtype == np.float32
@@ -426,13 +449,11 @@ def test_mean_plus_std(capsys, tmp_path, run_dir, model, kept, digits_test, ref_
     assert attrs_of(out)["statistic"] == "mean+std"
 
 
-def test_sample_is_mean_plus_std_times_normal_noise_on_the_first_kept_layer(capsys, tmp_path, run_dir):
+def test_sample_is_mean_plus_std_times_normal_noise_on_the_first_kept_layer(ref_ms32, ref_sample32):
     """Every layer above the first one with kept variates is fully pruned (prior means, the
     same in both passes), so there the posterior is the same with or without sampling and
     (sample - mean) / std must be standard normal draws."""
-    encode(capsys, run_dir, tmp_path / "ms.zarr", "--keep", "25%", "--dtype", "float32", "--stat", "mean+std")
-    encode(capsys, run_dir, tmp_path / "s.zarr", "--keep", "25%", "--dtype", "float32", "--stat", "sample")
-    ms, s = raw_arrays(tmp_path / "ms.zarr"), raw_arrays(tmp_path / "s.zarr")
+    ms, s = raw_arrays(ref_ms32), raw_arrays(ref_sample32)  # --keep 25% --dtype float32, mean+std and sample
     top = ms["dims/layer"] == ms["dims/layer"].min()
     eps = (s["features"][:, top] - ms["features"][:, top]) / ms["features_std"][:, top]
     assert abs(eps.mean()) < 4 / math.sqrt(eps.size) + 0.05 and 0.8 < eps.std() < 1.2
@@ -684,9 +705,9 @@ def test_resume_after_kill_9(capsys, tmp_path, run_dir, ref_train):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_existing_store_is_kept_without_overwrite(capsys, tmp_path, fmt, run_dir, other_ckpt):
+def test_existing_store_is_kept_without_overwrite(capsys, tmp_path, fmt, run_dir, other_ckpt, ref_meanstd):
     out = tmp_path / f"E{FORMATS[fmt]}"
-    encode(capsys, run_dir, out, "--keep", "25%", "--stat", "mean+std")
+    (shutil.copytree if fmt == "zarr" else shutil.copy2)(ref_meanstd[fmt], out)  # --keep 25% --stat mean+std
     before = tree_digest(out)
     msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out, "--device", "cpu")
     assert "exists" in msg and "--overwrite" in msg

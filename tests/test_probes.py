@@ -398,6 +398,24 @@ class TestModelBaselines:
 # --------------------------------------------------------------------------- the CLI
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Inputs `vdvl probe` refuses, made once: the commands of the bad-input test only read them."""
+    tmp_path = tmp_path_factory.mktemp("bad_inputs")
+    rng = np.random.default_rng(13)
+    X, y = blobs(60, rng)
+    paths = {
+        "ok": make_store(tmp_path / "ok.zarr", X, labels=y),
+        "nolabels": make_store(tmp_path / "nolabels.zarr", X),
+        "incomplete": make_store(tmp_path / "incomplete.h5", X, labels=y, finalize=False),
+        "oneclass": make_store(tmp_path / "oneclass.zarr", X, labels=np.zeros(60, dtype=int)),
+        "rare": make_store(tmp_path / "rare.zarr", X, labels=np.r_[np.zeros(57, dtype=int), [1, 1, 1]]),
+    }
+    np.save(tmp_path / "short.npy", y[:10])
+    np.save(tmp_path / "float.npy", y.astype(float))
+    return tmp_path, paths
+
+
 class TestProbeCommand:
     def test_table_output(self, capsys, separable_store):
         code, out, err = run_cli(capsys, "probe", separable_store, "--seeds", "2", "--model", "knn")
@@ -443,21 +461,6 @@ class TestProbeCommand:
             assert code == 0, err
             report = json.loads(out)
             assert report["labels"] == source and report["rows"][0]["test_accuracy"] > 0.85
-
-    @pytest.fixture
-    def bad_inputs(self, tmp_path):
-        rng = np.random.default_rng(13)
-        X, y = blobs(60, rng)
-        paths = {
-            "ok": make_store(tmp_path / "ok.zarr", X, labels=y),
-            "nolabels": make_store(tmp_path / "nolabels.zarr", X),
-            "incomplete": make_store(tmp_path / "incomplete.h5", X, labels=y, finalize=False),
-            "oneclass": make_store(tmp_path / "oneclass.zarr", X, labels=np.zeros(60, dtype=int)),
-            "rare": make_store(tmp_path / "rare.zarr", X, labels=np.r_[np.zeros(57, dtype=int), [1, 1, 1]]),
-        }
-        np.save(tmp_path / "short.npy", y[:10])
-        np.save(tmp_path / "float.npy", y.astype(float))
-        return tmp_path, paths
 
     @pytest.mark.parametrize("case,extra,needle", [
         ("nolabels", [], "has no labels"),
