@@ -18,9 +18,11 @@ process leaves free, and a test waits for the result when it gets there.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +61,34 @@ def one_thread():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _old_temp_folders_removed_in_the_background(pytestconfig, tmp_path_factory):
+    """Remove pytest's old numbered temp folders while the tests run instead of after them.
+
+    At exit pytest deletes the folders of all but its last ``tmp_path_retention_count`` sessions;
+    one full session leaves some 6,000 files (Zarr chunks), and on a slow disk removing them takes
+    seconds to tens of seconds, inside the measured run. This runs the same pytest routine, with the
+    same rules (folders of live sessions are locked and kept), on a thread as the session starts;
+    at exit pytest then finds nothing left to remove."""
+    keep = int(pytestconfig.getini("tmp_path_retention_count"))
+    thread = None
+    if pytestconfig.option.basetemp is None and keep >= 1 \
+            and pytestconfig.getini("tmp_path_retention_policy") != "none":
+        try:
+            from _pytest.pathlib import LOCK_TIMEOUT, cleanup_numbered_dir
+        except ImportError:  # a pytest without them: it cleans up at exit as usual
+            pass
+        else:
+            basetemp = tmp_path_factory.getbasetemp()
+            dead_before = basetemp.stat().st_mtime - LOCK_TIMEOUT
+            thread = threading.Thread(target=cleanup_numbered_dir, daemon=True,
+                                      args=(basetemp.parent, "pytest-", keep, dead_before))
+            thread.start()
+    yield
+    if thread is not None:
+        thread.join(timeout=600)
+
+
 # ----------------------------------------------------------------------------- trained runs
 
 
@@ -88,6 +118,24 @@ def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
 
     run_dir = copy_run(tiny_digits_run, tmp_path_factory.mktemp("enc") / "run")
     return rewrite_checkpoint(latest_checkpoint(run_dir), spread_posterior_biases=0.7, drop_optimizer=True)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@pytest.fixture(scope="session")
+def presets_json() -> tuple[int, str, str]:
+    """`vdvl presets --json` run once, in-process: (exit code, stdout, stderr).
+
+    It builds every preset on the meta device to count its parameters, the slowest command of
+    the suite; tests/test_cli_basics.py checks the command on it and tests/test_presets.py takes
+    every preset's parameter count from it (checking ``count_parameters`` itself on a few)."""
+    from vdvae_latents.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), single_thread():
+        code = main(["presets", "--json"])
+    return code, out.getvalue(), err.getvalue()
 
 
 # ----------------------------------------------------------------------------- background subprocesses

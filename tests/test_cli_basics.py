@@ -67,8 +67,8 @@ class TestHelp:
 class TestPresetsCommand:
     """`vdvl presets` lists every preset with its parameter count."""
 
-    def test_json_has_a_row_per_preset_with_parameters(self, capsys):
-        code, out, _ = run(capsys, "presets", "--json")
+    def test_json_has_a_row_per_preset_with_parameters(self, presets_json):
+        code, out, _ = presets_json  # `vdvl presets --json`, run once per session (tests/conftest.py)
         assert code == 0
         rows = json.loads(out)
         assert [r["name"] for r in rows] == list(PRESETS)

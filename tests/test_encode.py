@@ -45,7 +45,7 @@ from vdvae_latents.stores.backends import StoreError
 from vdvae_latents.stores.writer import StoreWriter
 from vdvae_latents.stores.reader import open_encodings
 from vdvae_latents.train.loop import train
-from helpers import run_cli
+from helpers import rewrite_checkpoint, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -87,7 +87,8 @@ def run_dir(ckpt) -> Path:
 
 @pytest.fixture(scope="module")
 def other_ckpt(tmp_path_factory) -> Path:
-    return _train(tmp_path_factory.mktemp("enc-other") / "run", 2)
+    """Another (2-step) checkpoint, without the optimizer state, which nothing here reads."""
+    return rewrite_checkpoint(_train(tmp_path_factory.mktemp("enc-other") / "run", 2), drop_optimizer=True)
 
 
 @pytest.fixture(scope="module")

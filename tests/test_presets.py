@@ -6,6 +6,7 @@ Table 3 of the Efficient-VDVAE paper, copied here independently of the package.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -43,9 +44,13 @@ OFFICIAL_COUNTS = {
 
 
 @pytest.fixture(scope="module")
-def counts() -> dict[str, int]:
-    """Parameter count of every preset, built once on the meta device."""
-    return {name: count_parameters(p.config) for name, p in PRESETS.items()}
+def counts(presets_json) -> dict[str, int]:
+    """Parameter count of every preset, built once on the meta device: the counts `vdvl presets --json`
+    reports (``describe`` -> ``count_parameters``), from the session's one run of the command
+    (tests/conftest.py). ``test_describe_row`` checks them against ``count_parameters`` itself."""
+    code, out, err = presets_json
+    assert code == 0, err
+    return {row["name"]: row["parameters"] for row in json.loads(out)}
 
 
 class TestEveryPresetBuilds:
@@ -140,11 +145,12 @@ class TestPresetShapes:
 
     @pytest.mark.parametrize("name", ["tiny", "cifar10-c1", "cifar10-vdvae", "mnist-c1"])
     def test_describe_row(self, name, counts):
-        """The `vdvl presets` row reports the same numbers as the config and the meta count."""
+        """The `vdvl presets` row reports the same numbers as the config and the meta count (and the
+        command, whose rows ``counts`` holds, the same as ``describe``)."""
         preset = get_preset(name)
         cfg, row = preset.config, describe(preset)
         assert row["name"] == name
-        assert row["parameters"] == counts[name]
+        assert row["parameters"] == counts[name] == count_parameters(cfg)
         assert row["image_shape"] == [cfg.channels, cfg.image_size, cfg.image_size]
         assert row["latent_layers"] == len(cfg.layer_shapes())
         assert row["latent_elements"] == cfg.n_latent_elements
