@@ -17,7 +17,9 @@ has not come.
     def test_it(my_process):
         assert my_process.returncode == 0, my_process.stderr
 
-``prepare`` may only ask ``request`` for session fixtures of pytest or tests/conftest.py.
+``prepare`` may only ask ``request`` for session fixtures of pytest or tests/conftest.py. It may
+instead return a function, which then runs on the background thread and returns the value (for
+a subprocess that the test has to watch, say to kill it at the right moment).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Job:
 
     def run(self) -> SimpleNamespace:
         with self._lock:
+            if self._result is None and callable(self._spec):
+                self._result = self._spec()
             if self._result is None:
                 argv, cwd, env, timeout, extra = self._spec
                 # Files, not pipes: a process killed with children (a DataLoader worker) leaves them

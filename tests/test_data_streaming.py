@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,15 +28,6 @@ from vdvae_latents.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def run_until_killed(tmp_path: Path, *args: str) -> None:
-    """tests/kill_worker.py ARGS in a subprocess, which must end by SIGKILL. Its stderr goes to a
-    file: a pipe would stay open until the orphaned DataLoader worker notices and exits."""
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_worker.py"), *args], stdout=err,
-                              stderr=err, timeout=120, env=SUBPROCESS_ENV)
-    assert proc.returncode == -9, (tmp_path / "stderr.txt").read_text()[-2000:]
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
@@ -292,12 +282,23 @@ def test_pack_image_folder_round_trip(tmp_path, capsys):
     assert_one_line_error(code, err, "resize")
 
 
-def test_pack_resumes_after_sigkill_and_equals_an_uninterrupted_pack(tmp_path, capsys):
-    folder = tmp_path / "imgs"
+@subprocess_fixture
+def pack_killed_after_block_1(request):
+    """tests/kill_worker.py packing OUT/imgs (18 PNGs) into OUT/cut.zarr in blocks of 4, killing itself with
+    SIGKILL after block 1; in the background (tests/background.py)."""
+    out = request.getfixturevalue("tmp_path_factory").mktemp("killed-pack")
     for j in range(18):
-        save_png(folder / f"{j:02d}.png", pixels(1, 4, 4, 3, seed=j)[0])
+        save_png(out / "imgs" / f"{j:02d}.png", pixels(1, 4, 4, 3, seed=j)[0])
+    argv = [sys.executable, str(ROOT / "tests" / "kill_worker.py"), "pack", str(out / "imgs"), str(out / "cut.zarr"),
+            "1"]
+    return argv, None, SUBPROCESS_ENV, 120, {"out": out}
+
+
+def test_pack_resumes_after_sigkill_and_equals_an_uninterrupted_pack(pack_killed_after_block_1, capsys):
+    tmp_path = pack_killed_after_block_1.out  # this test's own folder
+    folder = tmp_path / "imgs"
     pack_images(str(folder), tmp_path / "whole.zarr", workers=0, block_rows=4)
-    run_until_killed(tmp_path, "pack", str(folder), str(tmp_path / "cut.zarr"), "1")
+    assert pack_killed_after_block_1.returncode == -9, pack_killed_after_block_1.stderr[-2000:]
     assert zarr.open_group(str(tmp_path / "cut.zarr"), mode="r")["blocks_written"][...].tolist() == [1, 1, 0, 0, 0]
     with pytest.raises(DataError, match="--resume"):  # an interrupted pack is no data set
         open_images(str(tmp_path / "cut.zarr"))

@@ -21,9 +21,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -45,6 +47,7 @@ from vdvae_latents.stores.backends import StoreError
 from vdvae_latents.stores.writer import StoreWriter
 from vdvae_latents.stores.reader import open_encodings
 from vdvae_latents.train.loop import train
+from background import subprocess_fixture
 from helpers import rewrite_checkpoint, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -652,37 +655,54 @@ def test_resume_after_an_unwritable_store_midway(capsys, monkeypatch, tmp_path, 
     assert_same_store(out, ref_f32)
 
 
-def test_resume_after_kill_9(capsys, tmp_path, run_dir, ref_train):
-    out = tmp_path / "killed.zarr"
+@subprocess_fixture
+def encode_killed_midway(request):
+    """`python -m vdvae_latents encode` of the train split (--keep 25%, KILL_CHUNK-row chunks) into OUT/killed.zarr,
+    sent SIGKILL as soon as it has written a chunk. It runs, and is watched, on the background thread of
+    tests/background.py while other tests run: returncode, stderr, out and killed_at (the chunks written
+    when it was killed; None if it finished first)."""
+    run_dir = request.getfixturevalue("encode_checkpoint").parent.parent
+    out = request.getfixturevalue("tmp_path_factory").mktemp("killed-encode") / "killed.zarr"
     cmd = [sys.executable, "-m", "vdvae_latents", "encode", str(run_dir), "--data", "digits", "--split", "train",
            "--keep", "25%", "--out", str(out), "--chunk-rows", str(KILL_CHUNK), "--batch-size", str(KILL_CHUNK),
            "--device", "cpu", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     n_chunks = math.ceil(N_TRAIN / KILL_CHUNK)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = None
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if (out / "zarr.json").exists():
-                try:
-                    flags = np.asarray(zarr.open_group(str(out), mode="r", use_consolidated=False)
-                                       ["chunks_written"][...])
-                except Exception:  # caught mid-creation or mid-write: look again
-                    flags = None
-                if flags is not None and 0 < flags.sum() < n_chunks:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed_at = int(flags.sum())
-                    break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        stderr = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
+
+    def run_and_kill() -> SimpleNamespace:
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            killed_at = None
+            try:
+                deadline = time.monotonic() + 120
+                while proc.poll() is None and time.monotonic() < deadline:
+                    if (out / "zarr.json").exists():
+                        try:
+                            flags = np.asarray(zarr.open_group(str(out), mode="r", use_consolidated=False)
+                                               ["chunks_written"][...])
+                        except Exception:  # caught mid-creation or mid-write: look again
+                            flags = None
+                        if flags is not None and 0 < flags.sum() < n_chunks:
+                            os.kill(proc.pid, signal.SIGKILL)
+                            killed_at = int(flags.sum())
+                            break
+                    time.sleep(0.05)
+            finally:
+                if proc.poll() is None and killed_at is None:
+                    proc.kill()
+                proc.wait(timeout=30)
+                err.seek(0)
+                stderr = err.read().decode(errors="replace")
+        return SimpleNamespace(returncode=proc.returncode, stderr=stderr, out=out, killed_at=killed_at)
+
+    return run_and_kill
+
+
+def test_resume_after_kill_9(capsys, run_dir, ref_train, encode_killed_midway):
+    proc, out, killed_at = encode_killed_midway, encode_killed_midway.out, encode_killed_midway.killed_at
+    n_chunks = math.ceil(N_TRAIN / KILL_CHUNK)
     if killed_at is None:
-        assert proc.returncode == 0, stderr[-2000:]
+        assert proc.returncode == 0, proc.stderr[-2000:]
         pytest.skip("the encode finished before it could be killed")
     assert proc.returncode == -signal.SIGKILL
 
