@@ -9,8 +9,9 @@ writing into it):
 - ``torchrun_session``: one torchrun launch (2 gloo ranks) running every two-rank check of the suite
   (tests/torchrun_worker.py).
 - ``gpu_check_dry_run``: ``benchmarks/gpu_check.sh --dry-run`` (tests/test_gpu_check.py).
+- ``presets_json``: ``vdvl presets --json`` (tests/test_cli_basics.py, tests/test_presets.py).
 
-The last two are subprocess fixtures (tests/background.py): when the session's tests use them
+The last three are subprocess fixtures (tests/background.py): when the session's tests use them
 they start in the background as the session begins, on the core the single-threaded pytest
 process leaves free, and a test waits for the result when it gets there.
 """
@@ -18,7 +19,6 @@ process leaves free, and a test waits for the result when it gets there.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import socket
 import sys
@@ -120,24 +120,6 @@ def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
     return rewrite_checkpoint(latest_checkpoint(run_dir), spread_posterior_biases=0.7, drop_optimizer=True)
 
 
-# ----------------------------------------------------------------------------- presets
-
-
-@pytest.fixture(scope="session")
-def presets_json() -> tuple[int, str, str]:
-    """`vdvl presets --json` run once, in-process: (exit code, stdout, stderr).
-
-    It builds every preset on the meta device to count its parameters, the slowest command of
-    the suite; tests/test_cli_basics.py checks the command on it and tests/test_presets.py takes
-    every preset's parameter count from it (checking ``count_parameters`` itself on a few)."""
-    from vdvae_latents.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), single_thread():
-        code = main(["presets", "--json"])
-    return code, out.getvalue(), err.getvalue()
-
-
 # ----------------------------------------------------------------------------- background subprocesses
 
 
@@ -171,6 +153,17 @@ def gpu_check_dry_run(request):
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     return ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)], None, env, 600, \
         {"out": out}
+
+
+@subprocess_fixture
+def presets_json(request):
+    """`python -m vdvae_latents presets --json`: returncode, stdout, stderr.
+
+    It builds every preset on the meta device to count its parameters, the slowest command of the
+    suite, so it runs once, in the background: tests/test_cli_basics.py checks the command on it and
+    tests/test_presets.py takes every preset's parameter count from it (and checks
+    ``count_parameters`` itself on a few)."""
+    return [sys.executable, "-m", "vdvae_latents", "presets", "--json"], ROOT, SUBPROCESS_ENV, 300, {}
 
 
 def free_port() -> int:

@@ -68,7 +68,8 @@ class TestPresetsCommand:
     """`vdvl presets` lists every preset with its parameter count."""
 
     def test_json_has_a_row_per_preset_with_parameters(self, presets_json):
-        code, out, _ = presets_json  # `vdvl presets --json`, run once per session (tests/conftest.py)
+        # A real `python -m vdvae_latents presets --json`, run once per session in the background (conftest.py).
+        code, out = presets_json.returncode, presets_json.stdout
         assert code == 0
         rows = json.loads(out)
         assert [r["name"] for r in rows] == list(PRESETS)

@@ -46,11 +46,10 @@ OFFICIAL_COUNTS = {
 @pytest.fixture(scope="module")
 def counts(presets_json) -> dict[str, int]:
     """Parameter count of every preset, built once on the meta device: the counts `vdvl presets --json`
-    reports (``describe`` -> ``count_parameters``), from the session's one run of the command
-    (tests/conftest.py). ``test_describe_row`` checks them against ``count_parameters`` itself."""
-    code, out, err = presets_json
-    assert code == 0, err
-    return {row["name"]: row["parameters"] for row in json.loads(out)}
+    reports (``describe`` -> ``count_parameters``), from the session's one run of the command, in the
+    background (tests/conftest.py). ``test_describe_row`` checks them against ``count_parameters``."""
+    assert presets_json.returncode == 0, presets_json.stderr[-3000:]
+    return {row["name"]: row["parameters"] for row in json.loads(presets_json.stdout)}
 
 
 class TestEveryPresetBuilds:
