@@ -144,10 +144,17 @@ class TestRunConfig:
             resolve_run_config(config_file=f)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(run directory, result) of tiny_run() trained to its end in one go, shared by the tests below,
+    which only read it. Read-only."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return run_dir, train(run_dir, tiny_run(), quiet=True)
+
+
 class TestTrainLoop:
-    def test_writes_config_metrics_checkpoint(self, tmp_path):
-        result = train(tmp_path / "run", tiny_run(), quiet=True)
-        run_dir = tmp_path / "run"
+    def test_writes_config_metrics_checkpoint(self, uninterrupted):
+        run_dir, result = uninterrupted
         assert result.step == 6 and not result.interrupted
         assert load_run_config(run_dir / "config.toml").model == tiny_run().model
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -164,22 +171,20 @@ class TestTrainLoop:
         train(tmp_path / "r", tiny_run(checkpoint_every=1, keep_checkpoints=2), quiet=True)
         assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "r")] == [5, 6]
 
-    def test_interrupted_and_resumed_run_equals_uninterrupted(self, tmp_path):
-        run = tiny_run()
-        train(tmp_path / "a", run, quiet=True)
+    def test_interrupted_and_resumed_run_equals_uninterrupted(self, tmp_path, uninterrupted):
+        run, whole = tiny_run(), uninterrupted[0]
         first = train(tmp_path / "b", run, quiet=True, stop_after=3)
         assert first.step == 3 and ckpt.latest_checkpoint(tmp_path / "b").name == "ckpt-00000003.pt"
         second = train(tmp_path / "b", run, quiet=True)
         assert second.step == 6
-        assert_same_weights(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
-        a_opt, b_opt = final_state(tmp_path / "a")["optimizer"], final_state(tmp_path / "b")["optimizer"]
+        assert_same_weights(final_state(whole), final_state(tmp_path / "b"))
+        a_opt, b_opt = final_state(whole)["optimizer"], final_state(tmp_path / "b")["optimizer"]
         for k, state in a_opt["state"].items():
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(b_opt["state"][k][name]))
 
-    def test_sigint_saves_checkpoint_and_resume_matches(self, tmp_path):
-        run = tiny_run()
-        train(tmp_path / "a", run, quiet=True)
+    def test_sigint_saves_checkpoint_and_resume_matches(self, tmp_path, uninterrupted):
+        run, whole = tiny_run(), uninterrupted[0]
 
         def interrupt(step, metrics):
             if step == 2:
@@ -190,7 +195,7 @@ class TestTrainLoop:
         assert result.interrupted and 2 <= result.step < 6
         assert ckpt.latest_checkpoint(tmp_path / "b") == ckpt.checkpoint_path(tmp_path / "b", result.step)
         train(tmp_path / "b", run, quiet=True)
-        assert_same_weights(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+        assert_same_weights(final_state(whole), final_state(tmp_path / "b"))
 
     def test_resume_with_incompatible_config_is_refused(self, tmp_path):
         train(tmp_path / "r", tiny_run(), quiet=True, stop_after=2)
