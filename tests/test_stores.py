@@ -12,6 +12,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import zarr
 
+from background import subprocess_fixture
 from vdvae_latents.stores import writer as stores
 from vdvae_latents.core.errors import UserError
 from vdvae_latents.stores.schema import SCHEMA_NAME, SCHEMA_VERSION
@@ -117,14 +119,11 @@ def store_path(tmp_path: Path, fmt: str, name: str = "enc") -> Path:
     return tmp_path / f"{name}{FORMATS[fmt]}"
 
 
-# A child process that resumes/writes a store slowly, printing each chunk it finished.
-# It loads vdvae_latents.stores.writer without running the package __init__ (which imports torch), so
-# that it starts in a fraction of a second.
+# A child process that resumes/writes a store slowly, printing each chunk it finished. Importing
+# vdvae_latents.stores.writer does not import torch (the package's __init__ is lazy), so it starts
+# in a fraction of a second.
 CHILD_WRITER = """
-import sys, time, types
-package = types.ModuleType("vdvae_latents")
-package.__path__ = [sys.argv[6]]
-sys.modules["vdvae_latents"] = package
+import sys, time
 import numpy as np
 from vdvae_latents.stores.writer import StoreWriter
 path, data, rank, world, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
@@ -152,9 +151,7 @@ def save_inputs(tmp_path: Path, inputs: dict[str, Any]) -> Path:
 
 def start_child(path: Path, data: Path, rank: int = 0, world: int = 1, delay: float = 0.0) -> subprocess.Popen:
     """Start CHILD_WRITER; its stderr goes to a file next to the data (a pipe could fill up)."""
-    package_dir = Path(stores.__file__).parent
-    args = [sys.executable, "-c", CHILD_WRITER, str(path), str(data), str(rank), str(world), str(delay),
-            str(package_dir)]
+    args = [sys.executable, "-c", CHILD_WRITER, str(path), str(data), str(rank), str(world), str(delay)]
     with open(data.parent / f"child-{rank}.err", "w") as err:
         child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
     # Never let a stuck child hang the test run: kill it after a minute whatever happens.
@@ -589,27 +586,50 @@ def test_rewriting_a_complete_store_marks_it_incomplete(tmp_path: Path, fmt: str
     assert read_all(path)[1]["complete"]
 
 
-def test_kill_9_then_resume(tmp_path: Path, fmt: str) -> None:
+def killed_writer(fmt: str):
+    """A CHILD_WRITER filling a fresh 300-row store of 30 chunks, SIGKILLed after it reported 5 chunks,
+    as a subprocess fixture (tests/background.py): it runs, and is killed, on the background thread
+    while other tests run. Its value: returncode, written (chunks reported before the kill), path, data."""
+    def prepare(request):
+        tmp_path = request.getfixturevalue("tmp_path_factory").mktemp(f"killed-writer-{fmt}")
+        inputs = make_inputs(n_rows=300, n_features=24, seed=11)
+        path = store_path(tmp_path, fmt)
+        create(path, inputs, chunk_rows=10).close()  # 30 chunks
+        data = save_inputs(tmp_path, inputs)
+
+        def run_and_kill() -> SimpleNamespace:
+            child = start_child(path, data, delay=0.002)
+            assert child.stdout is not None
+            written = 0
+            while written < 5:
+                if not child.stdout.readline():
+                    break  # the writer died early: the test reports it
+                written += 1
+            else:
+                time.sleep(np.random.default_rng().uniform(0, 0.01))  # land anywhere in the write loop
+                child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+            child.stdout.close()
+            return SimpleNamespace(returncode=child.returncode, written=written, path=path, data=data)
+
+        return run_and_kill
+
+    return subprocess_fixture(prepare, f"killed_writer_{fmt}")
+
+
+killed_writer_zarr = killed_writer("zarr")
+killed_writer_hdf5 = killed_writer("hdf5")
+
+
+def test_kill_9_then_resume(tmp_path: Path, fmt: str, killed_writer_zarr, killed_writer_hdf5) -> None:
     """A writer SIGKILLed mid-way leaves an incomplete store that a resume completes exactly
     (Zarr); an HDF5 file may instead be too damaged to reopen, which must say --overwrite."""
     inputs = make_inputs(n_rows=300, n_features=24, seed=11)
     reference = build(store_path(tmp_path, fmt, "reference"), inputs, chunk_rows=10)
-    path = store_path(tmp_path, fmt)
-    create(path, inputs, chunk_rows=10).close()  # 30 chunks
-
-    data = save_inputs(tmp_path, inputs)
-    child = start_child(path, data, delay=0.002)
-    assert child.stdout is not None
-    written = 0
-    while written < 5:
-        line = child.stdout.readline()
-        assert line, f"writer died early: {child_errors(data)}"
-        written += 1
-    time.sleep(np.random.default_rng().uniform(0, 0.01))  # land anywhere in the write loop
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    child.stdout.close()
-    assert child.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
+    killed = {"zarr": killed_writer_zarr, "hdf5": killed_writer_hdf5}[fmt]
+    path, data, written = killed.path, killed.data, killed.written  # the killed writer's own folder
+    assert written == 5, f"writer died early: {child_errors(data)}"
+    assert killed.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
 
     with pytest.raises(StoreError):  # incomplete (or, for HDF5, possibly damaged)
         open_encodings(path)
@@ -641,16 +661,33 @@ def test_two_writers_in_one_process(tmp_path: Path) -> None:
     assert_same_content(path, reference)
 
 
-def test_two_processes_write_disjoint_chunks(tmp_path: Path) -> None:
+@subprocess_fixture
+def two_writer_processes(request):
+    """Two CHILD_WRITERs (ranks 0 and 1 of 2) filling a fresh 200-row store of 20 chunks at once, on the
+    background thread of tests/background.py: results ([(returncode, stdout)] per rank), path, data."""
+    tmp_path = request.getfixturevalue("tmp_path_factory").mktemp("two-writers")
     inputs = make_inputs(n_rows=200, n_features=12, seed=9)
-    reference = build(tmp_path / "reference.zarr", inputs, chunk_rows=10)
     path = tmp_path / "enc.zarr"
     create(path, inputs, chunk_rows=10).close()
     data = save_inputs(tmp_path, inputs)
-    children = [start_child(path, data, rank=r, world=2) for r in range(2)]
-    for rank, child in enumerate(children):
-        out, _ = child.communicate(timeout=90)
-        assert child.returncode == 0, child_errors(data, rank)
+
+    def run() -> SimpleNamespace:
+        children = [start_child(path, data, rank=r, world=2) for r in range(2)]
+        results = []
+        for child in children:
+            out, _ = child.communicate(timeout=90)
+            results.append((child.returncode, out))
+        return SimpleNamespace(results=results, path=path, data=data)
+
+    return run
+
+
+def test_two_processes_write_disjoint_chunks(tmp_path: Path, two_writer_processes) -> None:
+    inputs = make_inputs(n_rows=200, n_features=12, seed=9)
+    reference = build(tmp_path / "reference.zarr", inputs, chunk_rows=10)
+    path, data = two_writer_processes.path, two_writer_processes.data  # the writers' own folder
+    for rank, (returncode, out) in enumerate(two_writer_processes.results):
+        assert returncode == 0, child_errors(data, rank)
         assert out.split() == [str(i) for i in range(rank, 20, 2)] + ["done"]
     writer = StoreWriter.open(path)
     assert writer.missing_chunks() == []
