@@ -25,6 +25,7 @@ a subprocess that the test has to watch, say to kill it at the right moment).
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import tempfile
 import threading
@@ -104,8 +105,10 @@ def subprocess_fixture(prepare, name: str | None = None):
 def start(request) -> None:
     """Start, on one background thread, the jobs the session's tests use, first needed first.
 
-    Not under pytest-xdist: there every worker collects every test, so each job runs when a
-    test first asks for it."""
+    Each job is prepared on the main thread and then queued, so the thread runs the first jobs while
+    the main thread prepares later ones (the torchrun launch needs a trained checkpoint first).
+    Not under pytest-xdist: there every worker collects every test, so each job runs when a test
+    first asks for it."""
     global _thread
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
@@ -115,11 +118,25 @@ def start(request) -> None:
             if name in JOBS:
                 first_use.setdefault(name, i)
     names = sorted(first_use, key=first_use.get)
-    for name in names:
-        JOBS[name].prepare(request)  # on the main thread: may make session fixtures (a trained run)
-    if names:
-        _thread = threading.Thread(target=lambda: [JOBS[n].run() for n in names], daemon=True)
-        _thread.start()
+    if not names:
+        return
+    todo: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while (name := todo.get()) is not None:
+            JOBS[name].run()
+
+    _thread = threading.Thread(target=worker, daemon=True)
+    _thread.start()
+    try:
+        for name in names:
+            try:
+                JOBS[name].prepare(request)  # on the main thread: may make session fixtures (a trained run)
+            except Exception:  # noqa: BLE001 - the tests that use the job get the error when they ask for it
+                continue
+            todo.put(name)
+    finally:
+        todo.put(None)
 
 
 def close() -> None:
