@@ -279,55 +279,72 @@ def by_hand_uint8(images: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- reference stores
 
 
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("refs")
+REFERENCE_STORES = {  # name: (file, split, options); encode_quietly's chunks (CHUNK) unless they say otherwise
+    "f32": ("f32.zarr", "test", ("--keep", "25%", "--dtype", "float32")),
+    "train": ("train.zarr", "train", ("--keep", "25%", "--chunk-rows", KILL_CHUNK, "--batch-size", KILL_CHUNK)),
+    "meanstd-zarr": ("meanstd.zarr", "test", ("--keep", "25%", "--stat", "mean+std")),
+    "meanstd-hdf5": ("meanstd.h5", "test", ("--keep", "25%", "--stat", "mean+std")),
+    "ms32": ("ms32.zarr", "test", ("--keep", "25%", "--dtype", "float32", "--stat", "mean+std")),
+    "sample32": ("sample32.zarr", "test", ("--keep", "25%", "--dtype", "float32", "--stat", "sample", "--seed", "0")),
+    "single32": ("single32.zarr", "test", ("--keep", "25%", "--chunk-rows", "32")),
+}
+
+
+@subprocess_fixture
+def reference_stores(request):
+    """The reference stores below, encoded from the session's checkpoint by `vdvl encode` commands in one
+    process (tests/cli_worker.py) on the background thread of tests/background.py while other tests run."""
+    run_dir = request.getfixturevalue("encode_checkpoint").parent.parent
+    out = request.getfixturevalue("tmp_path_factory").mktemp("refs")
+    commands = {}
+    for name, (file, split, options) in REFERENCE_STORES.items():
+        chunks = () if "--chunk-rows" in options else ("--chunk-rows", CHUNK)
+        commands[name] = [str(a) for a in ("encode", run_dir, "--data", "digits", "--split", split, "--out", out / file,
+                                           *chunks, "--device", "cpu", "--json", *options)]
+    (out / "commands.json").write_text(json.dumps(commands))
+    argv = [sys.executable, str(ROOT / "tests" / "cli_worker.py"), str(out / "commands.json"),
+            str(out / "results.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return argv, ROOT, env, 600, {"out": out}
 
 
 @pytest.fixture(scope="module")
-def ref_f32(run_dir, ref_dir) -> Path:
+def refs(reference_stores) -> dict[str, Path]:
+    """name -> reference store (read-only: copy one to write into it)."""
+    assert reference_stores.returncode == 0, reference_stores.stderr[-3000:] + (
+        (reference_stores.out / "results.json").read_text()[-3000:] if (reference_stores.out / "results.json").exists()
+        else "")
+    return {name: reference_stores.out / file for name, (file, _, _) in REFERENCE_STORES.items()}
+
+
+@pytest.fixture(scope="module")
+def ref_f32(refs) -> Path:
     """Test split, --keep 25%, posterior mean, float32, Zarr."""
-    out = ref_dir / "f32.zarr"
-    encode_quietly(run_dir, out, "--keep", "25%", "--dtype", "float32")
-    return out
+    return refs["f32"]
 
 
 @pytest.fixture(scope="module")
-def ref_train(run_dir, ref_dir) -> Path:
+def ref_train(refs) -> Path:
     """Train split, --keep 25%, float16, Zarr, KILL_CHUNK-row chunks (the kill -9 test's settings)."""
-    out = ref_dir / "train.zarr"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main([str(a) for a in ("encode", run_dir, "--data", "digits", "--split", "train", "--keep", "25%",
-                                      "--out", out, "--chunk-rows", KILL_CHUNK, "--batch-size", KILL_CHUNK,
-                                      "--device", "cpu", "--quiet")])
-    assert code == 0
-    return out
+    return refs["train"]
 
 
 @pytest.fixture(scope="module")
-def ref_meanstd(run_dir, ref_dir) -> dict[str, Path]:
+def ref_meanstd(refs) -> dict[str, Path]:
     """Test split, --keep 25%, --stat mean+std, float16, in both formats. Read-only: copy to write."""
-    out = {fmt: ref_dir / f"meanstd{suffix}" for fmt, suffix in FORMATS.items()}
-    for path in out.values():
-        encode_quietly(run_dir, path, "--keep", "25%", "--stat", "mean+std")
-    return out
+    return {"zarr": refs["meanstd-zarr"], "hdf5": refs["meanstd-hdf5"]}
 
 
 @pytest.fixture(scope="module")
-def ref_ms32(run_dir, ref_dir) -> Path:
+def ref_ms32(refs) -> Path:
     """Test split, --keep 25%, --stat mean+std, float32, Zarr."""
-    out = ref_dir / "ms32.zarr"
-    encode_quietly(run_dir, out, "--keep", "25%", "--dtype", "float32", "--stat", "mean+std")
-    return out
+    return refs["ms32"]
 
 
 @pytest.fixture(scope="module")
-def ref_sample32(run_dir, ref_dir) -> Path:
+def ref_sample32(refs) -> Path:
     """Test split, --keep 25%, --stat sample --seed 0, float32, Zarr."""
-    out = ref_dir / "sample32.zarr"
-    encode_quietly(run_dir, out, "--keep", "25%", "--dtype", "float32", "--stat", "sample", "--seed", "0")
-    return out
+    return refs["sample32"]
 
 
 # ----------------------------------------------------------------------------- 1. numbers and contents
@@ -900,13 +917,11 @@ def test_decode_refuses_a_store_whose_dims_do_not_fit_its_checkpoint(capsys, tmp
 
 
 @pytest.mark.slow
-def test_two_process_encode_equals_one_process(tmp_path, torchrun_session):
+def test_two_process_encode_equals_one_process(torchrun_session, refs):
     """`python -m vdvae_latents encode` on two torchrun ranks (the last part of the session's one torchrun
-    launch, tests/torchrun_worker.py) against the same command in one process."""
-    run_dir, out = torchrun_session.encode_run, torchrun_session.encode_out
+    launch, tests/torchrun_worker.py) against the same command in one process (refs["single32"])."""
+    out, single = torchrun_session.encode_out, refs["single32"]
     assert torchrun_session.returncode == 0, torchrun_session.stderr[-3000:]
-    single = tmp_path / "single32.zarr"
-    encode_quietly(run_dir, single, "--keep", "25%", "--chunk-rows", "32")
 
     a, b = raw_arrays(out), raw_arrays(single)
     assert sorted(a) == sorted(b)
