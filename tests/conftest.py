@@ -123,6 +123,16 @@ def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- background subprocesses
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Run the modules whose tests wait for background subprocesses last (in their usual order, each
+    module's tests together and in order), so that the subprocesses have the rest of the session to
+    finish in. The tests do not depend on their order."""
+    waits = {item.module for item in items
+             if getattr(item, "module", None) is not None
+             and any(name in background.JOBS for name in getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: getattr(item, "module", None) in waits)  # stable: order kept within each group
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _background_subprocesses(request):
     """Start the subprocess fixtures the session's tests use (tests/background.py)."""
