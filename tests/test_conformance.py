@@ -30,7 +30,8 @@ import torch
 
 from vdvae_latents.model.checkpoints import load_model
 from vdvae_latents.interop.hparams_cfg import read_hparams
-from vdvae_latents.interop.efficient import _mol_permutation, config_from_hparams, import_efficient_vdvae
+from vdvae_latents.interop.efficient import config_from_hparams, import_efficient_vdvae
+from vdvae_latents.interop.weights import mol_channel_order
 from vdvae_latents.train.presets import get_preset
 from vdvae_latents.model.vae import count_parameters
 
@@ -171,7 +172,7 @@ def test_efficient_import_matches_the_official_model(cfg_name, tmp_path):
                 logits = model.head.out(out.features)
             if not binary:  # vdvl's head channels -> the official PixelCNN++ order
                 official = torch.empty_like(logits)
-                official[:, _mol_permutation(model.cfg.n_mixtures, model.cfg.channels)] = logits
+                official[:, mol_channel_order(model.cfg.n_mixtures, model.cfg.channels)] = logits
                 logits = official
             ref = reference[f"{mode}-{str(dtype).split('.')[-1]}"]
             kl = torch.stack([k.flatten(1).sum(1) for k in out.kl], 1)

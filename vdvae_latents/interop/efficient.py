@@ -42,7 +42,7 @@ from ..model.checkpoints import file_sha256
 from ..model.config import ModelConfig
 from .hparams_cfg import read_hparams
 from .run_dir import write_imported_run
-from .weights import WeightMap, from_vdvl, mol_channel_order, read_weight_file, to_vdvl
+from .weights import WeightMap, from_vdvl, read_weight_file, to_vdvl
 
 __all__ = ["SOURCE_KIND", "OfficialLayout", "official_layout", "config_from_hparams", "official_to_vdvl_keys",
            "official_weight_map", "load_official_checkpoint", "convert_state", "to_official_state",
@@ -349,7 +349,6 @@ def _made_by_first_forward(official: str) -> bool:
     return official.endswith("unpool.scale_bias")
 
 
-_mol_permutation = mol_channel_order  # the conformance test's name for it
 
 
 def convert_state(state: dict[str, torch.Tensor], layout: OfficialLayout, *, which: str = "model",
