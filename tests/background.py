@@ -19,7 +19,8 @@ has not come.
 
 ``prepare`` may only ask ``request`` for session fixtures of pytest or tests/conftest.py. It may
 instead return a function, which then runs on the background thread and returns the value (for
-a subprocess that the test has to watch, say to kill it at the right moment).
+a subprocess that the test has to watch, say to kill it at the right moment; start it with
+``preexec_fn=lower_priority``, as the subprocesses here are, below the in-process tests).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+
+
+def lower_priority() -> None:
+    """``preexec_fn`` of the background subprocesses: a little below the pytest process, which runs
+    the in-process tests meanwhile (``nice 5``), so that when both want a core the tests get it
+    (on two cores a two-rank torchrun launch would otherwise take a third of it)."""
+    os.nice(5)
 
 
 class Job:
@@ -59,7 +67,8 @@ class Job:
                 with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
                     note = ""
                     try:
-                        self._proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+                        self._proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, text=True,
+                                                      preexec_fn=lower_priority)
                         try:
                             self._proc.wait(timeout=timeout)
                         except subprocess.TimeoutExpired:

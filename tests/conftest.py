@@ -111,6 +111,18 @@ def tiny_digits_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def encode_data(tmp_path_factory) -> str:
+    """The data spec tests/test_encode.py encodes: the first 600 of scikit-learn's digits as an .npz
+    (uint8 images and labels; the library's seeded split makes 480 train, 60 val, 60 test images)."""
+    from vdvae_latents.data import load_images
+
+    digits = load_images("digits", split="all")
+    path = tmp_path_factory.mktemp("encode-data") / "digits600.npz"
+    np.savez(path, images=digits.images[:600], labels=digits.labels[:600])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
     """The 30-step checkpoint with its EMA posterior biases spread out (N(0, 0.7^2), seed 1) and
     no optimizer state: what tests/test_encode.py encodes. Read-only (its run directory too)."""
@@ -144,15 +156,16 @@ def _background_subprocesses(request):
 @subprocess_fixture
 def torchrun_session(request):
     """tests/torchrun_worker.py under torchrun (2 gloo ranks): returncode, stdout, stderr, out (its
-    folder), encode_run and encode_out (the store its `encode` part wrote)."""
+    folder), encode_run and encode_out (the store its `encode` part wrote, of ``encode_data``)."""
     encode_run = request.getfixturevalue("encode_checkpoint").parent.parent  # trained first, if need be
+    encode_data = request.getfixturevalue("encode_data")
     out = request.getfixturevalue("tmp_path_factory").mktemp("torchrun")
     data = out / "d.npy"
     np.save(data, pixels(40, 4, 4, 1, seed=5))  # train split: 32 images, 4 batches of 8
     encode_out = out / "ddp.zarr"
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()), str(ROOT / "tests" / "torchrun_worker.py"), str(out), str(data),
-            str(encode_run), str(encode_out)]
+            str(encode_run), encode_data, str(encode_out)]
     return argv, ROOT, SUBPROCESS_ENV, 600, {"out": out, "encode_run": encode_run, "encode_out": encode_out}
 
 

@@ -1,5 +1,10 @@
 """`vdvl encode` / `vdvl decode` end to end on a real (30-step, tiny-preset) digits checkpoint.
 
+The data are the first 600 of scikit-learn's digits as an .npz (the session's ``encode_data``,
+tests/conftest.py): 480 train, 60 val and 60 test images. Every --keep/--threshold encode ranks the
+latent dimensions over the whole train split, so a third of digits makes each command about three
+times faster; nothing checked here depends on the number of images.
+
 Stores are written through ``vdvae_latents.cli.main(argv)`` (or a real ``python -m vdvae_latents`` process) and
 checked against closed forms and independent calls: the features against the model's own
 posterior means picked out by hand, the active set against a top-k of the per-variate KL,
@@ -47,7 +52,7 @@ from vdvae_latents.stores.backends import StoreError
 from vdvae_latents.stores.writer import StoreWriter
 from vdvae_latents.stores.reader import open_encodings
 from vdvae_latents.train.loop import train
-from background import subprocess_fixture
+from background import lower_priority, subprocess_fixture
 from helpers import rewrite_checkpoint, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +61,21 @@ TINY_SHAPES = [(4, 1, 1), (4, 4, 4), (4, 4, 4), (4, 8, 8), (4, 8, 8)]  # (V, H, 
 N_VARIATES = sum(v for v, _, _ in TINY_SHAPES)            # 20
 N_SCALARS = sum(v * h * w for v, h, w in TINY_SHAPES)     # 644
 N_KEEP = math.ceil(0.25 * N_VARIATES)                     # --keep 25% -> 5 variates
-N_TEST, N_TRAIN = 180, 1437                               # digits splits
-CHUNK = 64                                                # -> 3 chunks of the test split
-KILL_CHUNK = 64                                           # the kill -9 test: 23 chunks of the train split
+N_TEST, N_TRAIN = 60, 480                                 # the splits of the 600 images of DATA
+CHUNK = 24                                                # -> 3 chunks of the test split (24, 24, 12)
+KILL_CHUNK = 16                                           # the kill -9 test: 30 chunks of the train split
+DATA = ""  # the data spec of every command here: the session's `encode_data`, set by the `_data` fixture
 ROW_ARRAYS = ("features", "features_std", "labels", "sample_index", "source_index", "chunks_written",
               "chunk_checksums", "chunk_errors")
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data(encode_data):
+    global DATA
+    DATA = encode_data
 
 
 def _train(run_dir: Path, steps: int) -> Path:
@@ -103,12 +115,12 @@ def model(ckpt):
 
 @pytest.fixture(scope="module")
 def digits_test():
-    return load_images("digits", split="test")
+    return load_images(DATA, split="test")
 
 
 @pytest.fixture(scope="module")
 def train_set():
-    return load_images("digits", split="train")
+    return load_images(DATA, split="train")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +189,7 @@ def _by_hand(model, kept, images: np.ndarray, field: str = "q_mean") -> np.ndarr
 
 
 def encode(capsys, src, out: Path, *extra, split: str = "test") -> dict:
-    code, stdout, err = run_cli(capsys, "encode", src, "--data", "digits", "--split", split, "--out", out,
+    code, stdout, err = run_cli(capsys, "encode", src, "--data", DATA, "--split", split, "--out", out,
                                 "--chunk-rows", CHUNK, "--device", "cpu", "--json", *extra)
     assert code == 0, err
     return json.loads(stdout)
@@ -187,7 +199,7 @@ def encode_quietly(src, out: Path, *extra, split: str = "test") -> dict:
     """The same through main(), for module fixtures (no capsys there)."""
     buf, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in ("encode", src, "--data", "digits", "--split", split, "--out", out,
+        code = main([str(a) for a in ("encode", src, "--data", DATA, "--split", split, "--out", out,
                                       "--chunk-rows", CHUNK, "--device", "cpu", "--json", *extra)])
     assert code == 0, err.getvalue()
     return json.loads(buf.getvalue())
@@ -295,11 +307,12 @@ def reference_stores(request):
     """The reference stores below, encoded from the session's checkpoint by `vdvl encode` commands in one
     process (tests/cli_worker.py) on the background thread of tests/background.py while other tests run."""
     run_dir = request.getfixturevalue("encode_checkpoint").parent.parent
+    data = request.getfixturevalue("encode_data")  # DATA, which is set only when this module's tests start
     out = request.getfixturevalue("tmp_path_factory").mktemp("refs")
     commands = {}
     for name, (file, split, options) in REFERENCE_STORES.items():
         chunks = () if "--chunk-rows" in options else ("--chunk-rows", CHUNK)
-        commands[name] = [str(a) for a in ("encode", run_dir, "--data", "digits", "--split", split, "--out", out / file,
+        commands[name] = [str(a) for a in ("encode", run_dir, "--data", data, "--split", split, "--out", out / file,
                                            *chunks, "--device", "cpu", "--json", *options)]
     (out / "commands.json").write_text(json.dumps(commands))
     argv = [sys.executable, str(ROOT / "tests" / "cli_worker.py"), str(out / "commands.json"),
@@ -399,7 +412,7 @@ def test_encode_numbers_and_contents(capsys, fmt, tmp_path, run_dir, ckpt, model
     assert attrs["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert Path(attrs["checkpoint"]).resolve() == ckpt.resolve() and attrs["checkpoint_step"] == 30
     assert attrs["model_config"] == json.loads(json.dumps(model.cfg.to_dict()))
-    expected_attrs = {"schema": "vdvl-encodings", "data": "digits", "split": "test", "granularity": "variate",
+    expected_attrs = {"schema": "vdvl-encodings", "data": DATA, "split": "test", "granularity": "variate",
                       "selection_rule": "keep", "selection_value": 0.25, "statistic": "mean", "dtype": "float16",
                       "kl_split": "train", "kl_images": N_TRAIN, "n_rows": N_TEST, "n_features": k,
                       "chunk_rows": CHUNK, "n_dims_total": N_VARIATES, "n_dims_kept": N_KEEP,
@@ -507,14 +520,14 @@ def test_decode_reproduces_the_pruned_reconstruction(capsys, tmp_path, run_dir, 
     assert Path(r["checkpoint"]).resolve() == Path(attrs_of(ref_f32)["checkpoint"]).resolve()
     np.testing.assert_array_equal(png_tiles(png, 16), by_hand_uint8(recon))
 
-    # Other rows: 100:109 (3 x 3 grid) against the reconstruction of chunk 1 (rows 64:128).
+    # Other rows: 30:39 (3 x 3 grid) against the reconstruction of chunk 1 (rows 24:48).
     x1 = prepare_batch(model.cfg, digits_test.images[CHUNK:2 * CHUNK])
     with torch.no_grad():
         recon1 = model.reconstruct(x1, active=_masks(kept), posterior="mean", masked="mean", deterministic=True)
-    code, _, err = run_cli(capsys, "decode", ref_f32, "--out", tmp_path / "d9.png", "--rows", "100:109",
+    code, _, err = run_cli(capsys, "decode", ref_f32, "--out", tmp_path / "d9.png", "--rows", "30:39",
                            "--device", "cpu")
     assert code == 0, err
-    np.testing.assert_array_equal(png_tiles(tmp_path / "d9.png", 9), by_hand_uint8(recon1[36:45]))
+    np.testing.assert_array_equal(png_tiles(tmp_path / "d9.png", 9), by_hand_uint8(recon1[30 - CHUNK:39 - CHUNK]))
 
 
 def test_decode_at_a_temperature_samples_the_pruned_dims(capsys, tmp_path, ref_f32):
@@ -553,7 +566,7 @@ def test_decode_finds_the_checkpoint_of_a_store_encoded_with_a_relative_path(cap
 
 
 def test_active_set_reuse(capsys, tmp_path, run_dir, kept, columns, ref_f32):
-    code, _, err = run_cli(capsys, "analyze-kl", run_dir, "--data", "digits", "--keep", "25%",
+    code, _, err = run_cli(capsys, "analyze-kl", run_dir, "--data", DATA, "--keep", "25%",
                            "--out", tmp_path / "A.json", "--device", "cpu", "--json")
     assert code == 0, err
     np.testing.assert_array_equal(ActiveSet.load(tmp_path / "A.json").selected, kept)
@@ -581,15 +594,15 @@ def test_active_set_of_another_checkpoint_is_refused(capsys, tmp_path, run_dir, 
     meta = json.loads(ref_f32.with_name("f32.active.json").read_text())
     meta["checkpoint_sha256"] = "0" * 64
     (tmp_path / "forged.json").write_text(json.dumps(meta))
-    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--active", tmp_path / "forged.json",
+    msg = refused(capsys, "encode", run_dir, "--data", DATA, "--active", tmp_path / "forged.json",
                   "--out", tmp_path / "X.zarr", "--device", "cpu")
     assert "checkpoint" in msg
     assert not (tmp_path / "X.zarr").exists()
 
-    code, _, err = run_cli(capsys, "analyze-kl", other_ckpt, "--data", "digits", "--keep", "25%",
+    code, _, err = run_cli(capsys, "analyze-kl", other_ckpt, "--data", DATA, "--keep", "25%",
                            "--out", tmp_path / "other.json", "--device", "cpu")
     assert code == 0, err
-    refused(capsys, "encode", run_dir, "--data", "digits", "--active", tmp_path / "other.json",
+    refused(capsys, "encode", run_dir, "--data", DATA, "--active", tmp_path / "other.json",
             "--out", tmp_path / "X.h5", "--device", "cpu")
     assert not (tmp_path / "X.h5").exists()
 
@@ -623,7 +636,7 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_run(capsys, monkeypa
     part = tmp_path / f"part{FORMATS[fmt]}"
     with monkeypatch.context() as m:
         _Interrupt(m, 2, KeyboardInterrupt())
-        code, _, err = run_cli(capsys, "encode", run_dir, "--data", "digits", "--out", part, "--chunk-rows", CHUNK,
+        code, _, err = run_cli(capsys, "encode", run_dir, "--data", DATA, "--out", part, "--chunk-rows", CHUNK,
                                "--device", "cpu", *args)
     assert code == 130, err
     with pytest.raises(StoreError, match="incomplete"):
@@ -662,7 +675,7 @@ def test_resume_after_an_unwritable_store_midway(capsys, monkeypatch, tmp_path, 
 
     with monkeypatch.context() as m:
         m.setattr(stores.ZarrBackend, "write_rows", write_rows)
-        refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--dtype", "float32",
+        refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--dtype", "float32",
                 "--out", out, "--chunk-rows", CHUNK, "--device", "cpu")
     assert calls["n"] > 0
     with pytest.raises(StoreError, match="incomplete"):
@@ -679,8 +692,9 @@ def encode_killed_midway(request):
     tests/background.py while other tests run: returncode, stderr, out and killed_at (the chunks written
     when it was killed; None if it finished first)."""
     run_dir = request.getfixturevalue("encode_checkpoint").parent.parent
+    data = request.getfixturevalue("encode_data")  # DATA, which is set only when this module's tests start
     out = request.getfixturevalue("tmp_path_factory").mktemp("killed-encode") / "killed.zarr"
-    cmd = [sys.executable, "-m", "vdvae_latents", "encode", str(run_dir), "--data", "digits", "--split", "train",
+    cmd = [sys.executable, "-m", "vdvae_latents", "encode", str(run_dir), "--data", data, "--split", "train",
            "--keep", "25%", "--out", str(out), "--chunk-rows", str(KILL_CHUNK), "--batch-size", str(KILL_CHUNK),
            "--device", "cpu", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -688,7 +702,8 @@ def encode_killed_midway(request):
 
     def run_and_kill() -> SimpleNamespace:
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                    preexec_fn=lower_priority)
             killed_at = None
             try:
                 deadline = time.monotonic() + 120
@@ -729,12 +744,12 @@ def test_resume_after_kill_9(capsys, run_dir, ref_train, encode_killed_midway):
         open_encodings(out)
     assert attrs_of(out)["complete"] is False
 
-    code, stdout, err = run_cli(capsys, "encode", run_dir, "--data", "digits", "--split", "train", "--keep", "25%",
+    code, stdout, err = run_cli(capsys, "encode", run_dir, "--data", DATA, "--split", "train", "--keep", "25%",
                                 "--out", out, "--chunk-rows", KILL_CHUNK, "--batch-size", KILL_CHUNK, "--device", "cpu",
                                 "--resume", "--json")
     assert code == 0, err
     r = json.loads(stdout)
-    sizes = np.minimum(KILL_CHUNK, N_TRAIN - KILL_CHUNK * np.arange(n_chunks))  # the last chunk has 29 rows
+    sizes = np.minimum(KILL_CHUNK, N_TRAIN - KILL_CHUNK * np.arange(n_chunks))  # the last chunk may be short
     assert r["rows_written"] == int(sizes[flags == 0].sum())
     assert_same_store(out, ref_train)
 
@@ -747,18 +762,18 @@ def test_existing_store_is_kept_without_overwrite(capsys, tmp_path, fmt, run_dir
     out = tmp_path / f"E{FORMATS[fmt]}"
     (shutil.copytree if fmt == "zarr" else shutil.copy2)(ref_meanstd[fmt], out)  # --keep 25% --stat mean+std
     before = tree_digest(out)
-    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out, "--device", "cpu")
+    msg = refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", out, "--device", "cpu")
     assert "exists" in msg and "--overwrite" in msg
     assert tree_digest(out) == before
 
     # --resume on a (complete) store of another checkpoint names the mismatch.
-    msg = refused(capsys, "encode", other_ckpt, "--data", "digits", "--keep", "25%", "--stat", "mean+std",
+    msg = refused(capsys, "encode", other_ckpt, "--data", DATA, "--keep", "25%", "--stat", "mean+std",
                   "--out", out, "--device", "cpu", "--resume")
     assert "checkpoint_sha256" in msg
     assert tree_digest(out) == before
 
     # ... and on one with another statistic too.
-    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--stat", "mean",
+    msg = refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--stat", "mean",
                   "--out", out, "--device", "cpu", "--resume")
     assert "statistic" in msg
     assert tree_digest(out) == before
@@ -776,11 +791,11 @@ def test_resume_of_an_incomplete_store_from_another_checkpoint(capsys, monkeypat
     out = tmp_path / "I.zarr"
     with monkeypatch.context() as m:
         _Interrupt(m, 1, KeyboardInterrupt())
-        code, _, _ = run_cli(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out,
+        code, _, _ = run_cli(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", out,
                              "--chunk-rows", CHUNK, "--device", "cpu")
     assert code == 130
     before = tree_digest(out)
-    msg = refused(capsys, "encode", other_ckpt, "--data", "digits", "--keep", "25%", "--out", out,
+    msg = refused(capsys, "encode", other_ckpt, "--data", DATA, "--keep", "25%", "--out", out,
                   "--device", "cpu", "--resume")
     assert "checkpoint_sha256" in msg
     assert tree_digest(out) == before
@@ -793,7 +808,7 @@ def test_resume_with_other_columns_of_the_same_size_is_refused(capsys, monkeypat
     out = tmp_path / "C.zarr"
     with monkeypatch.context() as m:
         _Interrupt(m, 1, KeyboardInterrupt())
-        code, _, _ = run_cli(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--dtype", "float32",
+        code, _, _ = run_cli(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--dtype", "float32",
                              "--out", out, "--chunk-rows", CHUNK, "--device", "cpu")
     assert code == 130
     meta = json.loads((tmp_path / "C.active.json").read_text())
@@ -804,7 +819,7 @@ def test_resume_with_other_columns_of_the_same_size_is_refused(capsys, monkeypat
     arrays["selected"] = sorted([s for s in sel if s != swap[0]] + [swap[1]])
     (tmp_path / "swapped.json").write_text(json.dumps(meta))
     before = tree_digest(out)
-    code, stdout, err = run_cli(capsys, "encode", run_dir, "--data", "digits", "--active", tmp_path / "swapped.json",
+    code, stdout, err = run_cli(capsys, "encode", run_dir, "--data", DATA, "--active", tmp_path / "swapped.json",
                                 "--dtype", "float32", "--out", out, "--chunk-rows", CHUNK, "--device", "cpu",
                                 "--resume", "--json")
     mixed = code == 0 and not np.array_equal(raw_arrays(out)["features"], raw_arrays(ref_f32)["features"])
@@ -818,7 +833,7 @@ def test_resume_with_other_columns_of_the_same_size_is_refused(capsys, monkeypat
 
 def test_encode_bad_options(capsys, tmp_path, run_dir, ref_f32):
     out = tmp_path / "X.zarr"
-    base = ("encode", run_dir, "--data", "digits", "--out", out, "--device", "cpu")
+    base = ("encode", run_dir, "--data", DATA, "--out", out, "--device", "cpu")
     sidecar = ref_f32.with_name("f32.active.json")
     for extra in (("--keep", "25%", "--active", sidecar), ("--keep", "25%", "--threshold", "0.1"), (),
                   ("--keep", "25%", "--stat", "median"), ("--keep", "25%", "--dtype", "bfloat16"),
@@ -827,7 +842,7 @@ def test_encode_bad_options(capsys, tmp_path, run_dir, ref_f32):
         refused(capsys, *base, *extra)
         assert not out.exists(), extra
         assert not (tmp_path / "X.active.json").exists(), extra
-    refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", tmp_path / "X.npy",
+    refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", tmp_path / "X.npy",
             "--device", "cpu")
     assert not (tmp_path / "X.npy").exists()
 
@@ -843,7 +858,7 @@ def test_encode_into_a_read_only_destination(capsys, monkeypatch, tmp_path, fmt,
     with monkeypatch.context() as m:  # the directory is not writable
         m.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK
                   else real_access(p, mode, **kw))
-        msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out, "--device", "cpu")
+        msg = refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", out, "--device", "cpu")
     assert "not writable" in msg
     assert list(ro.iterdir()) == []
 
@@ -855,12 +870,12 @@ def test_encode_into_a_read_only_destination(capsys, monkeypatch, tmp_path, fmt,
             m.setattr(zarr, "open_group", erofs)
         else:
             m.setattr(h5py, "File", erofs)
-        msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", out, "--device", "cpu")
+        msg = refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", out, "--device", "cpu")
     assert "Read-only" in msg
     assert list(ro.iterdir()) == []
 
     # A destination directory that does not exist.
-    msg = refused(capsys, "encode", run_dir, "--data", "digits", "--keep", "25%", "--out", tmp_path / "no" / out.name,
+    msg = refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", tmp_path / "no" / out.name,
                   "--device", "cpu")
     assert "does not exist" in msg
 
@@ -868,10 +883,10 @@ def test_encode_into_a_read_only_destination(capsys, monkeypatch, tmp_path, fmt,
 def test_decode_bad_input(capsys, tmp_path, other_ckpt, ref_f32):
     png = tmp_path / "x.png"
     base = ("decode", ref_f32, "--device", "cpu")
-    for rows in ("500:600", "170:181", "5:5", "a:b", "-3:4"):
+    for rows in ("500:600", f"{N_TEST - 10}:{N_TEST + 1}", "5:5", "a:b", "-3:4"):
         msg = refused(capsys, *base, "--out", png, "--rows", rows)
         assert "--rows" in msg, rows
-    assert "180 rows" in refused(capsys, *base, "--out", png, "--rows", "500:600")
+    assert f"{N_TEST} rows" in refused(capsys, *base, "--out", png, "--rows", "500:600")
     msg = refused(capsys, *base, "--out", png, "--ckpt", other_ckpt)
     assert "sha256" in msg
     refused(capsys, *base, "--out", tmp_path / "missing" / "x.png")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import zarr
 
-from background import subprocess_fixture
+from background import lower_priority, subprocess_fixture
 from vdvae_latents.stores import writer as stores
 from vdvae_latents.core.errors import UserError
 from vdvae_latents.stores.schema import SCHEMA_NAME, SCHEMA_VERSION
@@ -150,10 +150,11 @@ def save_inputs(tmp_path: Path, inputs: dict[str, Any]) -> Path:
 
 
 def start_child(path: Path, data: Path, rank: int = 0, world: int = 1, delay: float = 0.0) -> subprocess.Popen:
-    """Start CHILD_WRITER; its stderr goes to a file next to the data (a pipe could fill up)."""
+    """Start CHILD_WRITER (on the background thread, below the in-process tests: tests/background.py);
+    its stderr goes to a file next to the data (a pipe could fill up)."""
     args = [sys.executable, "-c", CHILD_WRITER, str(path), str(data), str(rank), str(world), str(delay)]
     with open(data.parent / f"child-{rank}.err", "w") as err:
-        child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+        child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=lower_priority)
     # Never let a stuck child hang the test run: kill it after a minute whatever happens.
     watchdog = threading.Timer(60, child.kill)
     watchdog.daemon = True

@@ -2,14 +2,14 @@
 session by the ``torchrun_session`` fixture in tests/conftest.py: a launch costs a launcher and two
 ranks that each import torch, so one launch instead of four saves most of these tests' time.
 
-    torchrun --nproc_per_node 2 tests/torchrun_worker.py OUT DATA_NPY ENCODE_RUN ENCODE_OUT
+    torchrun --nproc_per_node 2 tests/torchrun_worker.py OUT DATA_NPY ENCODE_RUN ENCODE_DATA ENCODE_OUT
 
 The ranks join one process group and run, in order:
 
 1. data: tests/data_ddp_worker.py -> OUT/data/rank{r}.json   (tests/test_data_streaming.py)
 2. KL:   tests/kl_ddp_worker.py   -> OUT/kl/rank{r}.npz      (tests/test_kl_analysis.py)
 3. DDP:  tests/ddp_worker.py      -> OUT/train/              (tests/test_training.py)
-4. the real command line, as ``python -m vdvae_latents encode ENCODE_RUN ... --out ENCODE_OUT``
+4. the real command line, as ``python -m vdvae_latents encode ENCODE_RUN --data ENCODE_DATA ... --out ENCODE_OUT``
    (tests/test_encode.py); last, because a successful command leaves the process group.
 
 Each part writes OUT/<part>.ok on rank 0 when both ranks finished it. A part that raises prints
@@ -44,7 +44,7 @@ def part(name: str, out: Path, fn, *args) -> None:
 
 
 def main() -> None:
-    out, data_npy, encode_run, encode_out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    out, data_npy, encode_run, encode_data, encode_out = Path(sys.argv[1]), *sys.argv[2:6]
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -57,7 +57,7 @@ def main() -> None:
     part("kl", out, kl_ddp_worker.run, out / "kl")
     part("train", out, ddp_worker.run, out / "train")
 
-    sys.argv = ["vdvae_latents", "encode", encode_run, "--data", "digits", "--split", "test", "--keep", "25%",
+    sys.argv = ["vdvae_latents", "encode", encode_run, "--data", encode_data, "--split", "test", "--keep", "25%",
                 "--out", encode_out, "--chunk-rows", "32", "--device", "cpu", "--quiet"]
     runpy.run_module("vdvae_latents", run_name="__main__", alter_sys=True)  # exits with the command's status
 
