@@ -9,7 +9,7 @@ arithmetic on numbers plus list/tuple concatenation and repetition. Anything els
 call, an attribute, a comprehension, a name) is refused with the key it belongs to,
 except that a value that is one bare word reads as that word, as the authors' library
 does (``name = cifar10_incfilters``), and the run ``name`` is always a string.
-Repetitions are capped, so ``[0] * 10**12`` cannot exhaust memory.
+Repetitions and powers are capped, so ``[0] * 10**12`` and ``((9**64)**64)**64`` cannot exhaust memory.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = ["parse_hparams", "read_hparams", "parse_value"]
 
 MAX_SEQUENCE = 100_000  # longest list a value may build (the configs have < 100 entries)
 MAX_EXPONENT = 64       # largest power allowed in ``a ** b``
+MAX_POWER_BITS = 1024   # largest integer ``a ** b`` may build (powers of powers would not end)
 
 _NUMBER_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -66,6 +67,8 @@ def _binary(op: ast.operator, left: Any, right: Any) -> Any:
     if _is_number(left) and _is_number(right):
         if isinstance(op, ast.Pow) and abs(right) > MAX_EXPONENT:
             raise _Refused(f"a power above {MAX_EXPONENT}")
+        if isinstance(op, ast.Pow) and isinstance(left, int) and left.bit_length() * right > MAX_POWER_BITS:
+            raise _Refused(f"a power above 2 ** {MAX_POWER_BITS}")
         if type(op) not in _NUMBER_OPS:
             raise _Refused(f"the operator {type(op).__name__}")
         try:

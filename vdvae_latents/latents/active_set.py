@@ -43,10 +43,10 @@ def parse_keep(value: str | float) -> float:
         number = float(text[:-1]) if text.endswith("%") else float(text)
     except ValueError:
         raise UserError(f"--keep must be a percentage like 3% or a fraction like 0.03, not '{value}'.") from None
-    percent = number if (text.endswith("%") or number > 1) else number * 100
-    if not 0 < percent <= 100 or not math.isfinite(percent):
+    fraction = number / 100 if (text.endswith("%") or number > 1) else number
+    if not 0 < fraction <= 1 or not math.isfinite(fraction):
         raise UserError(f"--keep must be in (0, 100]%, not '{value}'.")
-    return percent / 100
+    return fraction
 
 
 def rank_dimensions(table: DimTable) -> np.ndarray:

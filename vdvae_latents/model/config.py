@@ -34,8 +34,10 @@ def _as_groups(value: Any, n: int, name: str) -> tuple[tuple[int, ...], ...] | N
         raise ConfigError(f"config field '{name}' must list the group sizes of each of the {n} resolutions "
                           f"(a list of {n} lists of integers).")
     try:
+        if any(isinstance(v, float) and not v.is_integer() for g in value for v in g):
+            raise ValueError
         return tuple(tuple(int(v) for v in g) for g in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"config field '{name}' must hold integers only.") from None
 
 
@@ -335,6 +337,10 @@ def check_values(cfg: ModelConfig) -> None:
     if cfg.output == "bernoulli" and cfg.n_bits != 8:
         # Binary data has no bit depth; keep the field at its default to avoid confusion.
         raise _bad("n_bits", "must stay 8 with the bernoulli output (binary data has no bit depth)")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
+            raise _bad(f.name, f"must be finite, not {value}")
 
 
 def _check_resolutions(cfg: ModelConfig) -> None:

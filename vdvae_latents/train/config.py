@@ -7,7 +7,8 @@ and a data spec is in ``run_config``; the schedules it parametrises are in ``sch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from ..core.errors import ConfigError
 from .schedules import kl_balancing, kl_weight, learning_rate
@@ -82,6 +83,10 @@ def check_train_config(cfg: TrainConfig) -> None:
 
     def bad(name: str, why: str) -> ConfigError:
         return ConfigError(f"train setting '{name}' {why}.")
+
+    for f in fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise bad(f.name, f"must be finite, not {getattr(cfg, f.name)}")
 
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
