@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vdvae_latents.cli import main
+from vdvae_latents.data.grids import read_grid
 from helpers import run_cli
 
 
@@ -79,8 +80,10 @@ class TestRunCommands:
         assert code == 0, err
         r = json.loads(out)
         assert r["ks"] == [0, 2, 5] and r["n_layers"] == 5 and r["n"] == 4
+        grid = read_grid(tmp_path / "k.png")  # the images, without the title and the K labels around them
+        assert grid.ndim == 2 and grid.shape[0] > grid.shape[1] / 4 * 3  # 4 rows (originals + 3 K) of 4 columns
         with Image.open(tmp_path / "k.png") as im:
-            assert im.mode == "L" and im.height > im.width / 4 * 3  # 4 rows (originals + 3 K) of 4 columns
+            assert im.mode == "L" and im.height > grid.shape[0] and im.width > grid.shape[1]
 
     def test_info_json(self, capsys, trained_run):
         code, out, _ = run_cli(capsys, "info", str(trained_run), "--json")

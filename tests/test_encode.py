@@ -37,13 +37,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from PIL import Image
 
 from vdvae_latents.cli import main
 from vdvae_latents.stores import writer as stores
 from vdvae_latents.model.inputs import prepare_batch
 from vdvae_latents.model.checkpoints import load_model
 from vdvae_latents.data import load_images
+from vdvae_latents.data.grids import read_grid
 from vdvae_latents.latents.encoder import Encoder
 from vdvae_latents.latents.active_set import ActiveSet, build_active_set
 from vdvae_latents.latents.stats import LatentKL
@@ -266,16 +266,17 @@ def disk_bytes(path: Path) -> int:
 
 
 def png_tiles(path: Path, n: int, size: int = 8) -> np.ndarray:
-    """Cut n tiles out of a grid PNG: ceil(sqrt(n)) columns, each tile upscaled to >= 32 px by
-    pixel repetition, 2 px of padding around and between tiles."""
-    grid = np.asarray(Image.open(path))
-    ncols, scale, pad = math.ceil(math.sqrt(n)), math.ceil(32 / size), 2
-    nrows, tile = math.ceil(n / ncols), size * scale
+    """Cut the n decoded tiles out of a `vdvl decode` figure: its unlabelled grid (read_grid) has
+    rows of min(n, 8) originals, each followed by the row of their decodings; every tile upscaled
+    to >= 32 px by pixel repetition, 2 px of padding around and between tiles."""
+    grid = read_grid(path)
+    ncols, scale, pad = min(n, 8), math.ceil(32 / size), 2
+    nrows, tile = 2 * math.ceil(n / ncols), size * scale
     assert grid.shape == (nrows * (tile + pad) + pad, ncols * (tile + pad) + pad)
     out = []
     for i in range(n):
         r, c = divmod(i, ncols)
-        top, left = pad + r * (tile + pad), pad + c * (tile + pad)
+        top, left = pad + (2 * r + 1) * (tile + pad), pad + c * (tile + pad)
         block = grid[top:top + tile, left:left + tile]
         assert (block == block[::scale, ::scale].repeat(scale, 0).repeat(scale, 1)).all()
         out.append(block[::scale, ::scale])
@@ -559,7 +560,8 @@ def test_decode_finds_the_checkpoint_of_a_store_encoded_with_a_relative_path(cap
     assert code == 0, err
     code, _, err = run_cli(capsys, "decode", ref_f32, "--out", "b.png", "--device", "cpu")
     assert code == 0, err
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    # The same images (the titles differ: each names its own store).
+    np.testing.assert_array_equal(read_grid(tmp_path / "a.png"), read_grid(tmp_path / "b.png"))
 
 
 # ----------------------------------------------------------------------------- 4. --active

@@ -1,4 +1,4 @@
-"""Tests for vdvae_latents.data.grids: uint8 conversion, grid layout and PNG writing."""
+"""Tests for vdvae_latents.data.grids: uint8 conversion, grid layout, PNG writing and labelled figures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from vdvae_latents.data import to_model_input
 from vdvae_latents.core.errors import UserError
-from vdvae_latents.data.grids import MIN_TILE_PIXELS, PAD_VALUE, make_grid, save_grid, to_uint8
+from vdvae_latents.data.grids import GRID_BOX_KEY, MIN_TILE_PIXELS, PAD_VALUE, make_grid, read_grid, save_grid, to_uint8
 
 
 def random_uint8(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -111,6 +111,32 @@ def test_save_grid_rgb_from_tensors(tmp_path: Path) -> None:
     with Image.open(save_grid(tmp_path / "u8.png", pixels, scale=1)) as img:
         assert img.mode == "L" and img.size == (2 * 10 + 2, 12)
         np.testing.assert_array_equal(np.asarray(img), make_grid(pixels.permute(0, 2, 3, 1).numpy())[..., 0])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_labelled_grid_keeps_the_grid_exactly_and_adds_title_and_row_labels(tmp_path: Path, channels) -> None:
+    images = random_uint8((12, 8, 8, channels))
+    raw = make_grid(images, ncols=6, scale=4)
+    raw = raw[..., 0] if channels == 1 else raw
+    out = save_grid(tmp_path / "fig.png", images, ncols=6, title="digits:test, rows 0-11: originals above "
+                    "their decodings from 78 of 2,592 latent scalars", row_labels=["original", "decoded from 78"])
+    np.testing.assert_array_equal(read_grid(out), raw)  # the unlabelled grid, pixel for pixel
+    with Image.open(out) as img:
+        assert img.mode == ("L" if channels == 1 else "RGB")
+        figure = np.asarray(img).astype(int)
+        left, top, _, _ = (int(v) for v in img.text[GRID_BOX_KEY].split(","))
+    assert figure.shape[0] > raw.shape[0] + 20 and figure.shape[1] > raw.shape[1] + 60  # title above, labels left
+    # Text is drawn in the margins: dark pixels above the grid (the title) and left of it (the labels).
+    assert figure[:top].min() < 100 and figure[top:, :left].min() < 100
+    # Without a title or labels the PNG is the grid alone, as before.
+    plain = save_grid(tmp_path / "plain.png", images, ncols=6, scale=4)
+    np.testing.assert_array_equal(np.asarray(Image.open(plain)), raw)
+    np.testing.assert_array_equal(read_grid(plain), raw)
+
+
+def test_row_labels_must_match_the_grid_rows(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="one label per grid row"):
+        save_grid(tmp_path / "fig.png", random_uint8((12, 8, 8, 1)), ncols=6, row_labels=["only one"])
 
 
 def test_save_grid_replaces_existing_file(tmp_path: Path) -> None:

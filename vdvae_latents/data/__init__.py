@@ -9,7 +9,8 @@ processes) or, for training, :class:`TrainLoader` (a seeded order that resumes e
 both run ``torch.utils.data.DataLoader`` with ``workers`` processes. :func:`pack_images`
 (``vdvl pack``) turns an image folder or the downsampled-ImageNet files into one chunked
 Zarr store that every command reads. :func:`to_uint8` and :func:`save_grid` turn model
-outputs back into pixels and PNG grids.
+outputs back into pixels and PNG grids (labelled figures, whose bare grid :func:`read_grid`
+returns).
 
 Modules: ``readers`` (the reader interface), ``memory_sources`` (digits, IDX, CIFAR-10),
 ``array_files`` (npy, npz, HDF5, Zarr, downsampled ImageNet), ``packed`` (reading what
@@ -29,5 +30,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "model_input": ["to_model_input", "binarize"],
     "pack": ["pack_images"],
     "sources": ["describe_sources"],
-    "grids": ["to_uint8", "make_grid", "save_grid"],
+    "grids": ["to_uint8", "make_grid", "save_grid", "read_grid"],
 })

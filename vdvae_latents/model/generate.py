@@ -2,7 +2,9 @@
 
 Each function is what a `vdvl` command does, callable from a notebook: it loads the
 checkpoint's EMA weights, checks the data fits the model, runs, and returns a dict
-of results (the CLI prints it or emits it as JSON).
+of results (the CLI prints it or emits it as JSON). Every figure is a labelled grid
+(:func:`~vdvae_latents.data.grids.save_grid`): a title naming the model and the data,
+and a label beside each row of images.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from ..core.errors import UserError
 from ..core.runtime import auto_device
 from ..data import open_images
-from ..data.grids import save_grid, to_uint8
+from ..data.grids import PAD_VALUE, save_grid, to_uint8
 from .checkpoints import load_model
 from .inputs import check_images_fit, prepare_batch
 
@@ -32,7 +34,8 @@ def sample_images(path: str | Path, out: str | Path, *, n: int = 16, temperature
     model, info = load_model(path, ema=True, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     x = model.sample(n, temperature=temperature, generator=g)
-    written = save_grid(out, to_uint8(x, model.cfg.image_bits))
+    title = f"{n} samples from the prior of {model_label(info)} at temperature {temperature:g} (seed {seed})"
+    written = save_grid(out, to_uint8(x, model.cfg.image_bits), title=title)
     return {"checkpoint": str(info["path"]), "out": str(written), "n": n, "temperature": temperature, "seed": seed}
 
 
@@ -49,11 +52,12 @@ def reconstruct_images(path: str | Path, data: str, out: str | Path, *, n: int =
     g = torch.Generator(device=dev).manual_seed(seed)
     recon = model.reconstruct(x, posterior="mean", generator=g)
     bits = model.cfg.image_bits
-    pad = model.cfg.pad
-    original = x[..., pad:x.shape[-2] - pad, pad:x.shape[-1] - pad] if pad else x
     ncols = min(len(images), 8)
-    grid = _interleave_rows(to_uint8(original, bits), to_uint8(recon, bits), ncols)
-    written = save_grid(out, grid, ncols=ncols)
+    grid = interleave_rows(scored_pixels(model.cfg, x, bits), to_uint8(recon, bits), ncols)
+    title = (f"{data}:{split}, first {len(images)} images: each row of originals above its reconstructions "
+             f"by {model_label(info)} (all {model.cfg.n_layers} latent layers, posterior means)")
+    written = save_grid(out, grid, ncols=ncols, title=title,
+                        row_labels=["original", "reconstruction"] * (len(grid) // (2 * ncols)))
     return {"checkpoint": str(info["path"]), "out": str(written), "n": len(images), "data": data, "split": split}
 
 
@@ -109,25 +113,49 @@ def first_k_images(path: str | Path, data: str, out: str | Path, *, ks: str | Se
     check_images_fit(model.cfg, images.shape, data)
     x = prepare_batch(model.cfg, images.read(), device=dev)
     bits = model.cfg.n_bits if model.cfg.output == "mol" else 8
-    pad = model.cfg.pad
-    rows = [to_uint8(x[..., pad:x.shape[-2] - pad, pad:x.shape[-1] - pad] if pad else x, bits)]
+    rows = [scored_pixels(model.cfg, x, bits)]
     rows += [to_uint8(decoded, bits) for decoded in first_k_decodes(
         model, x, ks, temperature=temperature, posterior=posterior, seed=seed)]
-    written = save_grid(out, np.concatenate(rows), ncols=len(images))
+    title = (f"{data}:{split}, first {len(images)} images (top row) decoded by {model_label(info)} with the first K "
+             f"of its {len(shapes)} latent layers from the posterior ({posterior}) and the rest sampled from the prior "
+             f"at temperature {temperature:g}")
+    written = save_grid(out, np.concatenate(rows), ncols=len(images), title=title,
+                        row_labels=["original"] + [_k_label(k, len(shapes)) for k in ks])
     return {"checkpoint": str(info["path"]), "out": str(written), "n": len(images), "ks": ks,
             "n_layers": len(shapes), "temperature": temperature, "posterior": posterior, "data": data,
             "split": split}
 
 
-def _interleave_rows(a: np.ndarray, b: np.ndarray, ncols: int) -> np.ndarray:
-    """Row of originals, row of reconstructions, and so on (pads the last row)."""
+def model_label(info: dict) -> str:
+    """How a figure's title names a loaded checkpoint: its preset (or file name) and training step."""
+    name = info.get("preset") or Path(str(info.get("path", "checkpoint"))).name
+    return f"{name} (step {info['step']})" if info.get("step") is not None else str(name)
+
+
+def scored_pixels(cfg, x: torch.Tensor, bits: int) -> np.ndarray:
+    """Model-input images ``x`` as uint8 (N, H, W, C), cropped to the scored region (the model's
+    padding removed): the originals a reconstruction or decoding is compared with."""
+    pad = cfg.pad
+    return to_uint8(x[..., pad:x.shape[-2] - pad, pad:x.shape[-1] - pad] if pad else x, bits)
+
+
+def interleave_rows(a: np.ndarray, b: np.ndarray, ncols: int) -> np.ndarray:
+    """Row of ``a`` (originals), the same row of ``b`` (their reconstructions), and so on; the last
+    pair of rows is filled with mid-gray cells, as the grid's empty cells are."""
     rows = []
     for start in range(0, len(a), ncols):
         for src in (a, b):
             chunk = src[start:start + ncols]
             if len(chunk) < ncols:
-                chunk = np.concatenate([chunk, np.zeros((ncols - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+                filler = np.full((ncols - len(chunk), *chunk.shape[1:]), PAD_VALUE, chunk.dtype)
+                chunk = np.concatenate([chunk, filler])
             rows.append(chunk)
     return np.concatenate(rows)
+
+
+def _k_label(k: int, n_layers: int) -> str:
+    if k == 0:
+        return "K = 0 (prior only)"
+    return f"K = {k} (all)" if k == n_layers else f"K = {k}"
 
 

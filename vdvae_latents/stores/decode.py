@@ -2,11 +2,13 @@
 
 :func:`store_encoder` rebuilds the :class:`~vdvae_latents.latents.encoder.Encoder` a store was written
 with (its checkpoint and columns), which decoding and :class:`~vdvae_latents.downstream.ActiveLatents`
-use.
+use. The figure pairs each row of decodings with the original images above it when the store's
+data can still be read (its ``data``/``split`` attributes and ``sample_index``).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,13 @@ import torch
 from ..core.errors import UserError
 from ..core.runtime import auto_device
 from ..data.grids import save_grid, to_uint8
+from ..data.splits import open_images
 from ..latents.active_set import ActiveSet
 from ..latents.encoder import Encoder
 from ..latents.stats import DimTable
 from ..model.checkpoints import file_sha256, load_model, resolve_checkpoint
+from ..model.generate import interleave_rows, scored_pixels
+from ..model.inputs import check_images_fit, prepare_batch
 from .reader import open_encodings
 
 
@@ -64,7 +69,9 @@ def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> t
 
 def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None = None, rows: str = "0:16",
                  temperature: float = 0.0, seed: int = 0, device: str = "auto") -> dict:
-    """Rebuild images from stored rows (pruned dims from the prior) and save them as a grid."""
+    """Rebuild images from stored rows (pruned dims from the prior) and save them as a labelled grid:
+    rows of at most 8 originals, each above its decodings (decodings alone when the store's data
+    cannot be read here)."""
     if temperature < 0:
         raise UserError(f"--temperature must be non-negative, not {temperature}.")
     enc = open_encodings(store)
@@ -77,12 +84,47 @@ def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None 
         features = torch.from_numpy(np.asarray(enc.features[lo:hi], dtype=np.float32)).to(dev)
         g = torch.Generator(device=dev).manual_seed(seed)
         images = encoder.decode(features, temperature=temperature, generator=g)
+        attrs, sample_index = dict(enc.attrs), np.asarray(enc.sample_index[lo:hi])
     finally:
         enc.close()
     bits = model.cfg.image_bits
-    written = save_grid(out, to_uint8(images, bits))
+    decoded = to_uint8(images, bits)
+    originals, missing = _original_pixels(model.cfg, attrs, sample_index, bits)
+    ncols = min(hi - lo, 8)
+    title, decoded_label = _figure_text(attrs, Path(str(store)).name, lo, hi, temperature)
+    if originals is None:
+        grid, labels = decoded, [decoded_label] * math.ceil((hi - lo) / ncols)
+        title = f"{title}; originals not shown: {missing}"
+    else:
+        grid = interleave_rows(originals, decoded, ncols)
+        labels, title = ["original", decoded_label] * (len(grid) // (2 * ncols)), f"{title}, below the originals"
+    written = save_grid(out, grid, ncols=ncols, title=title, row_labels=labels)
     return {"store": str(store), "out": str(written), "rows": [lo, hi], "checkpoint": str(ckpt_path),
             "temperature": temperature}
+
+
+def _figure_text(attrs: dict, name: str, lo: int, hi: int, temperature: float) -> tuple[str, str]:
+    """The decode figure's title (what, on which data, by which model) and its decoded rows' label."""
+    unit = "scalars" if attrs.get("granularity") == "element" else f"{attrs.get('granularity', 'dim')}s"
+    kept = f"{int(attrs.get('n_dims_kept', 0)):,} of {int(attrs.get('n_dims_total', 0)):,}"
+    pruned = "the prior mean" if temperature == 0 else f"prior samples at temperature {temperature:g}"
+    model = attrs.get("model_config", {}).get("name") or "its checkpoint"
+    title = (f"{attrs.get('data')}:{attrs.get('split')}, rows {lo}-{hi - 1} of {name}, decoded by {model} (step "
+             f"{attrs.get('checkpoint_step')}) from the {kept} latent {unit} the store keeps (the pruned ones take "
+             f"{pruned})")
+    return title, f"decoded from {kept} {unit}"
+
+
+def _original_pixels(cfg, attrs: dict, sample_index: np.ndarray, bits: int) -> tuple[np.ndarray | None, str]:
+    """The encoded images of ``sample_index``, as the model saw them, or None and why they cannot be read."""
+    data = str(attrs.get("data"))
+    try:
+        images = open_images(data, split=str(attrs.get("split")))
+        check_images_fit(cfg, images.shape, data)
+        pixels = images.read(sample_index)
+    except UserError as err:  # the data moved or is not on this machine: the decodings are still worth showing
+        return None, str(err).rstrip(".")
+    return scored_pixels(cfg, prepare_batch(cfg, pixels), bits), ""
 
 
 def _parse_rows(text: str, n: int) -> tuple[int, int]:
