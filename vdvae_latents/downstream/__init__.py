@@ -10,7 +10,8 @@ full-latent and random-dimension baselines under one protocol (``protocol``, ``f
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "probe": ["run_probe", "plot_probe", "BASELINES", "DEFAULT_BASELINES"],
+    "probe": ["run_probe", "BASELINES", "DEFAULT_BASELINES"],
+    "figures": ["probe_figure", "plot_probe"],
     "protocol": ["probe_features", "probe_pipeline", "RowSpaceProjection", "MODELS"],
     "transformer": ["ActiveLatents"],
     "torch_dataset": ["EncodingsDataset", "ChunkShuffleSampler"],

@@ -57,7 +57,6 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import save_figure
 from ..core.errors import UserError
 from .feature_sets import (
     FLOAT32_BYTES,
@@ -77,6 +76,7 @@ from .inputs import (
     full_latent_means,
     labels_of,
 )
+from .figures import plot_probe  # noqa: F401 - the probe's figure, importable beside run_probe
 from .protocol import MODELS, check_model, check_training_labels, probe_features
 from .streaming import STREAM_MODELS, block_rows_for, blocks, stream_probe
 
@@ -567,42 +567,6 @@ def run_probe(store: str | Path, *, labels: str | Path | None = None, model: str
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "rows": rows, "skipped": log.skipped, "notes": log.notes,
     }
-
-
-# ============================================================================ the plot
-
-
-def plot_probe(report: dict, path: str | Path) -> Path:
-    """Test accuracy against features (left) and bytes per image (right), log x, one point per
-    row with its seed spread as error bars; the majority-class rate as a dashed line."""
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write --plot {path}: the directory {path.parent} does not exist.")
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
-    supported = fig.canvas.get_supported_filetypes()
-    if path.suffix.lstrip(".").lower() not in supported:
-        raise UserError(f"--plot {path} must end in .png (or another image type: {', '.join(sorted(supported))}).")
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, key, label in ((axes[0], "features", "features per image"),
-                           (axes[1], "bytes_per_image", "bytes per image")):
-        for i, row in enumerate(report["rows"]):
-            ax.errorbar(row[key], row["test_accuracy"], yerr=row["test_accuracy_std"], fmt="o", capsize=4,
-                        color=f"C{i}", label=f"{row['name']} ({row['features']})")
-            ax.annotate(row["name"], (row[key], row["test_accuracy"]), textcoords="offset points",
-                        xytext=(6, 4 if i % 2 == 0 else -12),  # alternate, so neighbours stay legible
-                        fontsize=8)
-        ax.axhline(report["chance_accuracy"], color="grey", linestyle="--", linewidth=1, label="majority class")
-        ax.set_xscale("log")
-        ax.set_xlabel(label + " (log scale)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
-    axes[0].legend(fontsize=8, loc="lower right")
-    source = f"test store {Path(report['test_store']).name}" if report.get("test_store") else "20% hold-out"
-    fig.suptitle(f"{report['model']} probe on {Path(report['store']).name}: {report['n_train']} training rows, "
-                 f"{report['n_test']} test rows ({source}); mean ± std over {report['seeds']} seeds", fontsize=10)
-    return save_figure(fig, path)
 
 
 __all__ = ["run_probe", "probe_features", "plot_probe", "check_training_labels", "random_active_set",

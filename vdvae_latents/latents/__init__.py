@@ -13,7 +13,7 @@ from ..core.lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "stats": ["LatentKL", "DimTable", "dimension_table", "GRANULARITIES", "AU_THRESHOLD"],
     "active_set": ["ActiveSet", "build_active_set", "select_dimensions", "rank_dimensions", "parse_keep"],
-    "pruning": ["pruning_sweep", "plot_kl", "parse_sweep", "DEFAULT_SWEEP"],
+    "pruning": ["pruning_sweep", "kl_figure", "plot_kl", "parse_sweep", "DEFAULT_SWEEP"],
     "encoder": ["Encoder", "ColumnMap", "column_map", "STATISTICS"],
     "analyze": ["analyze_checkpoint"],
 })

@@ -73,20 +73,18 @@ def pruning_sweep(model, images, active: ActiveSet, percentages=DEFAULT_SWEEP, *
     return rows
 
 
-def plot_kl(active: ActiveSet, path: str | Path, *, title: str | None = None) -> Path:
+def kl_figure(active: ActiveSet, *, title: str | None = None):
     """Histogram of log10 average KL (the polarized regime's two modes) and the cumulative
-    KL share against the fraction of dimensions kept, with the chosen cut marked."""
+    KL share against the fraction of dimensions kept, with the chosen cut marked (a matplotlib
+    Figure; no pyplot state, so it is safe in notebooks and threads)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'vdvae-latents[plots]'.") from None
-    path = Path(path)
     kl = active.table.avg_kl
     floor = 1e-6
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.hist(np.log10(np.maximum(kl, floor)), bins=60, color="#4c72b0")
     ax1.set_xlabel(f"log10 average KL per {active.granularity} (nats; floored at {floor:g})")
     ax1.set_ylabel("dimensions")
@@ -114,8 +112,9 @@ def plot_kl(active: ActiveSet, path: str | Path, *, title: str | None = None) ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return fig
+
+
+def plot_kl(active: ActiveSet, path: str | Path, *, title: str | None = None) -> Path:
+    """Write :func:`kl_figure` to ``path``, atomically (PNG, or the type its suffix names)."""
+    return save_figure(kl_figure(active, title=title), Path(path))
