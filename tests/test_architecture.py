@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vdvae_latents"
-SUBPACKAGES = ("core", "data", "model", "train", "latents", "stores", "downstream", "interop", "cli")
+SUBPACKAGES = ("core", "data", "model", "train", "latents", "stores", "downstream", "interop", "report", "cli")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 MAX_UNIT_LINES = 120  # lines of code in a function or class body (docstrings, comments, blank lines excluded)
 
@@ -174,7 +174,7 @@ def test_the_wheel_installs_one_top_level_package():
 # ----------------------------------------------------------------------------- an instant CLI
 HEAVY = ("torch", "sklearn", "zarr", "h5py", "numpy")
 COMMANDS = ("presets", "model", "train", "eval", "sample", "reconstruct", "first-k", "info", "analyze-kl", "encode",
-            "pack", "decode", "verify", "probe", "import efficient-vdvae", "import openai-vdvae")
+            "pack", "decode", "verify", "probe", "report", "import efficient-vdvae", "import openai-vdvae")
 
 
 def test_help_and_usage_errors_import_none_of_torch_sklearn_zarr_h5py_numpy():

@@ -18,7 +18,7 @@ import typer
 
 from ..core.errors import UserError
 from ..core.runtime import leave_process_group
-from . import analysis, data, imports, models, probes, stores, training
+from . import analysis, data, imports, models, probes, report, stores, training
 
 app = typer.Typer(
     name="vdvl",
@@ -47,6 +47,7 @@ COMMANDS = [
     ("decode", stores.decode),
     ("verify", stores.verify),
     ("probe", probes.probe),
+    ("report", report.report),
 ]
 for name, command in COMMANDS:
     app.command(name)(command)
