@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fashion-MNIST end to end on a CPU: train -> KL analysis + pruning sweep -> encode the active 3%
-# of train and test -> probe against baselines -> figures. Needs the Debian package
+# of train and test -> probe against baselines -> figures -> one HTML report. Needs the Debian package
 # dataset-fashion-mnist (apt-get install dataset-fashion-mnist); nothing is downloaded.
 #
 #   bash examples/fashion_mnist.sh                 # OUT=fashion-out STEPS=5000 by default
@@ -59,4 +59,10 @@ if [ "${COMPACT:-1}" = 1 ]; then
             --baselines none --seeds "${SEEDS:-2}" --json > "$OUT/probe_all_rows_$store.json"
     done
 fi
+log "one page with all of it: $OUT/report.html"
+stores=(--store "$OUT/train.zarr" --store "$OUT/test.zarr")
+if [ "${COMPACT:-1}" = 1 ]; then
+    stores+=(--store "$OUT/train_int8.zarr" --store "$OUT/test_int8.zarr")
+fi
+$VDVL report "$OUT/run" --active "$OUT/active.json" "${stores[@]}" --probe "$OUT/probe.json" --out "$OUT/report.html"
 log "done in $SECONDS s: outputs in $OUT/"

@@ -2,7 +2,8 @@
 
 train -> evaluate -> rank latent dimensions by KL -> pruning sweep -> encode the active
 3% of train and test -> decode a few -> probe against pixels and random dimensions ->
-one summary table. Every step is the library call the matching `vdvl` command makes.
+one summary table, and everything on one HTML page (report.html). Every step is the
+library call the matching `vdvl` command makes.
 
     python examples/quickstart.py [--out quickstart-out] [--steps 1500] [--keep 3%] [--granularity element]
 
@@ -23,6 +24,7 @@ from rich.table import Table
 from vdvae_latents.downstream import plot_probe, run_probe
 from vdvae_latents.latents import analyze_checkpoint
 from vdvae_latents.model import eval_checkpoint, reconstruct_images, sample_images
+from vdvae_latents.report import write_report
 from vdvae_latents.stores import decode_store, encode_to_store
 from vdvae_latents.train import resolve_run_config, train
 
@@ -78,6 +80,7 @@ def main() -> None:
     step("probe: logistic regression on the active dims vs raw pixels and random dims")
     report = run_probe(out / "train.zarr", test_store=out / "test.zarr", baselines=("pixels", "random", "pca"))
     plot_probe(report, out / "probe.png")
+    (out / "probe.json").write_text(json.dumps(report, indent=1))  # what `vdvl probe --json` prints
     (out / "summary.json").write_text(json.dumps({"eval": full_eval, "analysis": analysis, "encode": enc,
                                                   "probe": report}, indent=1, default=str))
 
@@ -104,6 +107,11 @@ def main() -> None:
         table.add_row(f"probe accuracy: {r['name']} ({r['features']} features)",
                       f"{r['test_accuracy']:.3f} ± {r['test_accuracy_std']:.3f}")
     console.print(table)
+
+    step("one page with all of it: the model, KL analysis, pruning sweep, stores and probes")
+    page = write_report(out / "run", active=out / "active.json", stores=[out / "train.zarr", out / "test.zarr"],
+                        probe=out / "probe.json", out=out / "report.html")
+    console.print(f"report: {page['out']} (open it in a browser; it needs no network)")
     console.print(f"figures: {out / 'kl.png'}, {out / 'probe.png'}, {out / 'decoded.png'}, "
                   f"{out / 'reconstructions.png'}, {out / 'samples.png'}; numbers: {out / 'summary.json'}")
 
