@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import tokenize
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,13 @@ class _Part:
 
 
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of an .npy header; ValueError when it is not one."""
     version = np.lib.format.read_magic(f)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(f)
+    try:
+        shape, fortran, dtype = read_header(f)
+    except (SyntaxError, TypeError, tokenize.TokenError) as exc:  # numpy reads the header as a Python literal
+        raise ValueError(f"its header is not a readable dict ({exc})") from exc
     return shape, fortran, dtype
 
 
@@ -123,12 +128,17 @@ def _npz_part(archive: zipfile.ZipFile, path: Path, key: str, *, sequential: boo
     if info.compress_type == zipfile.ZIP_STORED:
         with path.open("rb") as raw:
             raw.seek(info.header_offset)
-            _, name_len, extra_len = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+            local_header = raw.read(_LOCAL_HEADER.size)
+        if len(local_header) < _LOCAL_HEADER.size:
+            raise DataError(f"{where} is truncated inside its zip header")
+        _, name_len, extra_len = _LOCAL_HEADER.unpack(local_header)
         part.offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len + header_bytes
-        _check_length(part, info.file_size - header_bytes, where)
+        # Both sizes: the zip directory's may claim more than the file holds.
+        _check_length(part, min(info.file_size - header_bytes, path.stat().st_size - part.offset), where)
     elif info.file_size <= IN_MEMORY_LIMIT:
         with archive.open(info) as f:
-            part.array = np.lib.format.read_array(f, allow_pickle=False)
+            _npy_header(f)
+            part.array = _read_member(f, shape, fortran, dtype, where)
     elif not sequential:
         raise DataError(
             f"{where} is stored compressed ({info.file_size / 2**30:.1f} GiB), which cannot be read by index; "
@@ -136,6 +146,17 @@ def _npz_part(archive: zipfile.ZipFile, path: Path, key: str, *, sequential: boo
             "and use DATA.zarr"
         )
     return part
+
+
+def _read_member(f, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, where: str) -> np.ndarray:
+    """The array after an .npz member's header, held only as its bytes arrive (numpy's ``read_array``
+    allocates what the header claims first, so a 100-byte member claiming 10**12 values would be
+    a MemoryError instead of a message)."""
+    needed = math.prod(shape) * dtype.itemsize
+    data = f.read(needed)
+    if len(data) < needed:
+        raise DataError(f"{where} is truncated: its header promises {needed} bytes of data but it holds {len(data)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 class _ZipStream:
@@ -167,14 +188,14 @@ class _PartsReader(ProcessLocal, Reader):
                  n_train: int | None = None, row_names: bool = False) -> None:
         self.parts, self.where, self.labels, self.n_train = parts, where, labels, n_train
         self.chw_flat, self._row_names = chw_flat, row_names
-        self.starts = np.cumsum([0] + [p.n_rows for p in parts])
-        self.n_rows = int(self.starts[-1])
-        self.in_memory = all(p.array is not None for p in parts)
-        self.shape = self._row_shape(parts[0])
+        self.shape = self._row_shape(parts[0])  # first: a part without rows (shape ()) is refused here
         for p in parts[1:]:
             if self._row_shape(p) != self.shape:
                 raise DataError(f"{_describe(p)} has images of shape {self._row_shape(p)}, unlike {_describe(parts[0])}")
         check_pixel_dtype(parts[0].dtype, where)
+        self.starts = np.cumsum([0] + [p.n_rows for p in parts])
+        self.n_rows = int(self.starts[-1])
+        self.in_memory = all(p.array is not None for p in parts)
 
     def _row_shape(self, part: _Part) -> tuple[int, int, int]:
         if not self.chw_flat:
@@ -242,8 +263,13 @@ def _npz_array(archive: zipfile.ZipFile, path: Path, key: str) -> np.ndarray:
     """A small member (labels) read whole."""
     try:
         with archive.open(key + ".npy") as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
+            shape, fortran, dtype = _npy_header(f)
+            if dtype.hasobject:
+                raise DataError(f"numpy archive {path} ({key}) cannot be read as a plain array (it holds Python objects)")
+            return _read_member(f, shape, fortran, dtype, f"numpy archive {path} ({key})")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"numpy archive {path} cannot be read as plain arrays ({exc})") from exc
 
 
@@ -335,13 +361,24 @@ class _StoreArrayReader(ProcessLocal, Reader):
     """
 
     def _setup(self, images, labels, where: str) -> None:
+        """Check the image array and read the labels array (both unread: only their headers are used first)."""
         self.where = where
         self.shape = image_shape(tuple(images.shape), where)
         check_pixel_dtype(np.dtype(images.dtype), where)
         self.n_rows = int(images.shape[0])
-        self.labels = None if labels is None else checked_labels(labels, self.n_rows, where)
+        if labels is not None and math.prod(labels.shape) != self.n_rows:  # before reading what it claims
+            raise DataError(f"{where} has labels of shape {tuple(labels.shape)} for {self.n_rows} images")
+        self.labels = None if labels is None else checked_labels(labels[...], self.n_rows, where)
 
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
+        try:
+            return self._read_stretches(rows)
+        except DataError:
+            raise
+        except _ARRAY_ERRORS as exc:  # a damaged chunk
+            raise DataError(f"{self.where} cannot be read ({first_line(exc)})") from exc
+
+    def _read_stretches(self, rows: np.ndarray) -> np.ndarray:
         array = self.handle()
         chunk = self._chunk_rows(array)
         breaks = np.flatnonzero((np.diff(rows) != 1) & (np.diff(rows // chunk) != 0)) + 1
@@ -354,6 +391,29 @@ class _StoreArrayReader(ProcessLocal, Reader):
         return as_uint8(raw, self.where)
 
 
+# What h5py and zarr raise for a damaged file or store (DataError, a ValueError, is passed on).
+_ARRAY_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_stored(dataset, where: str) -> None:
+    """Refuse an HDF5 dataset whose header claims rows the file never stored: HDF5 writes every
+    chunk it is given, so a missing chunk (or unallocated contiguous storage) was never written."""
+    if dataset.size == 0 or dataset.is_virtual or dataset.external:
+        return
+    if dataset.chunks is None:
+        stored, needed = dataset.id.get_storage_size(), dataset.nbytes
+    else:
+        stored = dataset.id.get_num_chunks()
+        needed = math.prod(-(-n // c) for n, c in zip(dataset.shape, dataset.chunks))
+    if stored < needed:
+        raise DataError(f"{where} has shape {tuple(dataset.shape)} but the file holds only part of it "
+                        "(rows that were never written)")
+
+
 class HDF5Reader(_StoreArrayReader):
     def __init__(self, path: Path, image_name: str | None, label_name: str | None) -> None:
         import h5py
@@ -363,19 +423,29 @@ class HDF5Reader(_StoreArrayReader):
             f = h5py.File(path, "r")
         except OSError as exc:
             raise DataError(f"HDF5 file {path} cannot be opened ({exc})") from exc
-        with f:
-            if image_name is None:  # defaults: 'images', plus 'labels' if it is there
-                image_name, label_name = "images", ("labels" if "labels" in f else None)
+        try:
+            with f:
+                self._open_arrays(f, image_name, label_name)
+        except DataError:
+            raise
+        except _ARRAY_ERRORS as exc:  # a damaged header or object
+            raise DataError(f"HDF5 file {path} cannot be read ({first_line(exc)})") from exc
 
-            def node(name: str):
-                found = f.get(name)
-                if not isinstance(found, h5py.Dataset):
-                    raise DataError(f"HDF5 file {path} has no array named '{name}'")
-                return found
+    def _open_arrays(self, f, image_name: str | None, label_name: str | None) -> None:
+        import h5py
 
-            self.image_name = image_name
-            self._setup(node(image_name), None if label_name is None else node(label_name)[()],
-                        f"{path}:{image_name}")
+        if image_name is None:  # defaults: 'images', plus 'labels' if it is there
+            image_name, label_name = "images", ("labels" if "labels" in f else None)
+
+        def node(name: str):
+            found = f.get(name)
+            if not isinstance(found, h5py.Dataset):
+                raise DataError(f"HDF5 file {self.path} has no array named '{name}'")
+            _check_stored(found, f"HDF5 file {self.path} ({name})")
+            return found
+
+        self.image_name = image_name
+        self._setup(node(image_name), None if label_name is None else node(label_name), f"{self.path}:{image_name}")
 
     def _open(self):
         import h5py
@@ -395,8 +465,19 @@ class ZarrReader(_StoreArrayReader):
         self.path, self.valid_rows, self._names = path, None, None
         try:
             root = zarr.open(store=str(path), mode="r")
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"Zarr store {path} cannot be opened ({exc})") from exc
+        except _ARRAY_ERRORS as exc:
+            raise DataError(f"Zarr store {path} cannot be opened ({first_line(exc)})") from exc
+        try:
+            self._open_arrays(root, image_name, label_name)
+        except DataError:
+            raise
+        except _ARRAY_ERRORS as exc:  # damaged metadata or chunks
+            raise DataError(f"Zarr store {path} cannot be read ({first_line(exc)})") from exc
+
+    def _open_arrays(self, root, image_name: str | None, label_name: str | None) -> None:
+        import zarr
+
+        path = self.path
         if isinstance(root, zarr.Array):  # the store itself is the image array
             if image_name is not None or label_name is not None:
                 raise DataError(f"Zarr store {path} is a single array, so it cannot contain '{image_name}'")
@@ -421,7 +502,7 @@ class ZarrReader(_StoreArrayReader):
             return found
 
         self.image_name = image_name
-        self._setup(node(image_name), None if label_name is None else node(label_name)[...], f"{path}:{image_name}")
+        self._setup(node(image_name), None if label_name is None else node(label_name), f"{path}:{image_name}")
         if packed:
             self.valid_rows, self._names = packed["valid_rows"], packed["names"]
             self.n_train, self.class_names = packed["n_train"], packed["class_names"]

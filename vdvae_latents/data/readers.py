@@ -110,14 +110,12 @@ def runs(rows: np.ndarray) -> Iterator[tuple[int, int]]:
 
 
 def image_shape(shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
-    """(H, W, C) of an (N, H, W) or (N, H, W, C) image array, C in {1, 3}."""
-    if len(shape) == 3:
-        return (shape[1], shape[2], 1)
-    if len(shape) != 4 or shape[3] not in (1, 3):
+    """(H, W, C) of an (N, H, W) or (N, H, W, C) image array, C in {1, 3}, H and W at least 1."""
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)) or min(shape[1:3]) < 1:
         raise DataError(
             f"images in {where} have shape {tuple(shape)}; expected (N, H, W) or (N, H, W, C) with C 1 or 3"
         )
-    return (shape[1], shape[2], shape[3])
+    return (shape[1], shape[2], shape[3] if len(shape) == 4 else 1)
 
 
 def check_pixel_dtype(dtype: np.dtype, where: str) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from ..core.atomic import atomic_file, write_text
 from ..core.errors import UserError
-from .stats import AU_THRESHOLD, GRANULARITIES, DimTable, LatentKL
+from .stats import AU_THRESHOLD, GRANULARITIES, DimTable, LatentKL, dimension_table
 
 SIDECAR_THRESHOLD = 20_000  # more dimensions than this go to a .npz beside the JSON
 
@@ -241,7 +241,10 @@ def load_active_set(path: str | Path) -> ActiveSet:
         else:
             arrays = {k: np.asarray(v) for k, v in spec.items()}
         table = DimTable.from_arrays(arrays)
-        selected = np.asarray(arrays["selected"], dtype=np.int64)
+        selected = np.asarray(arrays["selected"])
+        if selected.size and selected.dtype.kind not in "iu":
+            raise ValueError(f"its selected dimensions are {selected.dtype} values, not dimension numbers")
+        selected = selected.astype(np.int64)
         shapes = [tuple(int(x) for x in s) for s in meta["layer_shapes"]]
         fields = dict(granularity=str(meta["granularity"]), rule=str(meta["rule"]), value=float(meta["value"]),
                       n_images=int(meta["n_images"]))
@@ -254,13 +257,30 @@ def load_active_set(path: str | Path) -> ActiveSet:
     if fields["granularity"] not in GRANULARITIES or fields["rule"] not in ("keep", "threshold"):
         raise UserError(f"active-set file '{path}' has an unknown granularity '{fields['granularity']}' "
                         f"or rule '{fields['rule']}'.")
-    if selected.size and (selected.min() < 0 or selected.max() >= len(table)):
-        raise UserError(f"active-set file '{path}' selects dimensions that do not exist.")
+    if selected.size and (selected.min() < 0 or selected.max() >= len(table) or np.any(np.diff(selected) <= 0)):
+        raise UserError(f"active-set file '{path}' selects dimensions that do not exist (or one twice).")
+    problem = _table_problem(table, shapes, fields["granularity"])
+    if problem:
+        raise UserError(f"active-set file '{path}' is incomplete or corrupt ({problem}).")
     extra_keys = set(meta) - {"schema", "schema_version", "checkpoint", "checkpoint_sha256", "data", "split",
                               "n_images", "granularity", "rule", "value", "layer_shapes", "summary", "arrays"}
     return ActiveSet(table=table, selected=selected, layer_shapes=shapes, **fields,
                      data=meta.get("data", ""), split=meta.get("split", ""), checkpoint=meta.get("checkpoint", ""),
                      checkpoint_sha256=meta.get("checkpoint_sha256", ""), extra={k: meta[k] for k in extra_keys})
+
+
+def _table_problem(table: DimTable, shapes: list[tuple[int, ...]], granularity: str) -> str | None:
+    """What keeps ``table`` from being every dimension of layers of ``shapes`` in natural order, or None."""
+    if not shapes or any(len(s) != 3 or not 1 <= min(s) <= max(s) < 2**31 for s in shapes):
+        return f"its layer shapes {shapes} are not (variates, height, width) of at least 1"
+    n_dims = sum(v if granularity == "variate" else v * h * w for v, h, w in shapes)
+    if n_dims != len(table):  # compared before the natural table is built: the shapes may claim anything
+        return f"its layer shapes have {n_dims} dimensions but its table {len(table)}"
+    natural = dimension_table(shapes, granularity)
+    if any(not np.array_equal(getattr(table, k), getattr(natural, k)) for k in ("layer", "variate", "y", "x",
+                                                                                  "resolution")):
+        return "its table does not list the dimensions of its layer shapes in order"
+    return None
 
 
 def build_active_set(stats: LatentKL, *, granularity: str = "variate", keep: float | None = None,
