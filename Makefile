@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # The whole mission on scikit-learn's bundled digits (no download): train the CPU preset,
-# analyse KL, encode the active 3%, decode, probe, and print one summary table.
+# analyse KL, encode the active 3%, decode, probe, print one summary table and write
+# $(QS)/report.html (all of it on one page).
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py --out $(QS) --steps $(QS_STEPS)
 

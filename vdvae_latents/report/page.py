@@ -72,8 +72,9 @@ def write_report(run: str | os.PathLike, *, out: str | os.PathLike, active: str 
         "ood": sections.ood_section(inputs.ood, inputs.ood_path),
     }
     info = model["info"]
-    context["title"] = f"{info['preset'] or Path(info['checkpoint']).name} at step {info['step']:,}" + (
-        f" on {model['data']}" if model["data"] else "")
+    step = f" at step {info['step']:,}" if isinstance(info["step"], int) else ""
+    data = f" on {model['data']}" if model["data"] else ""
+    context["title"] = f"{info['preset'] or Path(info['checkpoint']).name}{step}{data}"
     html = render(context)
     write_text(inputs.out, html, what="report")
     present = ["model"] + [name for name in ("kl", "stores", "probe", "ood") if context[name] is not None]
