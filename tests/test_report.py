@@ -9,12 +9,14 @@
    console stays silent, and a screenshot is kept (skipped, saying why, without Chromium).
 
 Everything is made from the session's 30-step tiny run (tests/conftest.py): an active set of
-64 training images with a two-point sweep, a store of the 180 test images, a one-baseline probe;
+32 training images with a two-point sweep (on 32 test images), a store of the 180 test images, a one-baseline probe;
 the full page is written once, by the command.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -44,7 +46,7 @@ def inputs(tiny_digits_run, tmp_path_factory) -> dict:
 
     folder = tmp_path_factory.mktemp("report")
     active = folder / "active.json"
-    analyze_checkpoint(tiny_digits_run, "digits", out=active, keep="10%", split="train", limit=64,
+    analyze_checkpoint(tiny_digits_run, "digits", out=active, keep="10%", split="train", limit=32,
                        granularity="element", sweep=[10.0, 100.0], device="cpu")
     store = folder / "test.zarr"
     encode_to_store(tiny_digits_run, "digits", store, split="test", active_file=active, chunk_rows=64, device="cpu")
@@ -56,20 +58,24 @@ def inputs(tiny_digits_run, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def page(inputs) -> Path:
-    """The full report, written once by `vdvl report` (what it prints is checked below)."""
+def page(inputs) -> tuple[Path, dict]:
+    """The full report, written once by `vdvl report --json`: the page and what the command printed."""
     out = inputs["folder"] / "report.html"
-    code = main(["report", str(inputs["run"]), "--active", str(inputs["active"]), "--store", str(inputs["store"]),
-                 "--probe", str(inputs["probe"]), "--ood", str(inputs["ood"]), "--out", str(out), "--json"])
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = main(["report", str(inputs["run"]), "--active", str(inputs["active"]), "--store", str(inputs["store"]),
+                     "--probe", str(inputs["probe"]), "--ood", str(inputs["ood"]), "--out", str(out), "--json"])
     assert code == 0
-    return out
+    return out, json.loads(printed.getvalue())
 
 
 # ----------------------------------------------------------------------------- 1. what the page holds
 
 
 def test_the_page_holds_every_section_with_its_figures_embedded(page, inputs):
-    html = page.read_text()
+    path, result = page
+    assert result == {"out": str(path), "bytes": path.stat().st_size, "sections": ["model", "kl", "stores", "probe",
+                      "ood"], "figures": 5, "checkpoint": result["checkpoint"], "stores_ok": True}
+    html = path.read_text()
     # The training curve, the KL figure, the sweep, the store sizes and the probe: all inline PNGs.
     images = re.findall(r'<img src="([^"]*)"', html)
     assert len(images) == 5 and all(src.startswith("data:image/png;base64,") for src in images)
@@ -85,17 +91,12 @@ def test_the_page_holds_every_section_with_its_figures_embedded(page, inputs):
     assert "likelihood ratio" in html and "intact" in html
 
 
-def test_the_command_says_what_the_page_holds(capsys, inputs, tmp_path):
-    code, stdout, err = run_cli(capsys, "report", inputs["run"], "--ood", inputs["ood"], "--out", tmp_path / "r.html",
-                                "--json")
+def test_the_run_alone_makes_a_page_that_says_where_the_rest_comes_from(capsys, inputs, tmp_path):
+    code, stdout, err = run_cli(capsys, "report", inputs["run"], "--out", tmp_path / "r.html")
     assert code == 0, err
-    result = json.loads(stdout)
-    assert result["sections"] == ["model", "ood"] and result["figures"] == 1 and result["stores_ok"] is None
-    assert result["out"] == str(tmp_path / "r.html") and result["bytes"] == (tmp_path / "r.html").stat().st_size
-    # Without the sweep, the page says where a test negative ELBO would come from.
+    assert "1 figure; sections: model)" in " ".join(stdout.split())
+    # Without an active set's sweep, the page says where a test negative ELBO would come from.
     assert "No test negative ELBO is recorded" in (tmp_path / "r.html").read_text()
-    code, stdout, _ = run_cli(capsys, "report", inputs["run"], "--out", tmp_path / "r.html")
-    assert code == 0 and "1 figure; sections: model)" in " ".join(stdout.split())
 
 
 def test_training_metrics_of_a_resumed_run_keep_the_later_record_of_a_step(tmp_path):
@@ -188,7 +189,7 @@ window.addEventListener("load", () => {
 def test_headless_chromium_shows_every_figure_and_no_console_error(page, tmp_path):
     # The measuring copy allows its one inline script; the page itself allows none.
     measured = tmp_path / "measured.html"
-    measured.write_text(page.read_text().replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    measured.write_text(page[0].read_text().replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
                         .replace("</body>", MEASURE + "</body>"))
     shot = tmp_path / "report.png"  # kept in this test's tmp folder
     # One launch, offline (every host name fails to resolve), console messages on stderr.
