@@ -59,13 +59,18 @@ def plot_probe(report: dict, path: str | Path) -> Path:
 
 
 def _accuracy_panel(ax, report: dict, y: list[int], colours: list[str]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     rows = report["rows"]
     means = [row["test_accuracy"] for row in rows]
     stds = [row["test_accuracy_std"] for row in rows]
     seeds = [row.get("test_accuracies") or [row["test_accuracy"]] for row in rows]
     lo = min(min(m - s for m, s in zip(means, stds)), min(min(a) for a in seeds))
     hi = max(max(m + s for m, s in zip(means, stds)), max(max(a) for a in seeds))
-    span = max(hi - lo, 0.01)  # at least one percentage point, so equal accuracies still get an axis
+    if hi - lo < 0.01:  # at least one percentage point around the values, so equal accuracies get an axis
+        middle = (lo + hi) / 2
+        lo, hi = middle - 0.005, middle + 0.005
+    span = hi - lo
     for yi, row, colour, accs in zip(y, rows, colours, seeds):
         ax.errorbar(row["test_accuracy"], yi, xerr=row["test_accuracy_std"], fmt="o", color=colour, capsize=5,
                     markersize=7, zorder=3)
@@ -76,6 +81,7 @@ def _accuracy_panel(ax, report: dict, y: list[int], colours: list[str]) -> None:
                     fontsize=9, color=colour)
     left, right = lo - 0.08 * span, min(hi + 0.08 * span, 1.0 + 0.02 * span)
     ax.set_xlim(left, right)
+    ax.xaxis.set_major_locator(MaxNLocator(6))
     chance = report.get("chance_accuracy")
     if chance is not None and left <= chance <= right:
         ax.axvline(chance, color="grey", linestyle="--", linewidth=1)
@@ -102,8 +108,8 @@ def _size_panel(ax, rows: list[dict], y: list[int], colours: list[str]) -> None:
         ax.set_xlim(max(min(sizes), 1) / 2, largest * 40)  # room on the right for the labels
         ax.xaxis.set_major_locator(LogLocator(base=10))
         ax.xaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.set_xlim(0, largest * 1.6)
+    else:  # room on the right for the labels, more for the store's "(on disk: ...)"
+        ax.set_xlim(0, largest * (2.0 if any(disk) else 1.6))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
     ax.set_title("size of the features, in memory as probed", fontsize=10)
     ax.set_xlabel("bytes per image" + (" (log scale)" if log else ""))
