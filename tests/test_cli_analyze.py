@@ -202,8 +202,9 @@ class TestBadInput:
         assert code == 2 and len(lines) == 1 and "missing" in lines[0]
 
     def test_unwritable_out(self, capsys, run_dir, tmp_path):
+        (tmp_path / "a-file").write_text("not a folder")
         code, _, err = run_cli(capsys, "analyze-kl", run_dir, "--data", "digits", "--keep", "3%", "--limit", "16",
-                               "--out", tmp_path / "no" / "dir" / "A.json", "--device", "cpu")
+                               "--out", tmp_path / "a-file" / "A.json", "--device", "cpu")
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and "A.json" in lines[0] and "Traceback" not in err
 

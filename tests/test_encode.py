@@ -876,10 +876,11 @@ def test_encode_into_a_read_only_destination(capsys, monkeypatch, tmp_path, fmt,
     assert "Read-only" in msg
     assert list(ro.iterdir()) == []
 
-    # A destination directory that does not exist.
-    msg = refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", tmp_path / "no" / out.name,
+    # A file where the destination's folder should be.
+    (tmp_path / "a-file").write_text("not a folder")
+    msg = refused(capsys, "encode", run_dir, "--data", DATA, "--keep", "25%", "--out", tmp_path / "a-file" / out.name,
                   "--device", "cpu")
-    assert "does not exist" in msg
+    assert "is a file, not a folder" in msg
 
 
 def test_decode_bad_input(capsys, tmp_path, other_ckpt, ref_f32):

@@ -564,9 +564,14 @@ class TestSaveLoad:
         assert b.summary() == rich_set.summary()
 
     def test_unwritable_destination(self, rich_set, tmp_path):
+        (tmp_path / "a-file").write_text("not a folder")
         with pytest.raises(UserError) as exc:
-            rich_set.save(tmp_path / "no" / "such" / "dir" / "A.json")
+            rich_set.save(tmp_path / "a-file" / "dir" / "A.json")
         assert_user_error(exc, "A.json")
+
+    def test_missing_folders_are_created(self, rich_set, tmp_path):
+        rich_set.save(tmp_path / "new" / "dir" / "A.json")
+        assert ActiveSet.load(tmp_path / "new" / "dir" / "A.json").n_active == rich_set.n_active
 
 
 class TestLoadRejects:

@@ -336,9 +336,16 @@ def test_bad_create_arguments(tmp_path: Path, fmt: str) -> None:
     assert not path.exists()
 
 
-def test_missing_parent_directory(tmp_path: Path, fmt: str) -> None:
-    path = tmp_path / "no" / f"enc{FORMATS[fmt]}"
-    with pytest.raises(StoreError, match="does not exist") as info:
+def test_missing_parent_directories_are_created(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "new" / "folders" / f"enc{FORMATS[fmt]}"
+    create(path, make_inputs())
+    assert path.exists()
+
+
+def test_a_file_where_a_parent_folder_is_needed_is_refused(tmp_path: Path, fmt: str) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    path = tmp_path / "a-file" / f"enc{FORMATS[fmt]}"
+    with pytest.raises(StoreError, match="is a file, not a folder") as info:
         create(path, make_inputs())
     assert str(path) in str(info.value)
 

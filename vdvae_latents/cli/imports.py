@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..core.writer_lock import check_run_dir_free
 from .common import out, print_json
 
 
@@ -17,6 +18,7 @@ def efficient_vdvae(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Import an official Efficient-VDVAE checkpoint (model and EMA weights) as a vdvl run."""
+    check_run_dir_free(run_dir)  # at once, before torch loads; the import itself holds the lock
     from ..interop.efficient import import_efficient_vdvae
 
     result = import_efficient_vdvae(checkpoint, config, run_dir)
@@ -34,6 +36,7 @@ def openai_vdvae(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Import openai/vdvae weights (loaded as tensors only, never executed) as a run every command accepts."""
+    check_run_dir_free(run_dir)
     from ..interop.openai import import_openai_vdvae
 
     result = import_openai_vdvae(model_file, hps=hps, run_dir=run_dir, ema_path=ema, step=step)

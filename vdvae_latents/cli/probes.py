@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..core.errors import UserError
+from ..core.outputs import prepare_output, require_matplotlib
 from . import render
 from .common import print_json
 
@@ -46,8 +46,9 @@ def probe(
     Hyper-parameters are chosen by stratified cross-validation on the training rows only; the
     test rows are scored once. Accuracies are mean ± std over --seeds runs.
     """
-    if plot is not None and not plot.parent.is_dir():  # fail before the fits, not after them
-        raise UserError(f"cannot write --plot {plot}: the directory {plot.parent} does not exist.")
+    if plot is not None:  # fail before the fits, not after them
+        require_matplotlib("--plot")
+        prepare_output(plot, what="figure")
     from ..downstream.probe import plot_probe, run_probe
 
     # A spinner rather than an image counter: the long steps here are model fits.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..core.writer_lock import check_run_dir_free
 from .common import WORKERS_HELP, elbo_text, out, parse_sets, print_json
 
 
@@ -32,6 +34,8 @@ def train(
     Ctrl-C / SIGTERM saves a checkpoint and exits cleanly.
     """
     overrides = parse_sets(set_)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks share rank 0's lock
+        check_run_dir_free(run_dir)  # at once, before torch loads; training itself holds the lock
     from ..train.loop import train as train_run
     from ..train.run_config import resolve_run_config
 

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError, UserError
+from ..core.outputs import prepare_output
+from ..core.writer_lock import lock_store
 from .loading import BatchLoader, ReadFailure
 from .packed import PACK_SCHEMA
 from .sources import open_reader
@@ -83,59 +85,64 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
     if resume and not out.exists():
         raise UserError(f"store '{out}' does not exist, so there is nothing to resume.")
 
-    reader = open_reader(source, resize, sequential=True, skip_bad=skip_bad)
-    images = LazyImages(reader, np.arange(reader.n_rows, dtype=np.int64), source, "all", resize)
-    h, w, c = (int(x) for x in images.shape)
-    chunk_rows = _power_of_two_rows(_CHUNK_BYTES // (h * w * c))
-    if block_rows is None:
-        block_rows = chunk_rows * max(1, _BLOCK_BYTES // (chunk_rows * h * w * c))
-    elif block_rows < 1:
-        raise UserError(f"block_rows must be positive, not {block_rows}.")
-    chunk_rows = math.gcd(chunk_rows, block_rows)  # a block is whole chunks, so no chunk is written twice
-    names = reader.names(images.source_index) if reader.has_names else None
-    attrs = {"schema": PACK_SCHEMA, "schema_version": PACK_VERSION, "source": _source_text(source),
-             "resize": None if resize is None else list(resize), "shape": [reader.n_rows, h, w, c],
-             "n_rows": reader.n_rows, "rows_sha256": _rows_digest(names, reader.labels, reader.n_rows),
-             "chunk_rows": chunk_rows, "block_rows": block_rows, "n_train": reader.n_train,
-             "class_names": None if reader.class_names is None else list(reader.class_names),
-             "header_skipped": list(getattr(reader, "skipped", [])), "complete": False}
+    prepare_output(out, what="store", kind="folder")  # before the source is scanned
+    with lock_store(out):  # one writer: a second pack (or --resume) of this store is refused
+        reader = open_reader(source, resize, sequential=True, skip_bad=skip_bad)
+        images = LazyImages(reader, np.arange(reader.n_rows, dtype=np.int64), source, "all", resize)
+        h, w, c = (int(x) for x in images.shape)
+        chunk_rows = _power_of_two_rows(_CHUNK_BYTES // (h * w * c))
+        if block_rows is None:
+            block_rows = chunk_rows * max(1, _BLOCK_BYTES // (chunk_rows * h * w * c))
+        elif block_rows < 1:
+            raise UserError(f"block_rows must be positive, not {block_rows}.")
+        chunk_rows = math.gcd(chunk_rows, block_rows)  # a block is whole chunks, so no chunk is written twice
+        names = reader.names(images.source_index) if reader.has_names else None
+        attrs = {"schema": PACK_SCHEMA, "schema_version": PACK_VERSION, "source": _source_text(source),
+                 "resize": None if resize is None else list(resize), "shape": [reader.n_rows, h, w, c],
+                 "n_rows": reader.n_rows, "rows_sha256": _rows_digest(names, reader.labels, reader.n_rows),
+                 "chunk_rows": chunk_rows, "block_rows": block_rows, "n_train": reader.n_train,
+                 "class_names": None if reader.class_names is None else list(reader.class_names),
+                 "header_skipped": list(getattr(reader, "skipped", [])), "complete": False}
 
-    if resume:
-        group = _reopen(out, attrs)
-        chunk_rows, block_rows = group.attrs["chunk_rows"], group.attrs["block_rows"]  # the store's, not today's defaults
-    else:
-        if out.exists():
-            _remove_store(out)
-        group = _create(out, attrs, names, reader.labels)
-    n_blocks = group["blocks_written"].shape[0]
-    missing = [b for b, done in enumerate(group["blocks_written"][...]) if not done]
-    start, written = time.perf_counter(), 0
-    if missing:
-        batches = [np.arange(b * block_rows, min(reader.n_rows, (b + 1) * block_rows)) for b in missing]
-        loader = BatchLoader(images, batches, workers=workers, reads=_PackReads(images, skip_bad))
-        for b, (pixels, ok) in zip(missing, loader):
-            lo = b * block_rows
-            group["images"][lo:lo + len(ok)] = pixels.numpy()
-            group["ok"][lo:lo + len(ok)] = ok.numpy()
-            group["blocks_written"][b] = 1  # after the block's data: a killed pack redoes it
-            written += len(ok)
-            if progress is not None:
-                progress(len(ok))
-            if on_block is not None:
-                on_block(b)
-    seconds = time.perf_counter() - start
+        if resume:
+            group = _reopen(out, attrs)
+            # the store's chunking, not today's defaults
+            chunk_rows, block_rows = group.attrs["chunk_rows"], group.attrs["block_rows"]
+        else:
+            if out.exists():
+                _remove_store(out)
+            group = _create(out, attrs, names, reader.labels)
+        n_blocks = group["blocks_written"].shape[0]
+        missing = [b for b, done in enumerate(group["blocks_written"][...]) if not done]
+        start, written = time.perf_counter(), 0
+        if missing:
+            batches = [np.arange(b * block_rows, min(reader.n_rows, (b + 1) * block_rows)) for b in missing]
+            loader = BatchLoader(images, batches, workers=workers, reads=_PackReads(images, skip_bad))
+            for b, (pixels, ok) in zip(missing, loader):
+                lo = b * block_rows
+                group["images"][lo:lo + len(ok)] = pixels.numpy()
+                group["ok"][lo:lo + len(ok)] = ok.numpy()
+                group["blocks_written"][b] = 1  # after the block's data: a killed pack redoes it
+                written += len(ok)
+                if progress is not None:
+                    progress(len(ok))
+                if on_block is not None:
+                    on_block(b)
+        seconds = time.perf_counter() - start
 
-    ok = group["ok"][...]
-    skipped = list(attrs["header_skipped"])
-    if names is not None:
-        skipped += [names[i] for i in np.flatnonzero(~ok)]
-    group.attrs.update({"n_skipped": len(skipped), "skipped": skipped[:20], "complete": True})
-    rows = int(ok.sum())
-    return {"store": str(out), "source": source, "rows": rows, "shape": [rows, h, w, c],
-            "labels": reader.labels is not None, "names": names is not None, "n_train": reader.n_train,
-            "skipped": len(skipped), "skipped_files": skipped[:20], "blocks": n_blocks, "blocks_written": len(missing),
-            "bytes_on_disk": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
-            "raw_bytes": rows * h * w * c, "seconds": seconds, "images_per_s": written / seconds if seconds else 0.0}
+        ok = group["ok"][...]
+        skipped = list(attrs["header_skipped"])
+        if names is not None:
+            skipped += [names[i] for i in np.flatnonzero(~ok)]
+        group.attrs.update({"n_skipped": len(skipped), "skipped": skipped[:20], "complete": True})
+        rows = int(ok.sum())
+        return {"store": str(out), "source": source, "rows": rows, "shape": [rows, h, w, c],
+                "labels": reader.labels is not None, "names": names is not None, "n_train": reader.n_train,
+                "skipped": len(skipped), "skipped_files": skipped[:20], "blocks": n_blocks,
+                "blocks_written": len(missing),
+                "bytes_on_disk": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+                "raw_bytes": rows * h * w * c, "seconds": seconds,
+                "images_per_s": written / seconds if seconds else 0.0}
 
 
 class _PackReads(torch.utils.data.Dataset):

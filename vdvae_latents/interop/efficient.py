@@ -31,6 +31,7 @@ How the official network maps onto vdvl's:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,11 @@ from typing import Any
 import torch
 
 from ..core.errors import CheckpointError, ConfigError
+from ..core.outputs import require_input
 from ..model.checkpoints import file_sha256
 from ..model.config import ModelConfig
 from .hparams_cfg import read_hparams
-from .run_dir import write_imported_run
+from .run_dir import claim_new_run_dir, write_imported_run
 from .weights import WeightMap, from_vdvl, read_weight_file, to_vdvl
 
 __all__ = ["SOURCE_KIND", "OfficialLayout", "official_layout", "config_from_hparams", "official_to_vdvl_keys",
@@ -79,7 +81,7 @@ def _model_value(hp: dict, key: str, section: str = "model", kind: Any = None) -
         if isinstance(value, bool) or (kind is not _kernel and not isinstance(value, (int, float))):
             raise TypeError
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"hparams value '{section}.{key}' has the wrong type ({value!r}).") from None
 
 
@@ -92,7 +94,7 @@ def _per_block(hp: dict, key: str, n: int, kind: Any = int) -> list:
         if kind is not _kernel and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
             raise TypeError
         return [kind(v) for v in value]
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         raise ConfigError(f"hparams value 'model.{key}' holds an entry of the wrong type.") from None
 
 
@@ -392,7 +394,13 @@ def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: 
         CheckpointError: the file is not a safe, complete official checkpoint, or its
             tensors do not fit the .cfg (the first mismatching tensor is named).
     """
-    checkpoint, config = Path(checkpoint), Path(config)
+    require_input(checkpoint, what="Checkpoint file", error=CheckpointError)
+    require_input(config, what="hparams file", error=ConfigError)
+    with claim_new_run_dir(run_dir):
+        return _import_efficient(Path(checkpoint), Path(config), Path(run_dir), data)
+
+
+def _import_efficient(checkpoint: Path, config: Path, run_dir: Path, data: str) -> dict[str, Any]:
     hp = read_hparams(config)
     layout = official_layout(hp)
     payload = load_official_checkpoint(checkpoint)
@@ -403,7 +411,7 @@ def import_efficient_vdvae(checkpoint: str | Path, config: str | Path, run_dir: 
                        else to_vdvl(ema_state, mapping, where, "EMA tensor"))
     step = payload.get("global_step", 0)
     step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
-    step = max(int(step), 0) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
+    step = max(int(step), 0) if type(step) is int or (type(step) is float and math.isfinite(step)) else 0
     source = {
         "kind": SOURCE_KIND,
         "files": {"checkpoint": {"path": str(checkpoint.resolve()), "sha256": file_sha256(checkpoint)},

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..core.errors import CheckpointError
+from ..core.outputs import require_input
 from ..model.checkpoints import file_sha256
 from ..model.openai_hps import (
     NO_BIAS_ABOVE,
@@ -29,7 +30,7 @@ from ..model.openai_hps import (
     parse_blocks,
 )
 from ..train.presets import PRESETS
-from .run_dir import write_imported_run
+from .run_dir import claim_new_run_dir, write_imported_run
 from .weights import WeightMap, from_vdvl, has_ddp_prefix, mol_channel_order, read_weight_file, to_vdvl
 
 _STEP_IN_NAME = re.compile(r"iter-(\d+)-model(?:-ema)?\.th$")
@@ -85,7 +86,16 @@ def import_openai_vdvae(model_path: str | Path, *, hps: str | OpenAIHps, run_dir
     Returns:
         A summary: run directory, checkpoint, preset, parameter count, step, sha256s.
     """
-    h = get_openai_hps(hps)
+    h = get_openai_hps(hps)  # an unknown name is refused before the run directory is touched
+    for path in (model_path, ema_path):
+        if path is not None:
+            require_input(path, what="Checkpoint file", error=CheckpointError)
+    with claim_new_run_dir(run_dir):
+        return _import_openai(model_path, h, Path(run_dir), ema_path, step)
+
+
+def _import_openai(model_path: str | Path, h: OpenAIHps, run_dir: Path, ema_path: str | Path | None,
+                   step: int | None) -> dict[str, Any]:
     mapping = openai_weight_map(h)
     cfg = mapping.cfg
     weights, model_record = _load_openai(model_path, mapping)

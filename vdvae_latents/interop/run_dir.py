@@ -9,6 +9,8 @@ mapping and anything else the importer wants to keep (its hyper-parameters).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import torch
 
 from ..core.atomic import write_text
 from ..core.errors import CheckpointError
+from ..core.outputs import prepare_output
+from ..core.writer_lock import writing_run_dir
 from ..model import checkpoints as ckpt
 from ..model.config import ModelConfig
 from ..model.vae import VAE
@@ -39,8 +43,7 @@ def write_imported_run(run_dir: str | Path, cfg: ModelConfig, weights: dict[str,
     Returns the checkpoint path.
     """
     run_dir = Path(run_dir)
-    if ckpt.list_checkpoints(run_dir):
-        raise CheckpointError(f"run directory {run_dir} already holds checkpoints; choose an empty --run-dir.")
+    _refuse_a_run(run_dir)
     expected = meta_state_dict(cfg)
     for which, state in (("model", weights), ("ema", ema_weights)):
         if state is None:
@@ -65,10 +68,29 @@ def write_imported_run(run_dir: str | Path, cfg: ModelConfig, weights: dict[str,
     return ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, int(step)), payload)
 
 
+def _refuse_a_run(run_dir: Path) -> None:
+    if ckpt.list_checkpoints(run_dir):
+        raise CheckpointError(f"run directory {run_dir} already holds checkpoints; choose an empty --run-dir.")
+
+
+@contextmanager
+def claim_new_run_dir(run_dir: str | Path) -> Iterator[Path]:
+    """Hold ``run_dir`` for an import from before its source files are read until it is written.
+
+    Refused at once: a file where the folder should be, a run that already holds checkpoints,
+    a run another process is writing (the writer lock, held here for the whole import).
+    """
+    run_dir = prepare_output(run_dir, what="run directory", kind="folder")
+    _refuse_a_run(run_dir)
+    with writing_run_dir(run_dir):
+        _refuse_a_run(run_dir)  # again under the lock: a trainer may have finished a checkpoint meanwhile
+        yield run_dir
+
+
 def meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's state dict with shapes only (no memory): enough to check names and shapes."""
     with torch.device("meta"):
         return VAE(cfg).state_dict()
 
 
-__all__ = ["write_imported_run", "meta_state_dict"]
+__all__ = ["write_imported_run", "claim_new_run_dir", "meta_state_dict"]

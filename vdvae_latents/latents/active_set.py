@@ -30,6 +30,7 @@ import torch
 
 from ..core.atomic import atomic_file, write_text
 from ..core.errors import UserError
+from ..core.outputs import prepare_output
 from .stats import AU_THRESHOLD, GRANULARITIES, DimTable, LatentKL, dimension_table
 
 SIDECAR_THRESHOLD = 20_000  # more dimensions than this go to a .npz beside the JSON
@@ -197,11 +198,18 @@ class ActiveSet:
         return load_active_set(path)
 
 # ----------------------------------------------------------------------------- ACTIVE.json
-def save_active_set(active: ActiveSet, path: str | Path) -> Path:
-    """Write ``active`` as ACTIVE.json (+ ACTIVE.npz beside it when there are many dimensions), atomically."""
+def prepare_active_set_path(path: str | Path) -> Path:
+    """Check, before the pass that computes an active set, that ``path`` can take its ACTIVE.json
+    (creating missing folders): a command never computes a ranking it then cannot save."""
     path = Path(path)
     if path.suffix == ".npz":
         raise UserError(f"--out '{path}' must be a .json file (large arrays go to a .npz beside it).")
+    return prepare_output(path, what="active set")
+
+
+def save_active_set(active: ActiveSet, path: str | Path) -> Path:
+    """Write ``active`` as ACTIVE.json (+ ACTIVE.npz beside it when there are many dimensions), atomically."""
+    path = prepare_active_set_path(path)
     arrays = {**active.table.arrays(), "selected": active.selected.astype(np.int64),
               "ranking": active.ranking.astype(np.int64)}
     meta = {

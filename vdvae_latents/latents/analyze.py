@@ -10,12 +10,13 @@ import torch.distributed as dist
 
 from ..core.atomic import atomic_file
 from ..core.errors import UserError
+from ..core.outputs import prepare_output, require_matplotlib
 from ..core.runtime import auto_device, join_processes
 from ..data.loading import stream
 from ..data.splits import open_images
 from ..model.checkpoints import load_model, resolve_checkpoint
 from ..model.inputs import check_images_fit, eval_binarization, evaluation_images
-from .active_set import ActiveSet, fit_active_set, parse_keep
+from .active_set import ActiveSet, fit_active_set, parse_keep, prepare_active_set_path
 from .pruning import plot_kl, pruning_sweep
 from .stats import GRANULARITIES
 
@@ -40,11 +41,21 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
     keep_fraction = parse_keep(keep) if keep is not None else None
     if div_stats is not None and granularity != "variate":
         raise UserError("--div-stats needs --granularity variate (the official file has one value per variate).")
+    # Everything that can be refused is refused before the model loads and the pass runs.
+    prepare_active_set_path(out)
+    if plot:
+        require_matplotlib("--plot")
+        prepare_output(plot, what="figure")
+    if div_stats:
+        prepare_output(div_stats, what="div stats file")
+    resolve_checkpoint(path)  # a missing run or checkpoint is named now; load_model takes the latest then
+    images = open_images(data, split=split, limit=limit)
+    if sweep:
+        open_images(data, split=sweep_split, limit=limit)
     dev, env = join_processes(auto_device(device))
     rank, world = env.rank, env.world_size
-    ckpt_path = resolve_checkpoint(path)
-    model, info = load_model(ckpt_path, ema=True, device=dev)
-    images = open_images(data, split=split, limit=limit)
+    model, info = load_model(path, ema=True, device=dev)
+    ckpt_path = Path(info["path"])
     check_images_fit(model.cfg, images.shape, data)
     start = time.perf_counter()
     active = fit_active_set(model, stream(images.shard(rank, world), batch_size, workers, dev, world),

@@ -31,7 +31,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -154,23 +154,27 @@ def _fsync_directory(directory: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def read_torch_file(path: PathLike, map_location: str | torch.device | None = "cpu", *, mmap: bool = False) -> Any:
+def read_torch_file(path: PathLike, map_location: str | torch.device | None = "cpu", *, mmap: bool = False,
+                    opened: BinaryIO | None = None) -> Any:
     """``torch.load(weights_only=True)`` with every failure turned into one CheckpointError.
 
     A file that would need arbitrary code to unpickle is refused, never executed; a
     missing, unreadable, truncated or foreign file gets a sentence that names it.
     Also reads files written by other code bases (it checks nothing about the content).
+    ``opened``: the file already opened (binary, at its start), read instead of ``path``,
+    which then only names it in messages (no mmap).
     """
     p = Path(path)
-    if not p.exists():
+    if opened is None and not p.exists():
         raise CheckpointError(f"Checkpoint file {p} does not exist.")
-    if p.is_dir():
+    if opened is None and p.is_dir():
         raise CheckpointError(f"Checkpoint file {p} is a directory, not a checkpoint file.")
     try:
         # mmap only works on the zip container that torch.save writes by default; a
         # legacy-format file is simply read instead.
-        use_mmap = mmap and zipfile.is_zipfile(p)
-        payload = torch.load(p, map_location=map_location, weights_only=True, mmap=use_mmap)
+        use_mmap = mmap and opened is None and zipfile.is_zipfile(p)
+        payload = torch.load(opened if opened is not None else p, map_location=map_location, weights_only=True,
+                             mmap=use_mmap)
     except OSError as exc:
         raise CheckpointError(f"Checkpoint file {p} cannot be read ({exc.strerror or exc}).") from exc
     except pickle.UnpicklingError as exc:
@@ -189,7 +193,7 @@ def read_torch_file(path: PathLike, map_location: str | torch.device | None = "c
 
 
 def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "cpu", *,
-                    mmap: bool = False) -> dict:
+                    mmap: bool = False, opened: BinaryIO | None = None) -> dict:
     """Load and validate a checkpoint written by :func:`save_checkpoint`.
 
     Uses ``torch.load(weights_only=True)``: a file that would need arbitrary code to
@@ -202,7 +206,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "c
             format version than this package understands.
     """
     p = Path(path)
-    payload = read_torch_file(p, map_location=map_location, mmap=mmap)
+    payload = read_torch_file(p, map_location=map_location, mmap=mmap, opened=opened)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"Checkpoint file {p} is not a vdvl checkpoint (it lacks the '{FORMAT_NAME}' marker).")
     version = payload.get("format_version")
@@ -291,11 +295,42 @@ def resolve_checkpoint(path: PathLike) -> Path:
 
 def file_sha256(path: PathLike) -> str:
     """Hex SHA-256 of a file, read in chunks so large checkpoints need little memory."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
+        return _stream_sha256(f)
+
+
+def _stream_sha256(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+# A run's latest checkpoint can be rotated away (keep-last) between finding and opening it.
+_OPEN_ATTEMPTS = 5
+
+
+def open_checkpoint(path: PathLike) -> tuple[Path, BinaryIO]:
+    """Open the checkpoint ``path`` names (a file, or a run directory's latest) for reading.
+
+    A reader never races a writer: checkpoints appear by an atomic rename, and when the
+    trainer deletes the file this found before it could be opened, the run's new latest is
+    taken. Once open, the handle keeps the bytes readable even if the file is deleted, so a
+    hash and the weights read from it describe the same file.
+    """
+    for _ in range(_OPEN_ATTEMPTS):
+        resolved = resolve_checkpoint(path)
+        try:
+            return resolved, open(resolved, "rb")
+        except FileNotFoundError:
+            if resolved == Path(path):  # the user named this file: its absence is the answer
+                raise CheckpointError(f"Checkpoint file {resolved} does not exist.") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"Checkpoint file {resolved} is a directory, not a checkpoint file.") from None
+        except OSError as exc:
+            raise CheckpointError(f"Checkpoint file {resolved} cannot be read ({exc.strerror or exc}).") from exc
+    raise CheckpointError(f"Run directory {path} replaced its latest checkpoint {_OPEN_ATTEMPTS} times while it "
+                          "was being opened; try again.")
 
 
 # --------------------------------------------------------------------------- models
@@ -353,10 +388,14 @@ def load_model(path: PathLike, *, ema: bool = True, device: str | torch.device =
         CheckpointError: as :func:`resolve_checkpoint` / :func:`load_checkpoint`, or the
             config is invalid, or the weights do not fit it.
     """
-    resolved = resolve_checkpoint(path)
-    # Load to CPU, then move only the model: the optimizer state (twice the model's
-    # size for Adamax) never needs to reach the accelerator.
-    payload = load_checkpoint(resolved, map_location="cpu")
+    resolved, opened = open_checkpoint(path)
+    with opened:
+        if sha256 is None:
+            sha256 = _stream_sha256(opened)
+            opened.seek(0)
+        # Load to CPU, then move only the model: the optimizer state (twice the model's
+        # size for Adamax) never needs to reach the accelerator.
+        payload = load_checkpoint(resolved, map_location="cpu", opened=opened)
     cfg = _model_config(payload, resolved)
 
     use_ema = ema and payload.get("ema") is not None
@@ -378,7 +417,7 @@ def load_model(path: PathLike, *, ema: bool = True, device: str | torch.device =
 
     info = {
         "path": str(resolved),
-        "sha256": sha256 if sha256 is not None else file_sha256(resolved),
+        "sha256": sha256,
         "step": payload.get("step"),
         "preset": payload.get("preset"),
         "model_config": payload.get("model_config"),
@@ -493,6 +532,7 @@ def _imported_summary(source: Any) -> dict[str, Any] | None:
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "read_torch_file", "load_checkpoint", "checkpoint_path",
-    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "resolve_checkpoint", "file_sha256",
+    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "resolve_checkpoint", "open_checkpoint",
+    "file_sha256",
     "load_model", "describe_run", "last_metrics",
 ]

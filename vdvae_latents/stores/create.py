@@ -7,7 +7,6 @@ does the work and hands back the open backend and the layout the writer then fil
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.outputs import prepare_output
 from .backends import (
     JSON_KEYS_ATTR,
     ArraySpec,
@@ -188,11 +188,7 @@ def _prepare_destination(path: Path, overwrite: bool) -> None:
             remove_existing(path)
         except OSError as exc:
             raise StoreError(f"cannot remove the existing {path} ({os_error_text(exc)}).") from exc
-    parent = path.parent
-    if not parent.is_dir():
-        raise StoreError(f"cannot create {path}: the directory {parent} does not exist.")
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"cannot create {path}: the directory {parent} is not writable.")
+    prepare_output(path, what="store", kind="folder" if store_format(path) == "zarr" else "file", error=StoreError)
 
 
 def _make_backend(path: Path, specs: list[ArraySpec], attrs: dict[str, Any], codec_settings: Any) -> Backend:

@@ -6,6 +6,7 @@ disjoint chunks of one Zarr store. ``decode`` reads it back into images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import UserError
+from ..core.outputs import prepare_output
 from ..core.runtime import auto_device, join_processes
+from ..core.writer_lock import lock_store
 from ..data.loading import resolve_workers, stream
 from ..data.splits import LazyImages, open_images
 from ..latents.active_set import ActiveSet, fit_active_set, parse_keep
@@ -57,59 +60,67 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     if resume and overwrite:
         raise UserError("give at most one of --resume and --overwrite.")
     out = Path(out)
-    parse_codec(store_format(out), codec, dtype)  # a bad --codec fails before the model loads
-    dev, env = join_processes(auto_device(device))
-    rank, world = env.rank, env.world_size
-    # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
-    ckpt_path = resolve_checkpoint(path).absolute()
-    model, info = load_model(ckpt_path, ema=True, device=dev)
-    images = open_images(data, split=split)
-    check_images_fit(model.cfg, images.shape, data)
+    # Everything that can be refused is refused before the model loads and the ranking runs.
+    parse_codec(store_format(out), codec, dtype)
     if out.exists() and not (resume or overwrite):
         raise UserError(f"store '{out}' exists; use --resume to finish it or --overwrite to replace it.")
-    job = _EncodeJob(model=model, images=images, data=data, split=split, out=out, device=dev, rank=rank, world=world,
-                     batch_size=batch_size, workers=workers, seed=seed)
-    if active_file is not None:
-        active = ActiveSet.load(active_file)
-        if active.checkpoint_sha256 and active.checkpoint_sha256 != info["sha256"]:
-            raise UserError(f"active set '{active_file}' was computed for another checkpoint "
-                            f"(sha256 {active.checkpoint_sha256[:12]}..., this one is {info['sha256'][:12]}...).")
-    else:  # rank the dimensions on the KL split now
-        kl_images = open_images(data, split=kl_split, limit=kl_limit)
-        check_images_fit(model.cfg, kl_images.shape, data)
-        active = fit_active_set(model, job.stream(kl_images), granularity=granularity,
-                                keep=parse_keep(keep) if keep is not None else None, threshold=threshold,
-                                batch_size=batch_size, seed=seed + rank, device=dev, data=data, split=kl_split,
-                                checkpoint=str(ckpt_path), checkpoint_sha256=info["sha256"])
-    encoder = Encoder(model, active, statistic=statistic)
-    attrs = _store_attrs(encoder, info, str(ckpt_path), data, split, dtype, seed)
-    calib = calibration_rows(len(images), CALIBRATION_ROWS, seed) if dtype in INT_DTYPES else None
-    quantization = None if calib is None else {"scheme": quantize, "step": None if quantize == "range" else quant_step,
-                                               "calibration_rows": len(calib), "calibration_seed": seed}
-    identity = {k: attrs[k] for k in IDENTITY_ATTRS}
-    if quantization is not None:
-        identity["quantization"] = {"dtype": dtype, **quantization}
+    prepare_output(out, what="store", kind="folder" if store_format(out) == "zarr" else "file")
+    active = None if active_file is None else ActiveSet.load(active_file)
+    resolve_checkpoint(path)  # a missing run or checkpoint is named now; load_model takes the latest then
+    images = open_images(data, split=split)
+    kl_images = open_images(data, split=kl_split, limit=kl_limit) if active is None else None
+    dev, env = join_processes(auto_device(device))
+    # One writer per store; under torchrun rank 0 holds the lock for the job's ranks.
+    with lock_store(out) if env.rank == 0 else contextlib.nullcontext():
+        rank, world = env.rank, env.world_size
+        model, info = load_model(path, ema=True, device=dev)
+        # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
+        ckpt_path = Path(info["path"]).absolute()
+        check_images_fit(model.cfg, images.shape, data)
+        job = _EncodeJob(model=model, images=images, data=data, split=split, out=out, device=dev, rank=rank,
+                         world=world,
+                         batch_size=batch_size, workers=workers, seed=seed)
+        if active is not None:
+            if active.checkpoint_sha256 and active.checkpoint_sha256 != info["sha256"]:
+                raise UserError(f"active set '{active_file}' was computed for another checkpoint "
+                                f"(sha256 {active.checkpoint_sha256[:12]}..., this one is {info['sha256'][:12]}...).")
+        else:  # rank the dimensions on the KL split now
+            check_images_fit(model.cfg, kl_images.shape, data)
+            active = fit_active_set(model, job.stream(kl_images), granularity=granularity,
+                                    keep=parse_keep(keep) if keep is not None else None, threshold=threshold,
+                                    batch_size=batch_size, seed=seed + rank, device=dev, data=data, split=kl_split,
+                                    checkpoint=str(ckpt_path), checkpoint_sha256=info["sha256"])
+        encoder = Encoder(model, active, statistic=statistic)
+        attrs = _store_attrs(encoder, info, str(ckpt_path), data, split, dtype, seed)
+        calib = calibration_rows(len(images), CALIBRATION_ROWS, seed) if dtype in INT_DTYPES else None
+        quantization = None if calib is None else {"scheme": quantize,
+                                                   "step": None if quantize == "range" else quant_step,
+                                                   "calibration_rows": len(calib), "calibration_seed": seed}
+        identity = {k: attrs[k] for k in IDENTITY_ATTRS}
+        if quantization is not None:
+            identity["quantization"] = {"dtype": dtype, **quantization}
 
-    def create() -> StoreWriter:
-        quantizers = None
-        if calib is not None:
-            calib_batches = (images.read(calib[b:b + batch_size]) for b in range(0, len(calib), batch_size))
-            quantizers = _calibrate(encoder, calib_batches, dtype, quantize, quant_step, dev, seed)
-        writer = StoreWriter.create(out, n_rows=len(images), dims=encoder.columns.arrays(), attrs=attrs, dtype=dtype,
-                                    with_std=statistic == "mean+std", has_labels=images.labels is not None,
-                                    has_source_names=images.source_names is not None, quantizers=quantizers,
-                                    quantization=quantization, codec=codec, chunk_rows=chunk_rows,
-                                    overwrite=overwrite)
-        if active_file is None:
-            active.save(_active_path(out))
-        return writer
+        def create() -> StoreWriter:
+            quantizers = None
+            if calib is not None:
+                calib_batches = (images.read(calib[b:b + batch_size]) for b in range(0, len(calib), batch_size))
+                quantizers = _calibrate(encoder, calib_batches, dtype, quantize, quant_step, dev, seed)
+            writer = StoreWriter.create(out, n_rows=len(images), dims=encoder.columns.arrays(), attrs=attrs,
+                                        dtype=dtype,
+                                        with_std=statistic == "mean+std", has_labels=images.labels is not None,
+                                        has_source_names=images.source_names is not None, quantizers=quantizers,
+                                        quantization=quantization, codec=codec, chunk_rows=chunk_rows,
+                                        overwrite=overwrite)
+            if active_file is None:
+                active.save(_active_path(out))
+            return writer
 
-    writer = job.open_writer(create, resume=resume, identity=identity)
-    start = time.perf_counter()
-    written_rows = job.encode_chunks(writer, encoder, check_data=resume, progress=progress)
-    seconds = time.perf_counter() - start
-    errors, store_codec = job.finish(writer, codec)
-    return _summary(job, encoder, attrs, errors, store_codec, quantization, quantize, written_rows, seconds)
+        writer = job.open_writer(create, resume=resume, identity=identity)
+        start = time.perf_counter()
+        written_rows = job.encode_chunks(writer, encoder, check_data=resume, progress=progress)
+        seconds = time.perf_counter() - start
+        errors, store_codec = job.finish(writer, codec)
+        return _summary(job, encoder, attrs, errors, store_codec, quantization, quantize, written_rows, seconds)
 
 
 # What identifies a store's contents: a resumed store must have been started with the same.

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ..core.atomic import write_text
 from ..core.errors import ConfigError
 from ..core.runtime import DistEnv, auto_device, join_processes
+from ..core.writer_lock import writing_run_dir
 from ..data import LazyImages, TrainLoader, open_images, resolve_workers
 from ..model import checkpoints as ckpt
 from ..model.inputs import check_images_fit, evaluation_images, prepare_batch
@@ -98,11 +99,19 @@ def train(run_dir: str | Path, run: RunConfig, *, quiet: bool = False, stop_afte
     """Train (or resume) the run in ``run_dir``. Returns when ``run.train.steps`` are done,
     after ``stop_after`` more steps (tests), or on SIGINT/SIGTERM — always with a checkpoint.
     """
-    tcfg, mcfg = run.train, run.model
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory '{run_dir}' is a file, not a directory.")
-    device, env = join_processes(auto_device(tcfg.device, setting="train setting 'device'"))
+    device, env = join_processes(auto_device(run.train.device, setting="train setting 'device'"))
+    # One writer per run: a second `vdvl train` (or `vdvl import`) here stops now, before it
+    # reads a checkpoint it would then overwrite. Under torchrun, rank 0 holds it for the job.
+    with writing_run_dir(run_dir) if env.is_main else contextlib.nullcontext():
+        return _train_locked(run_dir, run, device, env, quiet=quiet, stop_after=stop_after, on_step=on_step)
+
+
+def _train_locked(run_dir: Path, run: RunConfig, device: torch.device, env: DistEnv, *, quiet: bool,
+                  stop_after: int | None, on_step: Callable[[int, dict], None] | None) -> TrainResult:
+    tcfg, mcfg = run.train, run.model
     if tcfg.batch_size % env.world_size:
         raise ConfigError(f"train setting 'batch_size' ({tcfg.batch_size}) must divide evenly across "
                           f"{env.world_size} processes.")
