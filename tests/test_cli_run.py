@@ -95,7 +95,7 @@ class TestRunCommands:
         (["eval", "{missing}", "--data", "digits"], "missing"),
         (["eval", "{run}", "--data", "fashion-mnist", "--limit", "4"], "fashion-mnist"),
         (["eval", "{run}", "--data", "digits", "--split", "nope"], "nope"),
-        (["sample", "{run}", "--out", "{missing}/x.png"], "x.png"),
+        (["sample", "{run}", "--out", "{file}/x.png"], "x.png"),  # a file where its folder should be
         (["reconstruct", "{run}", "--data", "digits", "--out", "{tmp}/r.png", "--n", "0"], "--n"),
         (["info", "{missing}"], "missing"),
         (["first-k", "{run}", "--data", "digits", "--k", "6", "--out", "{tmp}/k.png"], "--k"),
@@ -104,8 +104,11 @@ class TestRunCommands:
          "--posterior"),
     ])
     def test_bad_input_exits_2(self, capsys, trained_run, tmp_path, argv, needle):
-        subs = {"{run}": str(trained_run), "{missing}": str(tmp_path / "missing"), "{tmp}": str(tmp_path)}
-        argv = [subs.get(a, a) if a in subs else a.replace("{missing}", subs["{missing}"]) for a in argv]
+        (tmp_path / "file").write_text("not a folder")
+        subs = {"{run}": str(trained_run), "{missing}": str(tmp_path / "missing"), "{tmp}": str(tmp_path),
+                "{file}": str(tmp_path / "file")}
+        argv = [subs.get(a, a) if a in subs
+                else a.replace("{missing}", subs["{missing}"]).replace("{file}", subs["{file}"]) for a in argv]
         code, _, err = run_cli(capsys, *argv)
         assert code == 2
         lines = [line for line in err.splitlines() if line.strip()]
