@@ -8,17 +8,23 @@ other exception fails the test with its traceback.
 
 :func:`allocation_peak` measures the largest allocation a call makes (numpy reports its
 buffers to :mod:`tracemalloc`), for "never allocate what a header claims but the file cannot
-back".
+back". :func:`unique` and :func:`truncated_or_flipped` make the files the suites damage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import tracemalloc
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+from hypothesis import strategies as st
+
 from vdvae_latents.core.errors import UserError
+
+_names = itertools.count()
 
 
 def outcome(call: Callable[[], Any]) -> Any:
@@ -60,3 +66,18 @@ def allocation_peak() -> Iterator[list[int]]:
         peak.append(tracemalloc.get_traced_memory()[1] - base)
         if not was_tracing:
             tracemalloc.stop()
+
+
+def unique(folder: Path, suffix: str) -> Path:
+    """A new file name in ``folder`` (each hypothesis example writes its own file)."""
+    return folder / f"f{next(_names)}{suffix}"
+
+
+def truncated_or_flipped(data: bytes, draw: Callable[[st.SearchStrategy], Any]) -> bytes:
+    """``data`` cut short or with one to eight bytes changed (``draw`` from a composite strategy)."""
+    if draw(st.booleans()):
+        return data[:draw(st.integers(0, len(data)))]
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 8))):
+        out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
+    return bytes(out)

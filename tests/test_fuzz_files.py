@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import itertools
 import json
 import shutil
 import struct
@@ -27,7 +26,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fuzzing import allocation_peak, assert_one_sentence, outcome, refused
+from fuzzing import allocation_peak, assert_one_sentence, outcome, refused, truncated_or_flipped, unique
 from vdvae_latents.core.errors import UserError
 from vdvae_latents.data.pack import pack_images
 from vdvae_latents.data.splits import open_images
@@ -42,14 +41,6 @@ from vdvae_latents.stores.writer import StoreWriter
 # A header may claim any size; reading a file of a few hundred bytes may never allocate more than this.
 ALLOCATION_LIMIT = 32 << 20
 HUGE = 10 ** 12
-
-_names = itertools.count()
-
-
-def unique(folder: Path, suffix: str) -> Path:
-    """A new file name in ``folder`` (each hypothesis example writes its own file)."""
-    return folder / f"f{next(_names)}{suffix}"
-
 
 def read_everything(spec: str, names: str):
     """Open ``spec``'s 'all' split and read every image: the images, or the UserError naming ``names``,
@@ -72,10 +63,12 @@ def folder(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- .npy and .npz
 
 
-def npy_bytes(shape, descr: str = "|u1", fortran: object = False, data: bytes = b"", header: str | None = None) -> bytes:
+def npy_bytes(shape, descr: str = "|u1", fortran: object = False, data: bytes = b"",
+              header: str | None = None) -> bytes:
     """An .npy file as bytes, with whatever header it is given (numpy itself writes only true ones)."""
-    text = header if header is not None else f"{{'descr': {descr!r}, 'fortran_order': {fortran!r}, 'shape': {shape!r}, }}"
-    text += " " * (-(len(text) + 11) % 64) + "\n"
+    if header is None:
+        header = f"{{'descr': {descr!r}, 'fortran_order': {fortran!r}, 'shape': {shape!r}, }}"
+    text = header + " " * (-(len(header) + 11) % 64) + "\n"
     encoded = text.encode("latin1", "replace")
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(encoded)) + encoded + data
 
@@ -91,16 +84,6 @@ headers = st.one_of(st.none(), st.text(max_size=40),
 npy_files = st.builds(npy_bytes, shapes, descrs, st.sampled_from([False, True, 1, "no"]), payloads, headers)
 
 
-def truncated_or_flipped(data: bytes, draw) -> bytes:
-    """``data`` cut short or with a few bytes changed."""
-    if draw(st.booleans()):
-        return data[:draw(st.integers(0, len(data)))]
-    out = bytearray(data)
-    for _ in range(draw(st.integers(1, 4))):
-        out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
-    return bytes(out)
-
-
 @st.composite
 def damaged_npy(draw) -> bytes:
     buffer = io.BytesIO()
@@ -112,6 +95,7 @@ def damaged_npy(draw) -> bytes:
 @settings(max_examples=150)
 @example(data=npy_bytes((HUGE, 8, 8), data=b"\0" * 100))
 @example(data=npy_bytes((), data=b"\x05"))
+@example(data=b"\x93NUMPY\x00\x00v\x00{'descr'" + b"\0" * 200)  # version 0.0: a 4-byte header length of 660 MB
 def test_any_npy_file_reads_or_is_refused_naming_it(folder, data):
     path = unique(folder, ".npy")
     path.write_bytes(data)
@@ -152,7 +136,7 @@ def npz_of(members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> bytes:
 
 
 @given(data=npz_files())
-@settings(max_examples=150)
+@settings(max_examples=100)
 @example(data=npz_of({"images": _saved(np.zeros((4, 8, 8), np.uint8)), "labels": npy_bytes((HUGE,), "<i8")}))
 @example(data=npz_of({"images": npy_bytes((HUGE, 8, 8))}, zipfile.ZIP_DEFLATED))
 @example(data=npz_of({"images": npy_bytes((10 ** 7, 8, 8))}, zipfile.ZIP_DEFLATED))
@@ -195,7 +179,7 @@ def test_any_idx_file_reads_or_is_refused_naming_it(folder, images, labels):
 def _hdf5_bytes(chunked: bool) -> bytes:
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
-        options = dict(chunks=(2, 4, 4), compression="gzip") if chunked else {}
+        options = {"chunks": (2, 4, 4), "compression": "gzip"} if chunked else {}
         f.create_dataset("images", data=np.arange(4 * 4 * 4, dtype=np.uint8).reshape(4, 4, 4), **options)
         f.create_dataset("labels", data=np.arange(4), **({"chunks": (2,), "compression": "gzip"} if chunked else {}))
     return buffer.getvalue()
@@ -311,7 +295,7 @@ def image_files(draw) -> tuple[str, bytes]:
 
 
 @given(image=image_files())
-@settings(max_examples=150)
+@settings(max_examples=100)
 @example(image=(".png", png_bytes(10_000, 10_000, zlib.compress(b"\0" * 100))))  # under Pillow's bomb limit
 @example(image=(".png", png_bytes(50_000, 50_000, zlib.compress(b"\0" * 100))))  # a decompression bomb
 @example(image=(".png", GOOD_IMAGES["PNG", "RGB"][:60]))  # truncated
@@ -400,7 +384,7 @@ def _damage(path: Path, damage) -> None:
         sidecar = path.with_suffix(".npz")
         if where == "random":
             sidecar.write_bytes(value)
-        elif where == "truncated":
+        elif where == "truncated" and sidecar.exists():
             sidecar.write_bytes(sidecar.read_bytes()[:len(value)])
         elif where == "missing":
             sidecar.unlink(missing_ok=True)
@@ -422,7 +406,7 @@ def _damage(path: Path, damage) -> None:
 
 
 @given(template=st.sampled_from(["variate", "element", "sidecar"]), damage=active_set_damage())
-@settings(max_examples=150)
+@settings(max_examples=100)
 @example(template="variate", damage=("shape", 1, [3, -2, 2]))
 @example(template="element", damage=("array item", "variate", 7))
 @example(template="variate", damage=("shape", 0, [2, 1]))
@@ -504,7 +488,7 @@ store_attr_keys = st.sampled_from(list(OWN_ATTRS) + ["json_attrs", "dtype", "gra
 
 @given(suffix=st.sampled_from([".zarr", ".h5"]), key=store_attr_keys,
        value=st.one_of(json_values, st.just("<deleted>"), st.sampled_from([0, 1, 7, 2 ** 40, -5, True, "[", "x"])))
-@settings(max_examples=60)
+@settings(max_examples=40)
 @example(suffix=".zarr", key="chunk_rows", value=2 ** 40)
 @example(suffix=".h5", key="json_attrs", value="[")
 def test_any_store_attribute_reads_or_is_refused_naming_the_store(folder, stores, suffix, key, value):
@@ -540,7 +524,7 @@ def packed_store(folder) -> Path:
 @given(target=st.sampled_from(["attrs", "attrs", "ok", "names", "labels"]),
        key=st.sampled_from(["n_train", "class_names", "complete", "schema", "shape", "chunk_rows", "source"]),
        value=st.one_of(json_values, st.just("<deleted>"), st.sampled_from([3, -1, 7, HUGE, ["a"], [HUGE]])))
-@settings(max_examples=25)
+@settings(max_examples=20)
 @example(target="attrs", key="n_train", value="3")
 @example(target="ok", key="shape", value=[HUGE])
 def test_any_packed_store_metadata_reads_or_is_refused_naming_the_store(folder, packed_store, target, key, value):

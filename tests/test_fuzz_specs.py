@@ -143,7 +143,7 @@ def _finite_numbers(config) -> bool:
 
 
 @given(key=set_keys, value=set_values)
-@settings(max_examples=300)
+@settings(max_examples=200)
 @example(key="up_skip_groups", value="[[1e400], [1], [1]]")
 @example(key="latent_beta", value="inf")
 @example(key="train.lr", value="nan")
@@ -300,7 +300,7 @@ code = st.sampled_from([f"open({CANARY!r}, 'w')", f"__import__('os').mkdir({CANA
 
 
 @given(expressions)
-@settings(max_examples=300)
+@settings(max_examples=200)
 @example("((((9 ** 64) ** 64) ** 64) ** 64) ** 64")
 @example("[0] * 10 ** 12")
 def test_a_cfg_value_is_what_python_computes_or_refused(text):
@@ -327,7 +327,7 @@ cfg_lines = st.lists(st.one_of(
 
 
 @given(lines=cfg_lines)
-@settings(max_examples=250)
+@settings(max_examples=150)
 @example(lines=["[model]", f"k = open({CANARY!r}, 'w')"])
 def test_any_cfg_text_parses_to_plain_values_or_one_sentence_and_runs_nothing(tmp_path_factory, lines):
     folder = tmp_path_factory.mktemp("cfg")

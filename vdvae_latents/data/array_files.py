@@ -19,6 +19,7 @@ Non-uint8 integer pixels are cast batch by batch and refused when a batch leaves
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import struct
@@ -47,6 +48,7 @@ __all__ = ["IN_MEMORY_LIMIT", "read_npy", "read_npz", "read_downsampled_imagenet
 #: Compressed .npz members up to this many bytes are decompressed into memory; larger ones
 #: cannot be read by index and must be packed (``vdvl pack``) first.
 IN_MEMORY_LIMIT = 2 << 30
+_NPY_MAX_HEADER = 10_000  # numpy's own limit (read_array_header's max_header_size)
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name length, extra length
 _STREAM_PIECE = 16 << 20
 
@@ -87,6 +89,13 @@ class _Part:
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, Fortran order, dtype) of an .npy header; ValueError when it is not one."""
     version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"its format version {version[0]}.{version[1]} is not 1.0, 2.0 or 3.0")
+    if version != (1, 0):  # a 4-byte header length: numpy reads (allocates) that many bytes before it checks it
+        length = f.read(4)
+        if len(length) < 4 or struct.unpack("<I", length)[0] > _NPY_MAX_HEADER:
+            raise ValueError("its header length is cut short or larger than numpy reads")
+        f.seek(-4, 1)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     try:
         shape, fortran, dtype = read_header(f)
@@ -265,7 +274,8 @@ def _npz_array(archive: zipfile.ZipFile, path: Path, key: str) -> np.ndarray:
         with archive.open(key + ".npy") as f:
             shape, fortran, dtype = _npy_header(f)
             if dtype.hasobject:
-                raise DataError(f"numpy archive {path} ({key}) cannot be read as a plain array (it holds Python objects)")
+                raise DataError(f"numpy archive {path} ({key}) cannot be read as a plain array "
+                                "(it holds Python objects)")
             return _read_member(f, shape, fortran, dtype, f"numpy archive {path} ({key})")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DataError):
@@ -458,6 +468,25 @@ class HDF5Reader(_StoreArrayReader):
         return array.chunks[0] if array.chunks else 1  # h5py: None for a contiguous dataset
 
 
+def _check_zarr_chunks(array, path: Path) -> None:
+    """Refuse a Zarr image array whose metadata claims chunks the store does not hold: its shape may
+    claim any number of rows, and those rows would read as the fill value. (Zarr leaves out a chunk
+    equal to the fill value unless written with ``write_empty_chunks``: an all-black chunk counts too.)"""
+    grid = array.shards or array.chunks
+    needed = math.prod(-(-n // c) for n, c in zip(array.shape, grid))
+    folder = path / array.path if array.path else path
+    chunk_files = (f for f in folder.rglob("*") if f.is_file() and f.name not in _ZARR_METADATA)
+    stored = sum(1 for _ in itertools.islice(chunk_files, needed))  # stops counting at what is needed
+    if stored < needed:
+        name = f"array '{array.path}'" if array.path else "array"
+        raise DataError(f"Zarr store {path} holds {stored} of the {needed} chunks of its {name} of shape "
+                        f"{array.shape}: the rows of the others were never written (Zarr leaves out a chunk equal to "
+                        "the fill value unless written with write_empty_chunks=True)")
+
+
+_ZARR_METADATA = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+
+
 class ZarrReader(_StoreArrayReader):
     def __init__(self, path: Path, image_name: str | None, label_name: str | None) -> None:
         import zarr
@@ -482,6 +511,7 @@ class ZarrReader(_StoreArrayReader):
             if image_name is not None or label_name is not None:
                 raise DataError(f"Zarr store {path} is a single array, so it cannot contain '{image_name}'")
             self.image_name = None
+            _check_zarr_chunks(root, path)
             self._setup(root, None, str(path))
             return
         # A packed store is read as packed (names, skipped rows, own split) when its images are
@@ -502,7 +532,9 @@ class ZarrReader(_StoreArrayReader):
             return found
 
         self.image_name = image_name
-        self._setup(node(image_name), None if label_name is None else node(label_name), f"{path}:{image_name}")
+        images = node(image_name)
+        _check_zarr_chunks(images, path)
+        self._setup(images, None if label_name is None else node(label_name), f"{path}:{image_name}")
         if packed:
             self.valid_rows, self._names = packed["valid_rows"], packed["names"]
             self.n_train, self.class_names = packed["n_train"], packed["class_names"]

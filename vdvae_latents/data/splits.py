@@ -9,7 +9,6 @@ rows into an :class:`ImageSet`. Both keep the provenance of every row:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,7 +193,6 @@ def open_images(
 def _split_of(reader: Reader, spec: str, split: str, seed: int, val_fraction: float, test_fraction: float,
               resize: tuple[int, int] | None, limit: int | None) -> LazyImages:
     check_split_options(split, val_fraction, test_fraction, resize, limit)
-    check_row_count(reader.n_rows, spec)
     rows = split_rows(reader.n_rows, reader.n_train, split, seed, val_fraction, test_fraction)
     if limit is not None:
         rows = rows[:limit]
@@ -226,19 +224,6 @@ def split_rows(n_rows: int, n_train: int | None, split: str, seed: int, val_frac
         n_test, n_val = round(test_fraction * n_rows), round(val_fraction * n_rows)
         chosen = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}[split]
     return np.sort(chosen).astype(np.int64)
-
-
-def check_row_count(n_rows: int, spec: str) -> None:
-    """Refuse a source whose row numbers alone (int64, what a split holds) would take over half the
-    machine's memory: a Zarr or HDF5 header may claim any number of rows (Zarr reads chunks it
-    never stored as its fill value), and the claim would otherwise be allocated before anything is read."""
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit
-        return
-    if 8 * n_rows > memory // 2:
-        raise DataError(f"data spec '{spec}' claims {n_rows} images; numbering them alone would take "
-                        f"{8 * n_rows / 2**30:.0f} GiB, over half of this machine's memory")
 
 
 def check_split_options(

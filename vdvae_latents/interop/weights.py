@@ -168,6 +168,9 @@ def to_vdvl(state: Mapping, mapping: WeightMap, origin: str, tensor: str = "tens
                                   f"expects {list(shape)}{mapping.hint}.")
         if not value.is_floating_point():
             raise CheckpointError(f"{origin} has {tensor} '{src}' of type {value.dtype}, not floating point.")
+        if value.is_meta or value.layout != torch.strided:  # shapes without values, or a sparse tensor
+            kind = "meta" if value.is_meta else str(value.layout).removeprefix("torch.")
+            raise CheckpointError(f"{origin} has {tensor} '{src}' as a {kind} tensor, not plain values.")
         out[dst] = value
     known = {src for src, _ in mapping.pairs}
     extra = next((k for k in state if k not in known), None)
