@@ -542,6 +542,15 @@ def test_any_packed_store_metadata_reads_or_is_refused_naming_the_store(folder, 
         read_everything_of(path, split)
 
 
+def test_a_packed_store_of_blank_images_reads_although_zarr_stored_no_chunk(folder):
+    images = unique(folder, "-blank")
+    images.mkdir()
+    for i in range(3):
+        Image.new("L", (4, 4)).save(images / f"{i}.png")  # all fill value: Zarr writes no chunk
+    pack_images(str(images), images.with_suffix(".zarr"))
+    assert open_images(str(images.with_suffix(".zarr")), "all").read().shape == (3, 4, 4, 1)
+
+
 def read_everything_of(path: Path, split: str):
     with allocation_peak() as peak:
         result = outcome(lambda: open_images(str(path), split).read())
