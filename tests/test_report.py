@@ -92,11 +92,12 @@ def test_the_page_holds_every_section_with_its_figures_embedded(page, inputs):
 
 
 def test_the_run_alone_makes_a_page_that_says_where_the_rest_comes_from(capsys, inputs, tmp_path):
-    code, stdout, err = run_cli(capsys, "report", inputs["run"], "--out", tmp_path / "r.html")
+    out = tmp_path / "new" / "folder" / "r.html"  # missing folders are created, as for every output
+    code, stdout, err = run_cli(capsys, "report", inputs["run"], "--out", out)
     assert code == 0, err
     assert "1 figure; sections: model)" in " ".join(stdout.split())
     # Without an active set's sweep, the page says where a test negative ELBO would come from.
-    assert "No test negative ELBO is recorded" in (tmp_path / "r.html").read_text()
+    assert "No test negative ELBO is recorded" in out.read_text()
 
 
 def test_training_metrics_of_a_resumed_run_keep_the_later_record_of_a_step(tmp_path):
@@ -119,7 +120,7 @@ def test_training_metrics_of_a_resumed_run_keep_the_later_record_of_a_step(tmp_p
     ({"--ood": "{bad_ood}"}, "fpr80"),
     ({"--active": "{folder}/missing.json"}, "missing.json"),
     ({"--store": "{active}"}, "active.json"),
-    ({"--out": "{folder}/no/such/folder/r.html"}, "--out"),
+    ({"--out": "{active}/r.html"}, "is a file, not a folder"),
     ({"--out": "{folder}"}, "is a folder"),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(capsys, inputs, tmp_path, change, needle):
@@ -137,11 +138,11 @@ def test_bad_input_is_one_sentence_and_exit_2(capsys, inputs, tmp_path, change, 
 
 
 def test_wrong_files_are_refused_before_anything_heavy_is_imported(inputs, tmp_path):
-    # One fresh interpreter: a JSON of the wrong kind and an unwritable --out stop the command
+    # One fresh interpreter: a JSON of the wrong kind and an --out that cannot be written stop the command
     # before torch, numpy or the store libraries are imported (so before any model or store work).
     argvs = [["report", str(inputs["run"]), "--active", str(inputs["probe"]), "--out", str(tmp_path / "a.html")],
              ["report", str(inputs["run"]), "--ood", str(inputs["active"]), "--out", str(tmp_path / "b.html")],
-             ["report", str(inputs["run"]), "--out", str(tmp_path / "missing" / "c.html")]]
+             ["report", str(inputs["run"]), "--out", str(inputs["active"] / "c.html")]]
     script = f"""
 import json, sys
 from vdvae_latents.cli import main

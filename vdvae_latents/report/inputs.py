@@ -1,7 +1,8 @@
 """What `vdvl report` reads, checked before any work: the output path, the JSON files and their kinds.
 
-Everything here is plain Python (json, os, pathlib), so a wrong file is refused in
-milliseconds, before torch or the store libraries are imported, let alone a figure drawn.
+Everything here is plain Python (json, os, pathlib and the core's path checks), so a wrong
+file is refused in milliseconds, before torch or the store libraries are imported, let alone
+a figure drawn.
 Every refusal is a :class:`~vdvae_latents.core.errors.UserError` naming the flag and the file.
 
 The out-of-distribution file has no producer in this toolkit yet; its schema is this one,
@@ -20,12 +21,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.outputs import prepare_output, require_input, require_matplotlib
 
 OOD_FIELDS = ("score", "ood_set", "auroc", "auprc", "fpr80")
 OOD_TEXT_FIELDS = ("score", "ood_set")
@@ -50,11 +51,14 @@ class ReportInputs:
 def check_inputs(run: str | os.PathLike, *, out: str | os.PathLike, active: str | os.PathLike | None = None,
                  stores: list | tuple = (), probe: str | os.PathLike | None = None,
                  ood: str | os.PathLike | None = None) -> ReportInputs:
-    """Check every input of a report without importing anything heavy; UserError on the first problem."""
-    out_path = check_out(out)
-    run_path = Path(run).expanduser()
-    if not run_path.exists():
-        raise UserError(f"RUN {run_path} does not exist (give a run directory written by `vdvl train`).")
+    """Check every input of a report without importing anything heavy; UserError on the first problem.
+
+    ``out`` follows every command's rule (:func:`~vdvae_latents.core.outputs.prepare_output`): its
+    missing folders are created, a folder in its place or an unwritable folder is refused.
+    """
+    out_path = prepare_output(Path(out).expanduser(), what="report")
+    require_matplotlib("vdvl report")  # its figures; found without importing it
+    run_path = require_input(Path(run).expanduser(), what="RUN", kind="either")
     active_path = None
     if active is not None:
         active_path = Path(active).expanduser()
@@ -66,48 +70,18 @@ def check_inputs(run: str | os.PathLike, *, out: str | os.PathLike, active: str 
         check_probe_report(probe_report, probe_path)
     ood_path = Path(ood).expanduser() if ood is not None else None
     ood_rows = check_ood_rows(read_json(ood_path, "--ood"), ood_path) if ood_path is not None else None
-    store_paths = tuple(Path(s).expanduser() for s in stores)
-    for path in store_paths:
-        if not path.exists():
-            raise UserError(f"--store {path} does not exist.")
+    store_paths = tuple(require_input(Path(s).expanduser(), what="--store", kind="either") for s in stores)
     return ReportInputs(run=run_path, out=out_path, active=active_path, stores=store_paths, probe=probe_report,
                         probe_path=probe_path, ood=ood_rows, ood_path=ood_path)
 
 
-def check_out(out: str | os.PathLike) -> Path:
-    """``--out`` as a path the report can be written to, shown by writing (and removing) a hidden file beside it.
-
-    Trying is the only test that holds for every reason a write fails (a missing folder, permissions,
-    a read-only file system, root's permissions that ``os.access`` does not reflect).
-    """
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise UserError(f"--out {path} is a folder; give the HTML file to write, e.g. {path / 'report.html'}.")
-    folder = path.parent
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"cannot write --out {path}: the folder {folder} {what}.")
-    probe = folder / f".{path.name}.{secrets.token_hex(4)}.check"
-    try:
-        probe.open("xb").close()
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write --out {path} ({err.strerror or err}).") from None
-    return path
-
-
 def read_json(path: Path, flag: str) -> Any:
-    """The parsed JSON of ``path``; a UserError naming ``flag`` when it is missing or not JSON."""
+    """The parsed JSON of ``path``; a UserError naming ``flag`` when it is missing, unreadable or not JSON."""
+    require_input(path, what=flag)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{flag} {path} does not exist.") from None
-    except IsADirectoryError:
-        raise UserError(f"{flag} {path} is a folder, not a JSON file.") from None
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{flag} {path} cannot be read ({getattr(err, 'strerror', None) or err}).") from None
-    try:
-        return json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{flag} {path} is not valid JSON ({err.msg} at line {err.lineno}).") from None
 
@@ -188,5 +162,5 @@ def check_ood_rows(rows: Any, path: Path) -> list[dict]:
     return rows
 
 
-__all__ = ["ReportInputs", "check_inputs", "check_out", "read_json", "json_kind", "check_probe_report",
+__all__ = ["ReportInputs", "check_inputs", "read_json", "json_kind", "check_probe_report",
            "check_ood_rows", "OOD_FIELDS"]

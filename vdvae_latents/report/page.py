@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.atomic import write_text
-from ..core.errors import UserError
 from .inputs import check_inputs
 
 TEMPLATE = "report.html.j2"
@@ -45,13 +44,10 @@ def write_report(run: str | os.PathLike, *, out: str | os.PathLike, active: str 
 
     Raises:
         UserError: an input that is missing, of the wrong kind or damaged, a run without
-            checkpoints, an ``out`` that cannot be written, or no matplotlib.
+            checkpoints, an ``out`` that cannot be written (its missing folders are created), or no
+            matplotlib.
     """
     inputs = check_inputs(run, out=out, active=active, stores=stores, probe=probe, ood=ood)
-    try:
-        import matplotlib  # noqa: F401 - only checked here: the figures import what they draw with
-    except ImportError:
-        raise UserError("vdvl report needs matplotlib for its figures: pip install 'vdvae-latents[plots]'.") from None
     from ..latents.active_set import ActiveSet
     from ..model.checkpoints import resolve_checkpoint
     from ..stores.reader import open_encodings
