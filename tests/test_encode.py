@@ -892,7 +892,8 @@ def test_decode_bad_input(capsys, tmp_path, other_ckpt, ref_f32):
     assert f"{N_TEST} rows" in refused(capsys, *base, "--out", png, "--rows", "500:600")
     msg = refused(capsys, *base, "--out", png, "--ckpt", other_ckpt)
     assert "sha256" in msg
-    refused(capsys, *base, "--out", tmp_path / "missing" / "x.png")
+    (tmp_path / "a-file").write_text("not a folder")
+    refused(capsys, *base, "--out", tmp_path / "a-file" / "x.png")
     refused(capsys, *base, "--out", png, "--temperature", "-1")
     refused(capsys, "decode", tmp_path / "nothing.zarr", "--out", png, "--device", "cpu")
     assert not png.exists()

@@ -477,7 +477,7 @@ class TestProbeCommand:
         ("ok", ["--test-store", "{tmp}/ok.zarr"], "--test-store"),
         ("ok", ["--test-store", "{tmp}/missing.zarr"], "missing.zarr"),
         ("ok", ["--ckpt", "{tmp}/nope.pt", "--baselines", "full"], "nope.pt"),
-        ("ok", ["--plot", "{tmp}/nodir/p.png"], "nodir"),
+        ("ok", ["--plot", "{tmp}/short.npy/p.png"], "p.png"),  # a file where the figure's folder should be
     ])
     def test_bad_input_exits_2_with_one_sentence(self, capsys, bad_inputs, case, extra, needle):
         tmp, paths = bad_inputs
