@@ -426,7 +426,7 @@ def test_any_damaged_active_set_loads_whole_or_is_refused_naming_it(folder, acti
     result.summary()
 
 
-@pytest.mark.parametrize("damage", [("array", "selected", [5.5]), ("array", "selected", [1, 1]),
+@pytest.mark.parametrize("damage", [("array", "selected", [1.5]), ("array", "selected", [1, 1]),
                                     ("array item", "layer", 1), ("shape", 1, [3, 1, 1])])
 def test_an_active_set_that_says_something_else_than_it_was_is_refused(folder, active_files, damage):
     copy = unique(folder, "-active")

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fuzzing import assert_one_sentence, outcome, refused
+from vdvae_latents.cli.common import parse_sets
 from vdvae_latents.core.errors import ConfigError, DataError, UserError
 from vdvae_latents.data.splits import SPLITS, open_images
 from vdvae_latents.interop.hparams_cfg import parse_hparams, parse_value
@@ -62,6 +63,8 @@ def spec_folder(tmp_path_factory) -> Path:
     return folder
 
 
+# No '/' or '~' outside the joins: an absolute path or the home folder would have the fuzzer scan whole
+# file systems for images (an existing folder is read as an image folder).
 segment = st.one_of(st.sampled_from(SPEC_NAMES + [".", ".."]),
                     st.text(st.characters(blacklist_characters="/~", blacklist_categories=("Cs",)), max_size=6))
 array_names = st.sampled_from(["", ":", ":images", ":images,labels", ":x,y", ":floats", ":labels", ":images,",
@@ -79,7 +82,8 @@ def _at_most_three_levels_up(spec: str) -> bool:
 @given(spec=specs, split=st.one_of(st.sampled_from(SPLITS), st.text(max_size=5)))
 @settings(max_examples=200)
 @example(spec="", split="train")
-@example(spec="images.npy:images", split="all")
+@example(spec="images.npy", split="all")
+@example(spec="arrays.h5:x,y", split="test")
 def test_any_data_spec_opens_a_readable_split_or_is_refused_in_one_sentence(spec_folder, spec, split):
     assume(_at_most_three_levels_up(spec))
     with contextlib.chdir(spec_folder):
@@ -131,6 +135,17 @@ set_values = st.one_of(
     st.lists(st.lists(st.one_of(st.integers(-1, 3), st.floats(), st.text(max_size=2)), max_size=3), min_size=3,
              max_size=3).map(json.dumps),
 )
+
+
+@given(item=st.one_of(st.text(max_size=15), st.builds("{}={}".format, st.text(max_size=6), st.text(max_size=6))))
+@settings(max_examples=100)
+@example(item="=3")
+@example(item="a==b")
+def test_any_set_item_splits_at_its_first_equals_sign_or_is_refused(item):
+    result = outcome(lambda: parse_sets([item]))
+    if not refused(result):
+        key, _, value = item.partition("=")
+        assert result == {key.strip(): value.strip()} and key.strip()
 
 
 def _finite_numbers(config) -> bool:
