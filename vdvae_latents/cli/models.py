@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..core.outputs import prepare_output
 from . import render
 from .common import WORKERS_HELP, elbo_text, out, parse_sets, print_json, progress
 
@@ -92,7 +91,6 @@ def sample(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Unconditional samples from the prior at a temperature, as a PNG grid."""
-    prepare_output(out_file, what="image grid")  # before the model loads
     from ..model.generate import sample_images
 
     result = sample_images(path, out_file, n=n, temperature=temperature, seed=seed, device=device)
@@ -110,7 +108,6 @@ def reconstruct(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Reconstruct images through the posterior means (originals and reconstructions, row by row)."""
-    prepare_output(out_file, what="image grid")  # before the model loads
     from ..model.generate import reconstruct_images
 
     result = reconstruct_images(path, data, out_file, n=n, split=split, seed=seed, device=device)
@@ -131,7 +128,6 @@ def first_k(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Images from the posterior of the first K latent layers and the prior for the rest (VDVAE's Figure 4)."""
-    prepare_output(out_file, what="image grid")  # before the model loads
     from ..model.generate import first_k_images
 
     result = first_k_images(path, data, out_file, ks=ks, n=n, split=split, temperature=temperature,

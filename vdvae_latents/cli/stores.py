@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from ..core.errors import UserError
-from ..core.outputs import prepare_output
 from ..stores.choices import (
     DEFAULT_STEP as DEFAULT_QUANT_STEP,  # plain Python: the help stays light
 )
@@ -70,7 +69,6 @@ def decode(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Rebuild images from stored active dimensions (pruned dimensions from the prior)."""
-    prepare_output(out_file, what="image grid")  # before the store and the model are read
     from ..stores.decode import decode_store
 
     result = decode_store(store, out_file, ckpt=ckpt, rows=rows, temperature=temperature, seed=seed, device=device)

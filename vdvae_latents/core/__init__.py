@@ -2,8 +2,8 @@
 
 Errors the user can fix (:class:`UserError` and its kinds: the CLI's exit 2), atomic file
 writes (a reader sees the old file or the complete new one, never a part), the checks of
-output and input paths made before any heavy work, the one-writer lock of a run directory, the device and
-torchrun process-group runtime, and the lazy package APIs. Imports nothing from the rest
+input and output paths made before any heavy work, the one-writer lock of a run directory
+or store, the device and torchrun process-group runtime, and the lazy package APIs. Imports nothing from the rest
 of the library, and not torch at import time.
 """
 

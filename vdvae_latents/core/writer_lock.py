@@ -193,8 +193,7 @@ def writing_run_dir(run_dir: str | os.PathLike[str]) -> Iterator[WriterLock]:
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()
         raise
-    finally:
-        lock.release()
+    lock.release()
 
 
 def lock_store(store: str | os.PathLike[str]) -> WriterLock:

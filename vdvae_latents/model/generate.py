@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..core.errors import UserError
+from ..core.outputs import prepare_output
 from ..core.runtime import auto_device
 from ..data import open_images
 from ..data.grids import PAD_VALUE, save_grid, to_uint8
@@ -30,6 +31,7 @@ def sample_images(path: str | Path, out: str | Path, *, n: int = 16, temperature
         raise UserError(f"--n must be at least 1, not {n}.")
     if temperature < 0:
         raise UserError(f"--temperature must be non-negative, not {temperature}.")
+    prepare_output(out, what="image grid")  # before the model loads
     dev = auto_device(device)
     model, info = load_model(path, ema=True, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -44,6 +46,7 @@ def reconstruct_images(path: str | Path, data: str, out: str | Path, *, n: int =
     """Originals (top rows) and their deterministic reconstructions (bottom rows) as one grid."""
     if n < 1:
         raise UserError(f"--n must be at least 1, not {n}.")
+    prepare_output(out, what="image grid")  # before the model loads
     dev = auto_device(device)
     model, info = load_model(path, ema=True, device=dev)
     images = open_images(data, split=split, limit=n)  # reads only these n images
@@ -104,6 +107,7 @@ def first_k_images(path: str | Path, data: str, out: str | Path, *, ks: str | Se
         raise UserError(f"--temperature must be non-negative, not {temperature}.")
     if posterior not in ("sample", "mean"):
         raise UserError(f"--posterior must be sample or mean, not '{posterior}'.")
+    prepare_output(out, what="image grid")  # before the model loads
     dev = auto_device(device)
     model, info = load_model(path, ema=True, device=dev)
     shapes = model.cfg.layer_shapes()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..core.errors import UserError
+from ..core.outputs import prepare_output
 from ..core.runtime import auto_device
 from ..data.grids import save_grid, to_uint8
 from ..data.splits import open_images
@@ -74,6 +75,7 @@ def decode_store(store: str | Path, out: str | Path, *, ckpt: str | Path | None 
     cannot be read here)."""
     if temperature < 0:
         raise UserError(f"--temperature must be non-negative, not {temperature}.")
+    prepare_output(out, what="image grid")  # before the store and the model are read
     enc = open_encodings(store)
     try:
         n = enc.features.shape[0]
