@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ from vdvae_latents.model.checkpoints import (
     FORMAT_NAME, FORMAT_VERSION, checkpoint_path, describe_run, file_sha256, latest_checkpoint, list_checkpoints,
     load_checkpoint, load_model, prune_checkpoints, resolve_checkpoint, save_checkpoint,
 )
+from vdvae_latents.core import atomic
 from vdvae_latents.core.errors import CheckpointError, UserError
 from vdvae_latents.train.presets import get_preset
 from vdvae_latents.model.vae import VAE, count_parameters
@@ -482,3 +484,27 @@ def test_describe_run_errors(tmp_path):
     with pytest.raises(CheckpointError) as exc_info:
         describe_run(bad)
     assert_file_error(exc_info, checkpoint_path(bad, 1))
+
+
+class _FillsUp(io.FileIO):
+    """A file on a disk with ``room`` bytes left: the write that would pass it fails with ENOSPC."""
+
+    room = 100_000
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        return super().write(data)
+
+
+def test_a_full_disk_during_save_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    # torch's zip writer fails a second time as it closes after the failed write (a RuntimeError
+    # over the OSError); the user must still get one sentence naming the disk, not that.
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+    before = path.read_bytes()
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FillsUp(fd, "wb"))
+    with pytest.raises(CheckpointError) as exc_info:
+        save_checkpoint(path, {"step": 2, "big": torch.ones(100_000)})
+    assert_file_error(exc_info, path)
+    assert "No space left on device" in str(exc_info.value)
+    assert path.read_bytes() == before and temp_files(tmp_path) == []

@@ -24,13 +24,9 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -52,8 +48,9 @@ from vdvae_latents.stores.backends import StoreError
 from vdvae_latents.stores.writer import StoreWriter
 from vdvae_latents.stores.reader import open_encodings
 from vdvae_latents.train.loop import train
-from background import lower_priority, subprocess_fixture
+from background import subprocess_fixture
 from helpers import rewrite_checkpoint, run_cli
+from store_fixtures import ROW_ARRAYS, assert_same_store, attrs_of, raw_arrays, signal_when_written
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -65,8 +62,6 @@ N_TEST, N_TRAIN = 60, 480                                 # the splits of the 60
 CHUNK = 24                                                # -> 3 chunks of the test split (24, 24, 12)
 KILL_CHUNK = 16                                           # the kill -9 test: 30 chunks of the train split
 DATA = ""  # the data spec of every command here: the session's `encode_data`, set by the `_data` fixture
-ROW_ARRAYS = ("features", "features_std", "labels", "sample_index", "source_index", "chunks_written",
-              "chunk_checksums", "chunk_errors")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -213,40 +208,6 @@ def refused(capsys, *argv) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith("."), err
     return lines[0]
-
-
-def raw_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a store read with zarr/h5py directly (not through vdvae_latents)."""
-    out = {}
-    if path.suffix == ".zarr":
-        g = zarr.open_group(str(path), mode="r", use_consolidated=False)
-        for name in ROW_ARRAYS:
-            if name in g:
-                out[name] = np.asarray(g[name][...])
-        for name in g["dims"].array_keys():
-            out[f"dims/{name}"] = np.asarray(g["dims"][name][...])
-    else:
-        with h5py.File(path, "r") as f:
-            for name in ROW_ARRAYS:
-                if name in f:
-                    out[name] = f[name][...]
-            for name in f["dims"]:
-                out[f"dims/{name}"] = f["dims"][name][...]
-    return out
-
-
-def attrs_of(path: Path) -> dict:
-    with open_encodings(path, allow_incomplete=True) as enc:
-        return dict(enc.attrs)
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    ra, rb = raw_arrays(a), raw_arrays(b)
-    assert sorted(ra) == sorted(rb)
-    for name in ra:
-        assert ra[name].dtype == rb[name].dtype, name
-        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
-    assert attrs_of(a) == attrs_of(b)
 
 
 def chunk_flags(path: Path) -> np.ndarray:
@@ -691,7 +652,7 @@ def test_resume_after_an_unwritable_store_midway(capsys, monkeypatch, tmp_path, 
 def encode_killed_midway(request):
     """`python -m vdvae_latents encode` of the train split (--keep 25%, KILL_CHUNK-row chunks) into OUT/killed.zarr,
     sent SIGKILL as soon as it has written a chunk. It runs, and is watched, on the background thread of
-    tests/background.py while other tests run: returncode, stderr, out and killed_at (the chunks written
+    tests/background.py while other tests run: returncode, stderr, out and signalled_at (the chunks written
     when it was killed; None if it finished first)."""
     run_dir = request.getfixturevalue("encode_checkpoint").parent.parent
     data = request.getfixturevalue("encode_data")  # DATA, which is set only when this module's tests start
@@ -702,38 +663,11 @@ def encode_killed_midway(request):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     n_chunks = math.ceil(N_TRAIN / KILL_CHUNK)
 
-    def run_and_kill() -> SimpleNamespace:
-        with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                    preexec_fn=lower_priority)
-            killed_at = None
-            try:
-                deadline = time.monotonic() + 120
-                while proc.poll() is None and time.monotonic() < deadline:
-                    if (out / "zarr.json").exists():
-                        try:
-                            flags = np.asarray(zarr.open_group(str(out), mode="r", use_consolidated=False)
-                                               ["chunks_written"][...])
-                        except Exception:  # caught mid-creation or mid-write: look again
-                            flags = None
-                        if flags is not None and 0 < flags.sum() < n_chunks:
-                            os.kill(proc.pid, signal.SIGKILL)
-                            killed_at = int(flags.sum())
-                            break
-                    time.sleep(0.05)
-            finally:
-                if proc.poll() is None and killed_at is None:
-                    proc.kill()
-                proc.wait(timeout=30)
-                err.seek(0)
-                stderr = err.read().decode(errors="replace")
-        return SimpleNamespace(returncode=proc.returncode, stderr=stderr, out=out, killed_at=killed_at)
-
-    return run_and_kill
+    return lambda: signal_when_written(cmd, env, out, n_chunks, signal.SIGKILL)
 
 
 def test_resume_after_kill_9(capsys, run_dir, ref_train, encode_killed_midway):
-    proc, out, killed_at = encode_killed_midway, encode_killed_midway.out, encode_killed_midway.killed_at
+    proc, out, killed_at = encode_killed_midway, encode_killed_midway.out, encode_killed_midway.signalled_at
     n_chunks = math.ceil(N_TRAIN / KILL_CHUNK)
     if killed_at is None:
         assert proc.returncode == 0, proc.stderr[-2000:]

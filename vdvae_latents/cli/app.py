@@ -12,11 +12,13 @@ scikit-learn or zarr.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import typer
 
 from ..core.errors import UserError
+from ..core.interrupts import interrupt_exit, sigterm_as_interrupt
 from ..core.runtime import leave_process_group
 from . import analysis, data, imports, models, probes, report, stores, training
 
@@ -49,22 +51,49 @@ COMMANDS = [
     ("probe", probes.probe),
     ("report", report.report),
 ]
+
+
+class _Interrupted(Exception):
+    """Carries Ctrl-C or SIGTERM (a KeyboardInterrupt) out of a command: typer would turn it into a
+    silent exit 130, losing which signal it was and the note the job left on it."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__()
+        self.interrupt = interrupt
+
+
+def _passing_interrupts(command):
+    @functools.wraps(command)  # typer reads the options from the wrapped signature
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted(exc) from exc
+
+    return run
+
+
 for name, command in COMMANDS:
-    app.command(name)(command)
-import_app.command("efficient-vdvae")(imports.efficient_vdvae)
-import_app.command("openai-vdvae")(imports.openai_vdvae)
+    app.command(name)(_passing_interrupts(command))
+import_app.command("efficient-vdvae")(_passing_interrupts(imports.efficient_vdvae))
+import_app.command("openai-vdvae")(_passing_interrupts(imports.openai_vdvae))
 app.add_typer(import_app, name="import")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: maps errors to the exit-code contract."""
     try:
-        result = app(args=argv, prog_name="vdvl", standalone_mode=False)
+        with sigterm_as_interrupt():  # `kill PID` cleans up as Ctrl-C does (core.interrupts)
+            result = app(args=argv, prog_name="vdvl", standalone_mode=False)
         leave_process_group()  # only after success: a rank that failed must not wait on the others
         return result if isinstance(result, int) else 0
     except UserError as err:
         _fail(str(err))
         return 2
+    except _Interrupted as err:
+        return _interrupted(err.interrupt)
+    except KeyboardInterrupt as err:  # one that arrived outside a command (start-up, teardown)
+        return _interrupted(err)
     except typer.Abort:
         _fail("vdvl: aborted.")
         return 130
@@ -89,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 def _sentence(text: str) -> str:
     text = " ".join(text.split())
     return text[:1].lower() + text[1:] if text else text
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    code, message = interrupt_exit(exc)
+    _fail(message)
+    return code
 
 
 def _fail(message: str) -> None:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError, UserError
+from ..core.interrupts import resumable_writes
 from ..core.outputs import prepare_output
 from ..core.writer_lock import lock_store
 from .loading import BatchLoader, ReadFailure
@@ -118,23 +119,25 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
         if missing:
             batches = [np.arange(b * block_rows, min(reader.n_rows, (b + 1) * block_rows)) for b in missing]
             loader = BatchLoader(images, batches, workers=workers, reads=_PackReads(images, skip_bad))
-            for b, (pixels, ok) in zip(missing, loader):
-                lo = b * block_rows
-                group["images"][lo:lo + len(ok)] = pixels.numpy()
-                group["ok"][lo:lo + len(ok)] = ok.numpy()
-                group["blocks_written"][b] = 1  # after the block's data: a killed pack redoes it
-                written += len(ok)
-                if progress is not None:
-                    progress(len(ok))
-                if on_block is not None:
-                    on_block(b)
+            with resumable_writes(out, what="packed store"):
+                for b, (pixels, ok) in zip(missing, loader):
+                    lo = b * block_rows
+                    group["images"][lo:lo + len(ok)] = pixels.numpy()
+                    group["ok"][lo:lo + len(ok)] = ok.numpy()
+                    group["blocks_written"][b] = 1  # after the block's data: a killed pack redoes it
+                    written += len(ok)
+                    if progress is not None:
+                        progress(len(ok))
+                    if on_block is not None:
+                        on_block(b)
         seconds = time.perf_counter() - start
 
         ok = group["ok"][...]
         skipped = list(attrs["header_skipped"])
         if names is not None:
             skipped += [names[i] for i in np.flatnonzero(~ok)]
-        group.attrs.update({"n_skipped": len(skipped), "skipped": skipped[:20], "complete": True})
+        with resumable_writes(out, what="packed store"):
+            group.attrs.update({"n_skipped": len(skipped), "skipped": skipped[:20], "complete": True})
         rows = int(ok.sum())
         return {"store": str(out), "source": source, "rows": rows, "shape": [rows, h, w, c],
                 "labels": reader.labels is not None, "names": names is not None, "n_train": reader.n_train,
@@ -171,14 +174,19 @@ class _PackReads(torch.utils.data.Dataset):
 
 
 def _create(out: Path, attrs: dict, names: list[str] | None, labels: np.ndarray | None):
+    try:
+        return _create_arrays(out, attrs, names, labels)
+    except OSError as exc:
+        shutil.rmtree(out, ignore_errors=True)  # half a store would only confuse a later --resume
+        raise UserError(f"cannot create packed store {out} ({exc.strerror or exc}).") from exc
+
+
+def _create_arrays(out: Path, attrs: dict, names: list[str] | None, labels: np.ndarray | None):
     import zarr
 
     n, h, w, c = attrs["shape"]
     chunk_rows, block_rows = attrs["chunk_rows"], attrs["block_rows"]
-    try:
-        group = zarr.open_group(str(out), mode="w")
-    except OSError as exc:
-        raise UserError(f"cannot create store {out} ({exc}).") from exc
+    group = zarr.open_group(str(out), mode="w")
     group.create_array("images", shape=(n, h, w, c), chunks=(chunk_rows, h, w, c), dtype="uint8",
                        dimension_names=("row", "y", "x", "channel"))
     group.create_array("ok", shape=(n,), chunks=(min(n, 1 << 16),), dtype="bool", fill_value=False,

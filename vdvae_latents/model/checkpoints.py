@@ -128,9 +128,29 @@ def save_checkpoint(path: PathLike, payload: dict) -> Path:
         raise CheckpointError(f"cannot write checkpoint {final} ({exc.strerror or exc}).") from exc
     # The hidden .tmp name keeps list_checkpoints (and shell globs) from seeing a save in progress.
     with atomic_file(final, what="checkpoint", error=CheckpointError, fsync=True) as f:
-        torch.save(full, f)
+        try:
+            torch.save(full, f)
+        except RuntimeError as exc:
+            # A write that fails (a full disk) makes torch's zip writer fail again as it closes,
+            # with a RuntimeError ("unexpected pos") over the OSError: raise the OSError, which
+            # atomic_file turns into one sentence naming the file and the reason.
+            cause = _os_error_under(exc)
+            if cause is None:
+                raise
+            raise cause from exc
     _fsync_directory(final.parent)
     return final
+
+
+def _os_error_under(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``'s chain of causes and contexts, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fsync_directory(directory: Path) -> None:

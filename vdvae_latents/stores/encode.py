@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import UserError
+from ..core.interrupts import resumable_writes
 from ..core.outputs import prepare_output
 from ..core.runtime import auto_device, join_processes
 from ..core.writer_lock import lock_store
@@ -117,7 +118,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
 
         writer = job.open_writer(create, resume=resume, identity=identity)
         start = time.perf_counter()
-        written_rows = job.encode_chunks(writer, encoder, check_data=resume, progress=progress)
+        with resumable_writes(out, what="store"):
+            written_rows = job.encode_chunks(writer, encoder, check_data=resume, progress=progress)
         seconds = time.perf_counter() - start
         errors, store_codec = job.finish(writer, codec)
         return _summary(job, encoder, attrs, errors, store_codec, quantization, quantize, written_rows, seconds)

@@ -160,7 +160,7 @@ def _train_locked(run_dir: Path, run: RunConfig, device: torch.device, env: Dist
         write_text(config_path, dump_toml(run.to_dict()), what="run config")
 
     train_step = TrainStep(model, ema, optimizer, run, device, env.world_size)
-    logger = _MetricsLogger(run_dir, enabled=env.is_main)
+    logger = _MetricsLogger(run_dir, enabled=env.is_main, resume_step=start_step)
     progress = _Progress(total=tcfg.steps, start=start_step, quiet=quiet or not env.is_main)
     window = _Window()
     step = start_step
@@ -330,13 +330,36 @@ class _Window:
         return m
 
 
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Drop the lines of ``path`` logged after ``step``, the checkpoint a run resumes from.
+
+    A run stopped between two checkpoints (kill -9, a full disk, a crash) logged steps that it
+    now does again; without this the history would hold those steps twice. A torn last line
+    (a kill in the middle of a write) is dropped too.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        write_text(path, "".join(kept), what="metrics log")
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class _MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_lines_after(run_dir / METRICS_NAME, resume_step)
         self.file = open(run_dir / METRICS_NAME, "a", encoding="utf-8")
         try:  # TensorBoard events when tensorboard is installed; never required
             from torch.utils.tensorboard import SummaryWriter
