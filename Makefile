@@ -8,6 +8,9 @@ BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 QS          ?= quickstart-out
 QS_STEPS    ?= 1500
+# The suite on every core (pytest-xdist; each test file stays on one worker, with its module fixtures).
+# TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= auto
 
 .PHONY: install quickstart test bench clean
 
@@ -32,7 +35,7 @@ quickstart: $(STAMP)
 # fails before the suite runs.
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

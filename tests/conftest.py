@@ -13,7 +13,8 @@ writing into it):
 
 The last three are subprocess fixtures (tests/background.py): when the session's tests use them
 they start in the background as the session begins, on the core the single-threaded pytest
-process leaves free, and a test waits for the result when it gets there.
+process leaves free, and a test waits for the result when it gets there. Under pytest-xdist
+(`make test` runs a worker per core) each runs when a test first asks for it, in that worker.
 """
 
 from __future__ import annotations
@@ -79,17 +80,21 @@ def _old_temp_folders_removed_in_the_background(pytestconfig, tmp_path_factory):
     at exit pytest then finds nothing left to remove."""
     keep = int(pytestconfig.getini("tmp_path_retention_count"))
     thread = None
-    if pytestconfig.option.basetemp is None and keep >= 1 \
+    # Under pytest-xdist each worker's basetemp is a folder (popen-gwN) of the session's numbered
+    # folder, and one worker is enough to do the cleaning.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if pytestconfig.option.basetemp is None and keep >= 1 and worker in (None, "gw0") \
             and pytestconfig.getini("tmp_path_retention_policy") != "none":
         try:
             from _pytest.pathlib import LOCK_TIMEOUT, cleanup_numbered_dir
         except ImportError:  # a pytest without them: it cleans up at exit as usual
             pass
         else:
-            basetemp = tmp_path_factory.getbasetemp()
-            dead_before = basetemp.stat().st_mtime - LOCK_TIMEOUT
+            session_dir = tmp_path_factory.getbasetemp()
+            session_dir = session_dir if worker is None else session_dir.parent
+            dead_before = session_dir.stat().st_mtime - LOCK_TIMEOUT
             thread = threading.Thread(target=cleanup_numbered_dir, daemon=True,
-                                      args=(basetemp.parent, "pytest-", keep, dead_before))
+                                      args=(session_dir.parent, "pytest-", keep, dead_before))
             thread.start()
     yield
     if thread is not None:
