@@ -16,5 +16,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "data": ["ImageSet", "ImageDataset", "LazyImages", "load_images", "open_images"],
     "core": ["UserError", "ConfigError", "DataError", "CheckpointError"],
     "stores": ["open_encodings"],
-    "downstream": ["ActiveLatents", "EncodingsDataset"],
+    "downstream": ["ActiveLatents", "EncodingsDataset", "LatentOODDetector"],
 })

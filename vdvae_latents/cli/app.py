@@ -20,7 +20,7 @@ import typer
 from ..core.errors import UserError
 from ..core.interrupts import interrupt_exit, sigterm_as_interrupt
 from ..core.runtime import leave_process_group
-from . import analysis, data, imports, models, probes, report, stores, training
+from . import analysis, data, imports, models, probes, report, scores, stores, training
 
 app = typer.Typer(
     name="vdvl",
@@ -49,6 +49,7 @@ COMMANDS = [
     ("decode", stores.decode),
     ("verify", stores.verify),
     ("probe", probes.probe),
+    ("ood", scores.ood),
     ("report", report.report),
 ]
 

@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "vae": ["VAE", "VAEOutput", "count_parameters"],
     "inputs": ["check_images_fit", "prepare_batch", "evaluation_images", "fixed_binarization", "eval_binarization"],
     "evaluation": ["EvalResult", "evaluate", "eval_checkpoint", "iter_batches"],
+    "scores": ["score_images", "score_batch", "score_columns", "parse_ks"],
     "generate": ["sample_images", "reconstruct_images", "first_k_images", "first_k_decodes"],
     "checkpoints": ["save_checkpoint", "load_checkpoint", "read_torch_file", "load_model",
                     "resolve_checkpoint", "list_checkpoints", "latest_checkpoint", "checkpoint_path",

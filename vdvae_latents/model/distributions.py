@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["softplus_std", "gaussian_kl", "gaussian_log_prob", "gaussian_sample"]
+__all__ = ["softplus_std", "gaussian_kl", "gaussian_log_prob", "gaussian_sample", "RowGenerators"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -92,7 +92,33 @@ def gaussian_sample(
     shape = torch.broadcast_shapes(mu.shape, std.shape)
     dtype = torch.result_type(mu, std)
     noise_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    noise_device = generator.device if generator is not None else mu.device
-    eps = torch.randn(shape, generator=generator, dtype=noise_dtype, device=noise_device)
+    if isinstance(generator, RowGenerators):
+        eps = generator.randn(shape, dtype=noise_dtype)
+    else:
+        noise_device = generator.device if generator is not None else mu.device
+        eps = torch.randn(shape, generator=generator, dtype=noise_dtype, device=noise_device)
     eps = eps.to(device=mu.device, dtype=dtype)
     return mu + (temperature * std) * eps
+
+
+class RowGenerators:
+    """One seeded generator per image of a batch, usable wherever a ``torch.Generator`` is.
+
+    With one generator per batch an image's noise depends on the batch it shares and its
+    place in it; here row ``i`` of every draw comes from ``seeds[i]`` alone, so a per-image
+    score is the same whatever the batch size or the torchrun shard that computes it.
+    """
+
+    def __init__(self, seeds, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape, *, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise of ``shape`` (B, ...), row i drawn from generator i."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} row generators cannot fill a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=self.device)
+                            for g in self.generators])
