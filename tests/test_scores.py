@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,16 +28,23 @@ from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
+from background import subprocess_fixture
 from helpers import assert_one_line_error, pixels, run_cli
+from store_fixtures import signal_when_written
 from vdvae_latents.core.errors import UserError
+from vdvae_latents.data.splits import open_images
 from vdvae_latents.downstream.ood import LatentOODDetector, choose_k, ood_metrics
 from vdvae_latents.model.distributions import RowGenerators
+from vdvae_latents.model.checkpoints import load_model
 from vdvae_latents.model.evaluation import iw_log_weights
 from vdvae_latents.model.inputs import prepare_batch
 from vdvae_latents.model.scores import parse_ks, row_seeds, score_batch, score_columns, score_images
 from vdvae_latents.model.vae import VAE
+from vdvae_latents.stores.reader import open_encodings
+from vdvae_latents.stores.scores import score_to_store
 from vdvae_latents.train.presets import get_preset
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = get_preset("tiny").config            # 5 latent layers, 8x8 grayscale
 N_LAYERS = CFG.n_layers
 
@@ -242,3 +253,90 @@ def test_ood_refuses_bad_input_in_one_sentence(capsys, tiny_digits_run, ood_sets
         extra += ["--ood", f"{ood_sets / 'noise.npy'}:all"]
     code, _, err = run_cli(capsys, "ood", tiny_digits_run, "--in", "digits", *extra, "--device", "cpu")
     assert_one_line_error(code, err, needle)
+
+
+# ----------------------------------------------------------------------------- vdvl score (a store of scores)
+
+
+SCORE_ARGS = ("--k", "1,2", "--iw", "2", "--device", "cpu", "--workers", "0", "--json")
+
+
+def stored(path: Path) -> np.ndarray:
+    with open_encodings(path) as enc:
+        return np.asarray(enc.features[:])
+
+
+@pytest.fixture(scope="module")
+def score_reference(tmp_path_factory, encode_checkpoint, encode_data) -> Path:
+    """The test split of ``encode_data`` scored in one process: batches of 8, chunks of 16 (what
+    tests/torchrun_worker.py uses on two ranks)."""
+    out = tmp_path_factory.mktemp("scores") / "reference.zarr"
+    score_to_store(encode_checkpoint, encode_data, out, split="test", ks="1,2", iw=2, chunk_rows=16, batch_size=8,
+                   device="cpu", workers=0)
+    return out
+
+
+def test_a_score_store_holds_the_scores_of_its_images(score_reference, encode_checkpoint, encode_data):
+    model, _ = load_model(encode_checkpoint, ema=True, device="cpu")
+    expected = score_images(model, open_images(encode_data, "test"), [1, 2], iw=2, batch_size=8)
+    np.testing.assert_array_equal(stored(score_reference), expected.astype(np.float32))
+    with open_encodings(score_reference) as enc:
+        attrs, layer, k = dict(enc.attrs), np.asarray(enc.dims["layer"]), np.asarray(enc.dims["y"])
+    columns = score_columns(N_LAYERS, [1, 2], 2)
+    assert attrs["content"] == "scores" and attrs["columns"] == columns and attrs["complete"] is True
+    assert layer.tolist() == [-1, -1, 0, 1, 2, 3, 4, -1, -1, -1, -1, -1] and k.tolist()[-4:] == [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("name, batch, chunk", [("s.h5", 7, 25), ("s.zarr", 60, 1024)])
+def test_scores_do_not_depend_on_batches_chunks_or_format(capsys, tmp_path, score_reference, encode_checkpoint,
+                                                          encode_data, name, batch, chunk):
+    code, out, err = run_cli(capsys, "score", encode_checkpoint, "--data", encode_data, "--out", tmp_path / name,
+                             "--batch-size", batch, "--chunk-rows", chunk, *SCORE_ARGS)
+    assert code == 0, err
+    assert json.loads(out)["rows_written"] == 60
+    # float32 convolutions sum in another order for another batch size: equal to rounding.
+    np.testing.assert_allclose(stored(tmp_path / name), stored(score_reference), rtol=1e-5, atol=1e-6)
+
+
+def test_two_torchrun_ranks_write_the_one_process_scores(torchrun_session, score_reference):
+    assert torchrun_session.returncode == 0, torchrun_session.stderr[-3000:]
+    assert (torchrun_session.out / "scores.ok").exists()
+    np.testing.assert_array_equal(stored(torchrun_session.out / "scores.zarr"), stored(score_reference))
+
+
+@subprocess_fixture
+def score_killed_midway(request):
+    """`python -m vdvae_latents score` of the train split (480 images, 30 chunks of 16) killed with
+    SIGKILL once it has written a chunk; on the background thread (tests/background.py)."""
+    ckpt, data = request.getfixturevalue("encode_checkpoint"), request.getfixturevalue("encode_data")
+    out = request.getfixturevalue("tmp_path_factory").mktemp("killed-scores") / "killed.zarr"
+    cmd = [sys.executable, "-m", "vdvae_latents", "score", str(ckpt), "--data", data, "--split", "train", "--out",
+           str(out), "--k", "1,2", "--chunk-rows", "16", "--batch-size", "16", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return lambda: signal_when_written(cmd, env, out, 30, signal.SIGKILL)
+
+
+def test_a_score_store_killed_midway_resumes_to_the_uninterrupted_one(capsys, tmp_path, score_killed_midway,
+                                                                      encode_checkpoint, encode_data):
+    proc = score_killed_midway
+    if proc.signalled_at is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        pytest.skip("the score job finished before it could be killed")
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(UserError, match="incomplete"):
+        open_encodings(proc.out)
+    args = ("--data", encode_data, "--split", "train", "--k", "1,2", "--chunk-rows", "16", "--batch-size", "16",
+            "--device", "cpu", "--json")
+    code, out, err = run_cli(capsys, "score", encode_checkpoint, "--out", proc.out, "--resume", *args)
+    assert code == 0, err
+    assert 0 < json.loads(out)["rows_written"] < 480
+    assert run_cli(capsys, "score", encode_checkpoint, "--out", tmp_path / "whole.zarr", *args)[0] == 0
+    np.testing.assert_array_equal(stored(proc.out), stored(tmp_path / "whole.zarr"))
+
+
+def test_score_refuses_bad_input_in_one_sentence(capsys, tmp_path, score_reference, encode_checkpoint, encode_data):
+    base = ("score", encode_checkpoint, "--data", encode_data, "--device", "cpu")
+    assert_one_line_error(*run_cli(capsys, *base, "--out", tmp_path / "a.zarr", "--k", "6")[::2], "--k 6")
+    assert_one_line_error(*run_cli(capsys, *base, "--out", score_reference)[::2], "--resume")
+    assert_one_line_error(*run_cli(capsys, "decode", score_reference, "--out", tmp_path / "d.png")[::2],
+                          "holds per-image scores")

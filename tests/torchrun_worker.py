@@ -9,7 +9,8 @@ The ranks join one process group and run, in order:
 1. data: tests/data_ddp_worker.py -> OUT/data/rank{r}.json   (tests/test_data_streaming.py)
 2. KL:   tests/kl_ddp_worker.py   -> OUT/kl/rank{r}.npz      (tests/test_kl_analysis.py)
 3. DDP:  tests/ddp_worker.py      -> OUT/train/              (tests/test_training.py)
-4. the real command line, as ``python -m vdvae_latents encode ENCODE_RUN --data ENCODE_DATA ... --out ENCODE_OUT``
+4. scores: ``score_to_store`` of ENCODE_DATA's test split -> OUT/scores.zarr (tests/test_scores.py)
+5. the real command line, as ``python -m vdvae_latents encode ENCODE_RUN --data ENCODE_DATA ... --out ENCODE_OUT``
    (tests/test_encode.py); last, because a successful command leaves the process group.
 
 Each part writes OUT/<part>.ok on rank 0 when both ranks finished it. A part that raises prints
@@ -43,6 +44,13 @@ def part(name: str, out: Path, fn, *args) -> None:
         (out / f"{name}.ok").write_text("ok\n")
 
 
+def score_store(run: str, data: str, out: Path) -> None:
+    from vdvae_latents.stores.scores import score_to_store
+
+    # The settings tests/test_scores.py scores the same split with in one process.
+    score_to_store(run, data, out, split="test", ks="1,2", iw=2, chunk_rows=16, batch_size=8, device="cpu", workers=0)
+
+
 def main() -> None:
     out, data_npy, encode_run, encode_data, encode_out = Path(sys.argv[1]), *sys.argv[2:6]
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +64,7 @@ def main() -> None:
     part("data", out, data_ddp_worker.run, data_npy, out / "data")
     part("kl", out, kl_ddp_worker.run, out / "kl")
     part("train", out, ddp_worker.run, out / "train")
+    part("scores", out, score_store, encode_run, encode_data, out / "scores.zarr")
 
     sys.argv = ["vdvae_latents", "encode", encode_run, "--data", encode_data, "--split", "test", "--keep", "25%",
                 "--out", encode_out, "--chunk-rows", "32", "--device", "cpu", "--quiet"]

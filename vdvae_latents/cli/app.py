@@ -49,6 +49,7 @@ COMMANDS = [
     ("decode", stores.decode),
     ("verify", stores.verify),
     ("probe", probes.probe),
+    ("score", scores.score),
     ("ood", scores.ood),
     ("report", report.report),
 ]

@@ -1,4 +1,5 @@
-"""`vdvl ood`: out-of-distribution detection with the latent hierarchy's L^{>k} and LLR^{>k} scores."""
+"""`vdvl score` and `vdvl ood`: per-image scores of the latent hierarchy (the ELBO, its parts,
+Havtorn et al.'s L^{>k} and LLR^{>k}) and out-of-distribution detection with them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,42 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import out, print_json, progress
+from .common import WORKERS_HELP, out, print_json, progress
+
+
+def score(
+    path: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+    data: str = typer.Option(..., "--data", help="Data spec to score."),
+    out_file: Path = typer.Option(..., "--out", help="SCORES.zarr (default format) or SCORES.h5."),
+    split: str = typer.Option("test", "--split"),
+    ks: Optional[str] = typer.Option(None, "--k", help="Layers nearest the data taken from the prior in L^{>k}: "
+                                     "all, or a comma list such as 1,2,3 (default: 1,2)."),
+    iw: int = typer.Option(0, "--iw", min=0, help="Also the K-sample importance-weighted bound (LLR then uses it)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    chunk_rows: int = typer.Option(1024, "--chunk-rows", min=1, help="Rows per store chunk (the resume unit)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted store (writes only missing chunks)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Image i's noise comes from (seed, i)."),
+    device: str = typer.Option("auto", "--device"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-image negative ELBO (bits/dim), its reconstruction part, each latent layer's KL, the IW
+    bound with --iw, and L^{>k} and LLR^{>k} for each --k, into a Zarr or HDF5 store."""
+    from ..stores.scores import score_to_store
+
+    with progress("score", quiet or as_json) as tick:
+        result = score_to_store(path, data, out_file, split=split, ks=ks, iw=iw, seed=seed, batch_size=batch_size,
+                                chunk_rows=chunk_rows, resume=resume, overwrite=overwrite, device=device,
+                                workers=workers, progress=tick)
+    if as_json:
+        print_json(result)
+        return
+    out.print(f"{result['store']}: {result['rows']:,} images x {len(result['columns'])} scores "
+              f"({result['rows_written']:,} written, {result['images_per_s']:.1f} images/s, "
+              f"{result['bytes_on_disk']:,} bytes on disk)")
+    out.print("columns: " + ", ".join(result["columns"]))
 
 
 def ood(

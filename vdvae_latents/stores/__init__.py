@@ -4,7 +4,8 @@ One schema (``schema``) for both formats (``backends``): chunked, compressed, ch
 feature rows with the dims table and provenance. :class:`StoreWriter` writes chunk by chunk
 and can resume; :func:`open_encodings` reads lazily; :func:`verify_store` checks every chunk;
 ``codes`` maps values to int8/uint8 codes. :func:`encode_to_store` and :func:`decode_store`
-are ``vdvl encode`` and ``vdvl decode``.
+are ``vdvl encode`` and ``vdvl decode``; :func:`score_to_store` (``vdvl score``) writes per-image
+scores (the ELBO, per-layer KL, L^{>k}, LLR^{>k}) into the same kind of store.
 """
 
 from ..core.lazy import lazy_exports
@@ -18,5 +19,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "codes": ["Quantizer", "fit_quantizer"],
     "choices": ["DTYPES", "SCHEMES", "DEFAULT_SCHEME", "DEFAULT_STEP"],
     "encode": ["encode_to_store"],
+    "scores": ["score_to_store"],
     "decode": ["decode_store", "store_encoder"],
 })

@@ -36,6 +36,8 @@ def store_encoder(enc, ckpt=None, *, device="cpu", statistic: str = "mean") -> t
     gives exactly the stored columns; a table that does not fit the model is a UserError.
     """
     attrs = enc.attrs
+    if attrs.get("content") == "scores":
+        raise UserError(f"store '{enc.path}' holds per-image scores (vdvl score), not latent encodings.")
     if ckpt is None and not attrs.get("checkpoint"):
         raise UserError(f"store '{enc.path}' records no checkpoint; pass one explicitly.")
     ckpt_path = resolve_checkpoint(ckpt if ckpt is not None else attrs["checkpoint"])
