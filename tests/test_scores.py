@@ -40,6 +40,7 @@ from vdvae_latents.model.evaluation import iw_log_weights
 from vdvae_latents.model.inputs import prepare_batch
 from vdvae_latents.model.scores import parse_ks, row_seeds, score_batch, score_columns, score_images
 from vdvae_latents.model.vae import VAE
+from vdvae_latents.report.inputs import check_ood_rows
 from vdvae_latents.stores.reader import open_encodings
 from vdvae_latents.stores.scores import score_to_store
 from vdvae_latents.train.presets import get_preset
@@ -235,6 +236,12 @@ def test_ood_reports_every_score_for_every_set(capsys, tiny_digits_run, ood_sets
         for m in entry["metrics"].values():
             assert 0 <= m["auroc"] <= 1 and 0 <= m["auprc"] <= 1 and 0 <= m["fpr80"] <= 1
     assert report["k_chosen"] in range(1, N_LAYERS + 1) and (tmp_path / "roc.png").stat().st_size > 0
+    # `vdvl report --ood` takes this JSON as it is: a row per (score, set).
+    (tmp_path / "ood.json").write_text(out)
+    assert len(check_ood_rows(report, tmp_path / "ood.json")) == 12
+    code, out, err = run_cli(capsys, "report", tiny_digits_run, "--ood", tmp_path / "ood.json", "--out",
+                             tmp_path / "report.html", "--json")
+    assert code == 0 and "ood" in json.loads(out)["sections"], err
     code, out, err = run_cli(capsys, "ood", tiny_digits_run, "--in", "digits:test", "--ood",
                              f"{ood_sets / 'noise.npy'}:all", "--limit", "20", "--device", "cpu")
     assert code == 0, err

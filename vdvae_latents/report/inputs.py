@@ -5,8 +5,8 @@ file is refused in milliseconds, before torch or the store libraries are importe
 a figure drawn.
 Every refusal is a :class:`~vdvae_latents.core.errors.UserError` naming the flag and the file.
 
-The out-of-distribution file has no producer in this toolkit yet; its schema is this one,
-a JSON list of rows::
+The out-of-distribution file is what `vdvl ood --json` prints (its ``sets``, each with a
+``metrics`` entry per score, become rows), or a JSON list of rows from any other tool::
 
     [{"score": "elbo", "ood_set": "mnist", "auroc": 0.91, "auprc": 0.88, "fpr80": 0.12}, ...]
 
@@ -143,6 +143,8 @@ def check_probe_report(report: dict, path: Path) -> None:
 def check_ood_rows(rows: Any, path: Path) -> list[dict]:
     """The rows of an OOD results file (the module's schema); UserError naming the first thing wrong."""
     expected = f"a JSON list of rows with exactly the keys {', '.join(OOD_FIELDS)}"
+    if isinstance(rows, dict) and isinstance(rows.get("sets"), list):
+        rows = _rows_of_ood_report(rows["sets"], path)
     if not isinstance(rows, list) or not rows:
         raise UserError(f"--ood {path} is {article_for(json_kind(rows))} {json_kind(rows)}, not OOD results: "
                         f"give {expected}.")
@@ -160,6 +162,15 @@ def check_ood_rows(rows: Any, path: Path) -> list[dict]:
                     or not 0 <= value <= 1:
                 raise UserError(f"--ood {path}: row {i} '{key}' must be a number in [0, 1], not {value!r}.")
     return rows
+
+
+def _rows_of_ood_report(sets: list, path: Path) -> list:
+    """`vdvl ood --json`'s sets as rows: one per (score, out-of-distribution set)."""
+    try:
+        return [{"score": score, "ood_set": f"{entry['data']}:{entry['split']}", **metrics}
+                for entry in sets for score, metrics in entry["metrics"].items()]
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(f"--ood {path} looks like a `vdvl ood --json` report but its sets are damaged.") from None
 
 
 __all__ = ["ReportInputs", "check_inputs", "read_json", "json_kind", "check_probe_report",
