@@ -347,3 +347,16 @@ def test_score_refuses_bad_input_in_one_sentence(capsys, tmp_path, score_referen
     assert_one_line_error(*run_cli(capsys, *base, "--out", score_reference)[::2], "--resume")
     assert_one_line_error(*run_cli(capsys, "decode", score_reference, "--out", tmp_path / "d.png")[::2],
                           "holds per-image scores")
+
+
+def test_probing_a_score_store_skips_the_latent_baselines(capsys, tmp_path, encode_checkpoint, encode_data):
+    store = tmp_path / "train.zarr"  # 480 rows: enough of each class for the probe's folds
+    score_to_store(encode_checkpoint, encode_data, store, split="train", ks="1", device="cpu", workers=0)
+    code, out, err = run_cli(capsys, "probe", store, "--seeds", "1", "--cv", "2", "--baselines", "random",
+                             "--device", "cpu", "--json")
+    assert_one_line_error(code, err, "holds per-image scores")
+    code, out, err = run_cli(capsys, "probe", store, "--seeds", "1", "--cv", "2", "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [r["name"] for r in report["rows"]] == ["active", "pixels"]
+    assert report["skipped"] == [{"name": "random", "reason": f"{store} holds per-image scores, not latent encodings"}]

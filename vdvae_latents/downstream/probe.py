@@ -293,6 +293,12 @@ def _with_checkpoint(main: StorePart, ckpt: str | Path | None, wanted: list[str]
     model_names = [n for n in wanted if n in MODEL_BASELINES]
     if not model_names:
         return wanted, None
+    if main.attrs.get("content") == "scores":  # `vdvl score`: its columns are not latent dimensions
+        reason = f"{main.path} holds per-image scores, not latent encodings"
+        if explicit:
+            raise UserError(f"the {', '.join(model_names)} baseline(s) compare latent dimensions, but {reason}.")
+        log.skip(model_names, reason)
+        return [n for n in wanted if n not in model_names], None
     checkpoint, reason = _checkpoint_for(main, ckpt, model_names, explicit)
     if checkpoint is None:
         log.skip(model_names, reason or "no checkpoint")
