@@ -29,6 +29,7 @@ def analyze_kl(
     div_stats: Optional[Path] = typer.Option(None, "--div-stats",
                                              help="Also write the official code's div_stats.npy (bits)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast), or auto: bf16 where the CPU or GPU computes it natively, else fp32."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
@@ -45,7 +46,8 @@ def analyze_kl(
         result = analyze_checkpoint(path, data, out=out_file, keep=keep, threshold=threshold, split=split,
                                     granularity=granularity, limit=limit, plot=plot, sweep=sweep_values,
                                     sweep_split=sweep_split, batch_size=batch_size, seed=seed, device=device,
-                                    div_stats=div_stats, workers=workers, progress=tick)
+                                    div_stats=div_stats, workers=workers, precision=precision,
+                                    progress=tick)
     per_nat = 1 / math.log(2) if units == "bits" else 1.0
     if units == "bits":
         result["total_avg_kl_bits"] = result["total_avg_kl_nats"] * per_nat

@@ -36,6 +36,7 @@ def encode(
     granularity: str = typer.Option("variate", "--granularity", help="With --keep/--threshold: variate or element."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     chunk_rows: int = typer.Option(1024, "--chunk-rows", min=1, help="Rows per store chunk (the resume unit)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast), or auto: bf16 where the CPU or GPU computes it natively, else fp32."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted store (writes only missing chunks)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     seed: int = typer.Option(0, "--seed"),
@@ -53,7 +54,7 @@ def encode(
                                  quant_step=quant_step, codec=codec, batch_size=batch_size,
                                  chunk_rows=chunk_rows, resume=resume, overwrite=overwrite,
                                  granularity=granularity, seed=seed, device=device, workers=workers,
-                                 progress=tick)
+                                 precision=precision, progress=tick)
     print_json(result) if as_json else render.encoded_store(result)
 
 

@@ -15,6 +15,7 @@ from ..core.runtime import auto_device, join_processes
 from ..data.loading import stream
 from ..data.splits import open_images
 from ..model.checkpoints import load_model, resolve_checkpoint
+from ..model.precision import autocast, resolve_precision
 from ..model.inputs import check_images_fit, eval_binarization, evaluation_images
 from .active_set import ActiveSet, fit_active_set, parse_keep, prepare_active_set_path
 from .pruning import plot_kl, pruning_sweep
@@ -26,13 +27,15 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
                        limit: int | None = None, plot: str | Path | None = None, sweep: list[float] | None = None,
                        sweep_split: str = "test", batch_size: int = 256, seed: int = 0, device: str = "auto",
                        div_stats: str | Path | None = None, workers: int | None = None,
-                       progress=None) -> dict:
+                       precision: str = "fp32", progress=None) -> dict:
     """Rank every latent dimension by its average KL over a split and choose the active set.
 
     Writes ``out`` (ACTIVE.json), optionally a figure, a pruning sweep on ``sweep_split``
     and ``div_stats`` (the official code's ``div_stats.npy``: (layers, variates) in bits).
     Under torchrun each process scores a shard of the split and the sums are reduced;
-    process 0 writes the outputs.
+    process 0 writes the outputs. ``precision`` (auto, fp32, bf16) is the KL pass's; ``auto`` is
+    bf16 autocast where the device computes bf16 natively (the KL itself is then taken in fp32
+    from the bf16 statistics). The pruning sweep is an evaluation and runs in fp32.
     """
     if (keep is None) == (threshold is None):
         raise UserError("give exactly one of --keep or --threshold.")
@@ -53,15 +56,18 @@ def analyze_checkpoint(path: str | Path, data: str, *, out: str | Path, keep: st
     if sweep:
         open_images(data, split=sweep_split, limit=limit)
     dev, env = join_processes(auto_device(device))
+    resolve_precision(precision, dev)
     rank, world = env.rank, env.world_size
     model, info = load_model(path, ema=True, device=dev)
+    model.use_channels_last()  # measured faster for inference too (benchmarks/results/inference-*)
     ckpt_path = Path(info["path"])
     check_images_fit(model.cfg, images.shape, data)
     start = time.perf_counter()
-    active = fit_active_set(model, stream(images.shard(rank, world), batch_size, workers, dev, world),
-                            granularity=granularity, keep=keep_fraction, threshold=threshold, batch_size=batch_size,
-                            seed=seed + rank, device=dev, progress=progress, data=data, split=split,
-                            checkpoint=str(ckpt_path), checkpoint_sha256=info["sha256"])
+    with autocast(precision, dev):
+        active = fit_active_set(model, stream(images.shard(rank, world), batch_size, workers, dev, world),
+                                granularity=granularity, keep=keep_fraction, threshold=threshold,
+                                batch_size=batch_size, seed=seed + rank, device=dev, progress=progress, data=data,
+                                split=split, checkpoint=str(ckpt_path), checkpoint_sha256=info["sha256"])
     result = {"checkpoint": str(ckpt_path), "step": info["step"], "out": str(out), "seconds": 0.0,
               **active.summary()}
     if rank == 0:

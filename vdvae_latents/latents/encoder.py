@@ -85,6 +85,10 @@ class Encoder:
         device = next(model.parameters()).device
         self._masks = [torch.from_numpy(m).to(device) for m in self.columns.masks]
         self._active_masks = active.layer_masks(device=device)
+        # The deepest layer with a kept column: the pass stops there (nothing below it, and no
+        # output head, changes what the kept layers' posteriors are). -1 when nothing is kept.
+        kept = [k for k, mask in enumerate(self.columns.masks) if mask.any()]
+        self.deepest_layer = kept[-1] if kept else -1
 
     @property
     def n_features(self) -> int:
@@ -102,9 +106,10 @@ class Encoder:
         """:meth:`encode` plus the prior std of every kept scalar (B, K), the scale that
         quantising in units of the prior (:mod:`~vdvae_latents.stores.codes`) needs."""
         posterior = "sample" if self.statistic == "sample" else "mean"
-        out = self.model(x, active=self._active_masks, posterior=posterior, masked="mean", generator=generator)
+        out = self.model(x, active=self._active_masks, posterior=posterior, masked="mean", generator=generator,
+                         stop_after=max(self.deepest_layer, 0), likelihood=False)
         feats, stds, priors = [], [], []
-        for layer, mask in zip(out.layers, self._masks):
+        for layer, mask in zip(out.layers, self._masks):  # out.layers ends at the deepest kept layer
             source = layer.z if self.statistic == "sample" else layer.q_mean
             feats.append(source[:, mask].float())
             priors.append(layer.p_std[:, mask].float())

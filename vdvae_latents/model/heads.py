@@ -24,6 +24,10 @@ from .likelihoods import (
 )
 
 
+# Mixture elements (images x M x C x H x W) scored at once in inference: 8 CIFAR images.
+_MOL_CHUNK_ELEMENTS = 2**18
+
+
 def _crop(t: torch.Tensor, pad: int) -> torch.Tensor:
     return t[..., pad:t.shape[-2] - pad, pad:t.shape[-1] - pad] if pad else t
 
@@ -71,8 +75,17 @@ class MixtureOfLogisticsHead(nn.Module):
         target = _widen(_crop(x, self.pad))
         if self.truncated:
             target = truncate_bits(target, self.n_bits)
-        return discretized_mol_log_prob(target, n_bits=self.n_bits, tail=self.tail, truncated=self.truncated,
-                                        top_edge=self.top_edge, **self.params(h))
+        params = self.params(h)
+        options = dict(n_bits=self.n_bits, tail=self.tail, truncated=self.truncated, top_edge=self.top_edge)
+        if torch.is_grad_enabled():  # training: one call, autograd keeps what it needs anyway
+            return discretized_mol_log_prob(target, **options, **params)
+        # Inference: a few images at a time keeps the dozen (B, M, C, H, W) temporaries of the
+        # mixture small (they stay in cache and off the peak); each image's sum is unchanged.
+        rows = max(1, _MOL_CHUNK_ELEMENTS // params["means"][0].numel())
+        return torch.cat([
+            discretized_mol_log_prob(target[lo:lo + rows], **options,
+                                     **{k: None if v is None else v[lo:lo + rows] for k, v in params.items()})
+            for lo in range(0, target.shape[0], rows)])
 
     def sample(self, h: torch.Tensor, *, temperature: float = 1.0, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:

@@ -39,9 +39,9 @@ VDVAE_NO_BIAS_ABOVE = 64  # VDVAE's `no_bias_above`: no per-resolution trainable
 class VAEOutput:
     """Result of :meth:`VAE.forward`. Per-image quantities have shape (B,)."""
 
-    nll: torch.Tensor                       # (B,) reconstruction NLL, nats per image
-    layers: list[LayerResult]               # one per latent layer, top-down order
-    features: torch.Tensor                  # final top-down state (input of the output head)
+    nll: torch.Tensor | None                # (B,) reconstruction NLL, nats per image; None: not computed
+    layers: list[LayerResult]               # one per latent layer run, top-down order
+    features: torch.Tensor | None           # final top-down state (input of the output head); None: stopped early
     dims_per_image: int                     # C*H*W of the scored region
     binary: bool = False                    # True: report nats per image (MNIST convention)
     extras: dict = field(default_factory=dict)
@@ -153,13 +153,24 @@ class VAE(nn.Module):
             h = self.pools[i](h)
         return [skip for skips in per_res for skip in skips]
 
-    def top_down(self, skips: list[torch.Tensor] | None, batch: int, plans: list[LayerPlan]) -> tuple[torch.Tensor, list[LayerResult]]:
-        """Run the generative path; with ``skips`` the posterior is available."""
-        cfg = self.cfg
-        state = self.initial_state.expand(batch, -1, -1, -1)
-        results: list[LayerResult] = []
-        k = 0
+    def top_down(self, skips: list[torch.Tensor] | None, batch: int, plans: list[LayerPlan], *,
+                 stop_after: int | None = None) -> tuple[torch.Tensor | None, list[LayerResult]]:
+        """Run the generative path; with ``skips`` the posterior is available.
+
+        ``stop_after=k`` stops after latent layer k (top-down order): the blocks below it never
+        run, the results hold layers 0..k only and the returned state is None. Layer k's
+        statistics are those of the full pass, and so are later batches' draws: the
+        random numbers the skipped layers would have drawn are still taken from their
+        generators (see :func:`skip_draws`).
+        """
+        cfg, n = self.cfg, self.cfg.n_layers
+        last = n - 1 if stop_after is None else stop_after
+        if not 0 <= last < n:
+            raise ValueError(f"stop_after must name a latent layer (0..{n - 1}), got {stop_after}")
+        state, results, k, stopping = self.initial_state.expand(batch, -1, -1, -1), [], 0, last < n - 1
         for i, blocks in enumerate(self.up_blocks):
+            if stopping and k > last:
+                break
             if i:
                 if cfg.architecture == "efficient":
                     state = self.unpools[i](state)
@@ -171,11 +182,15 @@ class VAE(nn.Module):
                 bias = getattr(self, f"res_bias_{i}")
                 if bias is not None:
                     state = state + bias
-            for block in blocks:
+            for block in blocks[:last + 1 - k]:
                 skip = None if skips is None else skips[self.skip_of_layer[k]]
                 state, result = self._call(block, state, skip, plans[k])
                 results.append(result)
                 k += 1
+        if stopping:
+            skip_draws(cfg.layer_shapes()[last + 1:], plans[last + 1:], batch, posterior=skips is not None,
+                       dtype=self.initial_state.dtype, device=self.initial_state.device)
+            return None, results
         if self.final_gain is not None:
             state = state * self.final_gain + self.final_bias
         return state, results
@@ -193,7 +208,8 @@ class VAE(nn.Module):
     def forward(self, x: torch.Tensor, *, active: Sequence[Mask] | None = None, posterior: str = "sample",
                 masked: str = "mean", temperature: float | Sequence[float] = 1.0,
                 given: Sequence[tuple[torch.Tensor, Mask] | None] | None = None,
-                generator: torch.Generator | None = None) -> VAEOutput:
+                generator: torch.Generator | None = None, stop_after: int | None = None,
+                likelihood: bool = True) -> VAEOutput:
         """Encode ``x`` and score it: negative ELBO pieces per image.
 
         active: per layer a bool mask (V, H, W) of dims that use the posterior (None
@@ -201,12 +217,17 @@ class VAE(nn.Module):
             (``masked="mean"``) or a prior sample at ``temperature``; their KL is 0.
         posterior: "sample" (training, ELBO) or "mean" (deterministic encodings).
         given: per layer (values (B, V, H, W), mask (V, H, W) or None) to force z.
+        stop_after: run the top-down path down to this latent layer only (encodings of the
+            layers above it need nothing below); ``layers`` then ends there and there is no
+            likelihood (``nll`` and ``features`` are None).
+        likelihood: False skips the output head (``nll`` is None): KL statistics need every
+            layer but not p(x | z).
         """
         plans = self.make_plans(active=active, posterior=posterior, masked=masked, temperature=temperature,
                                 given=given, generator=generator, batch=x.shape[0], device=x.device)
         skips = self.bottom_up(x)
-        features, layers = self.top_down(skips, x.shape[0], plans)
-        nll = -self.head.log_prob(features, x)
+        features, layers = self.top_down(skips, x.shape[0], plans, stop_after=stop_after)
+        nll = -self.head.log_prob(features, x) if likelihood and features is not None else None
         return VAEOutput(nll=nll, layers=layers, features=features, dims_per_image=self.cfg.dims_per_image,
                          binary=self.cfg.output == "bernoulli")
 
@@ -243,6 +264,27 @@ class VAE(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(f"model expects images of shape (B, {c}, {s}, {s}), got {tuple(x.shape)}")
 
+
+
+def skip_draws(shapes: Sequence[tuple[int, int, int]], plans: Sequence[LayerPlan], batch: int, *, posterior: bool,
+               dtype: torch.dtype, device: torch.device) -> None:
+    """Take from each plan's generator the normal draws its top-down block would have made.
+
+    A pass that stops early (``stop_after``) must leave the generators where the full pass
+    leaves them, or the next batch sharing a generator would see other noise. A block draws,
+    in this order, a posterior sample (images given, ``posterior="sample"``) and a prior
+    sample (no images, or a mask, with ``masked="sample"`` at a non-zero temperature), each
+    of shape (B, V, H, W) in float32 (float64 for a float64 model); see
+    :func:`~vdvae_latents.model.distributions.gaussian_sample`.
+    """
+    noise_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape, plan in zip(shapes, plans):
+        draws = int(posterior and plan.posterior == "sample")
+        prior_needed = not posterior or plan.active is not None
+        draws += int(prior_needed and plan.masked == "sample" and plan.temperature != 0)
+        draw_device = plan.generator.device if plan.generator is not None else device
+        for _ in range(draws):
+            torch.randn((batch, *shape), generator=plan.generator, dtype=noise_dtype, device=draw_device)
 
 
 def layer_plans(shapes: list[tuple[int, int, int]], *, active, posterior, masked, temperature, given, generator, batch,

@@ -27,6 +27,7 @@ from ..latents.active_set import ActiveSet, fit_active_set, parse_keep
 from ..latents.encoder import STATISTICS, Encoder
 from ..model.checkpoints import load_model, resolve_checkpoint
 from ..model.inputs import check_images_fit, prepare_batch
+from ..model.precision import autocast, resolve_precision
 from .backends import parse_codec, store_format
 from .choices import DEFAULT_SCHEME, DEFAULT_STEP, DTYPES, check_scheme, check_step
 from .codes import CALIBRATION_ROWS, INT_DTYPES, calibration_rows, fit_quantizer
@@ -40,7 +41,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
                     quantize: str = DEFAULT_SCHEME, quant_step: float = DEFAULT_STEP, codec: str | None = None,
                     batch_size: int = 256, chunk_rows: int = 1024, resume: bool = False, overwrite: bool = False,
                     granularity: str = "variate", kl_split: str = "train", kl_limit: int | None = None,
-                    seed: int = 0, device: str = "auto", workers: int | None = None, progress=None) -> dict:
+                    seed: int = 0, device: str = "auto", workers: int | None = None, precision: str = "fp32",
+                    progress=None) -> dict:
     """Encode ``data:split`` into a store at ``out`` (streamed: under torchrun each rank reads only
     the rows of its chunks). Returns the numbers `vdvl encode` prints.
 
@@ -49,6 +51,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     ``quant_step`` its step in standard deviations). The summary's ``error`` says what
     storing lost over all rows (float16 rounding too). ``codec`` names the compression
     (:func:`~vdvae_latents.stores.backends.parse_codec`; default: the measured best for the format and dtype).
+    ``precision`` (auto, fp32, bf16) is the model passes': ``auto`` is bf16 autocast where the
+    device computes bf16 natively.
     """
     if sum(x is not None for x in (keep, threshold, active_file)) != 1:
         raise UserError("give exactly one of --keep, --threshold or --active.")
@@ -71,10 +75,14 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     images = open_images(data, split=split)
     kl_images = open_images(data, split=kl_split, limit=kl_limit) if active is None else None
     dev, env = join_processes(auto_device(device))
+    resolve_precision(precision, dev)
     # One writer per store; under torchrun rank 0 holds the lock for the job's ranks.
-    with lock_store(out) if env.rank == 0 else contextlib.nullcontext():
+    with lock_store(out) if env.rank == 0 else contextlib.nullcontext(), autocast(precision, dev):
         rank, world = env.rank, env.world_size
         model, info = load_model(path, ema=True, device=dev)
+        # Kept in the checkpoint's layout (not channels_last, which is faster): a store holds the
+        # very numbers Encoder.encode gives for the loaded model, and channels_last convolutions
+        # round differently (about 1e-7), which flips float16 roundings.
         # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
         ckpt_path = Path(info["path"]).absolute()
         check_images_fit(model.cfg, images.shape, data)

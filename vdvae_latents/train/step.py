@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import platform
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..model.precision import cpu_has_native_bf16  # noqa: F401 (also this module's API)
 from ..model.vae import VAE
 from .config import TrainConfig
 from .run_config import RunConfig
@@ -86,23 +86,6 @@ def build_model(run: RunConfig, device: torch.device) -> tuple[VAE, EMA, torch.o
     # then runs on matching strides).
     ema = EMA(model, tcfg.ema_decay, warmup=tcfg.ema_warmup)
     return model, ema, make_optimizer(model, tcfg)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX; Arm: its BF16 extension).
-
-    oneDNN also accepts bf16 on x86 CPUs with plain AVX-512, but emulates it there, and
-    emulated bf16 trains slower than fp32, so those CPUs keep fp32.
-    """
-    try:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return False
-    except (AttributeError, RuntimeError):
-        return False
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(probe() for probe in probes if probe is not None)
-    return True  # on Arm, oneDNN reports bf16 only where the CPU has the BF16 instructions
 
 
 def autocast_for(device: torch.device, tcfg: TrainConfig):
