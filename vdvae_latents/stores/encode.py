@@ -9,26 +9,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..core.errors import UserError
 from ..core.interrupts import resumable_writes
 from ..core.outputs import prepare_output
 from ..core.runtime import auto_device, join_processes
 from ..core.writer_lock import lock_store
-from ..data.loading import resolve_workers, stream
-from ..data.splits import LazyImages, open_images
+from ..data.splits import open_images
 from ..latents.active_set import ActiveSet, fit_active_set, parse_keep
 from ..latents.encoder import STATISTICS, Encoder
 from ..model.checkpoints import load_model, resolve_checkpoint
 from ..model.inputs import check_images_fit, prepare_batch
 from ..model.precision import autocast, resolve_precision
 from .backends import parse_codec, store_format
+from .chunk_job import ChunkJob
 from .choices import DEFAULT_SCHEME, DEFAULT_STEP, DTYPES, check_scheme, check_step
 from .codes import CALIBRATION_ROWS, INT_DTYPES, calibration_rows, fit_quantizer
 from .schema import disk_bytes
@@ -86,7 +84,7 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         # Absolute: `vdvl decode STORE` finds the checkpoint from the store's attrs in any directory.
         ckpt_path = Path(info["path"]).absolute()
         check_images_fit(model.cfg, images.shape, data)
-        job = _EncodeJob(model=model, images=images, data=data, split=split, out=out, device=dev, rank=rank,
+        job = ChunkJob(model=model, images=images, data=data, split=split, out=out, device=dev, rank=rank,
                          world=world,
                          batch_size=batch_size, workers=workers, seed=seed)
         if active is not None:
@@ -127,7 +125,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
         writer = job.open_writer(create, resume=resume, identity=identity)
         start = time.perf_counter()
         with resumable_writes(out, what="store"):
-            written_rows = job.encode_chunks(writer, encoder, check_data=resume, progress=progress)
+            written_rows = job.write_chunks(writer, lambda x, rows, g: encoder.encode(x, generator=g),
+                                            check_data=resume, progress=progress)
         seconds = time.perf_counter() - start
         errors, store_codec = job.finish(writer, codec)
         return _summary(job, encoder, attrs, errors, store_codec, quantization, quantize, written_rows, seconds)
@@ -155,106 +154,7 @@ def _store_attrs(encoder: Encoder, info: dict, checkpoint: str, data: str, split
     }
 
 
-@dataclass
-class _EncodeJob:
-    """One process's part of an encode: under torchrun, rank 0 creates the store and every rank
-    encodes its chunks (Zarr: chunk i on rank i % world; HDF5 has one writer, rank 0)."""
-
-    model: torch.nn.Module
-    images: LazyImages
-    data: str
-    split: str
-    out: Path
-    device: torch.device
-    rank: int
-    world: int
-    batch_size: int
-    workers: int | None
-    seed: int
-
-    @property
-    def parallel(self) -> bool:
-        return self.world > 1 and store_format(self.out) == "zarr"
-
-    def stream(self, images: LazyImages):
-        """This rank's shard of ``images``, batch by batch."""
-        return stream(images.shard(self.rank, self.world), self.batch_size, self.workers, self.device, self.world)
-
-    def open_writer(self, create, *, resume: bool, identity: dict) -> StoreWriter | None:
-        """Rank 0 creates the store (``create()``) or re-opens it to resume; the other ranks open it
-        once it exists (Zarr) or write nothing (HDF5)."""
-        writer, failure = None, None
-        if self.rank == 0:
-            try:
-                writer = StoreWriter.open(self.out, expect_attrs=identity) if resume and self.out.exists() else create()
-            except UserError as err:
-                if self.world == 1:
-                    raise
-                failure = str(err)
-        if self.world > 1:
-            # Every rank learns whether rank 0 could set the store up, so none waits forever.
-            box = [failure]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is not None:
-                raise UserError(box[0])
-        if self.rank != 0:
-            writer = StoreWriter.open(self.out, expect_attrs=identity) if self.parallel else None
-        return writer
-
-    def encode_chunks(self, writer: StoreWriter | None, encoder: Encoder, *, check_data: bool, progress=None) -> int:
-        """Encode and write this rank's missing chunks; the number of rows written."""
-        if writer is None:
-            return 0
-        images, cfg, written = self.images, self.model.cfg, 0
-        # A resumed store is read once: damaged chunks (deleted, corrupt) are rewritten too.
-        mine = [i for i in writer.missing_chunks(check_data=check_data)
-                if not self.parallel or i % self.world == self.rank]
-        # One loader over every batch of this rank's chunks, in the order they are encoded.
-        order = [np.arange(b, min(hi, b + self.batch_size)) for lo, hi in map(writer.chunk_range, mine)
-                 for b in range(lo, hi, self.batch_size)]
-        loader = images.loader(order, workers=resolve_workers(self.workers, images, self.device.type, self.world),
-                               pin_memory=self.device.type == "cuda")
-        batches = iter(loader)  # a generator: close() (or garbage collection) stops its workers
-        for i in mine:
-            lo, hi = writer.chunk_range(i)
-            feats, stds = [], []
-            # Seeded per chunk so a resumed run draws exactly what an uninterrupted one would.
-            g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + i)
-            for _ in range(lo, hi, self.batch_size):
-                x = prepare_batch(cfg, next(batches).images, device=self.device)
-                f, s = encoder.encode(x, generator=g)
-                feats.append(f.cpu().numpy())
-                if s is not None:
-                    stds.append(s.cpu().numpy())
-                if progress is not None:
-                    progress(len(x))
-            where = (lo, self.data, self.split)
-            writer.write_chunk(i, _finite(np.concatenate(feats), *where),
-                               features_std=_finite(np.concatenate(stds), *where) if stds else None,
-                               labels=None if images.labels is None else images.labels[lo:hi],
-                               sample_index=np.arange(lo, hi), source_index=images.source_index[lo:hi],
-                               source_names=None if images.source_names is None else images.source_names[lo:hi])
-            written += hi - lo
-        batches.close()
-        return written
-
-    def finish(self, writer: StoreWriter | None, codec: str | None) -> tuple[dict, str | None]:
-        """Once every rank has written: rank 0 summarises the errors and marks the store complete."""
-        if self.world > 1:
-            dist.barrier()
-        errors: dict = {}
-        if self.rank == 0:
-            errors = writer.error_summary()  # every rank's chunks are written by now
-            codec = writer.layout.attrs.get("codec")
-            writer.finalize()
-        elif writer is not None:
-            writer.close()
-        if self.world > 1:
-            dist.barrier()
-        return errors, codec
-
-
-def _summary(job: _EncodeJob, encoder: Encoder, attrs: dict, errors: dict, codec: str | None,
+def _summary(job: ChunkJob, encoder: Encoder, attrs: dict, errors: dict, codec: str | None,
              quantization: dict | None, scheme: str, written_rows: int, seconds: float) -> dict:
     """What `vdvl encode` reports: sizes beside the pixels and the full latents, and what storing lost."""
     active, n, dtype, out = encoder.active, len(job.images), attrs["dtype"], job.out
@@ -294,17 +194,6 @@ def _calibrate(encoder: Encoder, batches, dtype: str, scheme: str, step: float, 
     if stds:
         out["features_std"] = fit_quantizer(np.concatenate(stds), dtype, scheme=scheme, step=step, prior_std=prior)
     return out
-
-
-def _finite(values: np.ndarray, first_row: int, data: str, split: str) -> np.ndarray:
-    """The chunk's encodings, or a UserError naming the rows the checkpoint turned into NaN/inf."""
-    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-    if len(bad):
-        rows = first_row + bad
-        raise UserError(f"the checkpoint produced NaN or infinite latents for {len(rows)} image(s) of {data}:{split} "
-                        f"(rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}); nothing was "
-                        f"written for them.")
-    return values
 
 
 def _columns_digest(arrays: dict[str, np.ndarray]) -> str:
