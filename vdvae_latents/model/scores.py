@@ -14,7 +14,8 @@ as `vdvl eval` reports them; so ``llr = neg_elbo_gt_k - neg_elbo`` (or ``- neg_i
 meaning more likely out of distribution. The KL of each layer is in nats per image.
 
 One bottom-up (encoder) pass per batch serves the ELBO, every k and every importance sample:
-the skips are deterministic, so only the top-down path is run again. Noise comes from one
+the skips are deterministic, so only the top-down path is run again, and an L^{>k} pass runs
+only the k layers it changes, from the state the ELBO pass had there. Noise comes from one
 generator per image (:class:`~vdvae_latents.model.distributions.RowGenerators`) seeded from the
 image's index, so an image gets the same scores in any batch and on any torchrun rank.
 """
@@ -88,16 +89,17 @@ def score_batch(model, x: torch.Tensor, ks: Sequence[int], *, rows: Sequence[int
     seeds = row_seeds(seed, rows)
     skips = model.bottom_up(x)  # the encoder, once for everything below
 
-    def bound(generators, active=None) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(-log p(x | z), KL per layer (B, N) in nats, the layers) of one top-down pass."""
+    def bound(generators, active=None, **top_down) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(-log p(x | z), KL per layer run (B, layers) in nats, the layers) of one top-down pass."""
         plans = model.make_plans(active=active, posterior="sample", masked="mean", temperature=1.0, given=None,
                                  generator=generators, batch=x.shape[0], device=x.device)
-        features, layers = model.top_down(skips, x.shape[0], plans)
+        features, layers = model.top_down(skips, x.shape[0], plans, **top_down)
         nll = -model.head.log_prob(features, x).to(torch.float64)
         kl = torch.stack([layer.kl.to(torch.float64).flatten(1).sum(1) for layer in layers], 1)
         return nll, kl, layers
 
-    nll, kl, _ = bound(RowGenerators(seeds))
+    entering: list[torch.Tensor] = []
+    nll, kl, _ = bound(RowGenerators(seeds), entering=entering)
     neg_elbo = (nll + kl.sum(1)) / dims / LN2
     columns = [neg_elbo, nll / dims / LN2, *kl.T]
     reference = neg_elbo
@@ -111,10 +113,13 @@ def score_batch(model, x: torch.Tensor, ks: Sequence[int], *, rows: Sequence[int
     shapes = model.cfg.layer_shapes()
     gt_k = []
     for k in ks:
-        # The k layers nearest the data (the last k, top-down) take the prior mean, with no KL.
-        active = [None] * (n_layers - k) + [torch.zeros(shape, dtype=torch.bool) for shape in shapes[n_layers - k:]]
-        nll_k, kl_k, _ = bound(RowGenerators(seeds), active)
-        gt_k.append((nll_k + kl_k.sum(1)) / dims / LN2)
+        # The k layers nearest the data (the last k, top-down) take the prior mean and carry no KL.
+        # The layers above them drew the ELBO pass's noise, so their z, KL and the state entering
+        # layer N - k are the ELBO pass's: the pass starts there. (The prior layers use no noise.)
+        j = n_layers - k
+        active = [None] * j + [torch.zeros(shape, dtype=torch.bool) for shape in shapes[j:]]
+        nll_k, _, _ = bound(RowGenerators(seeds), active, start=(j, entering[j]))
+        gt_k.append((nll_k + kl[:, :j].sum(1)) / dims / LN2)
     columns += gt_k + [g - reference for g in gt_k]
     return torch.stack([c.to(torch.float64) for c in columns], 1).cpu().numpy()
 

@@ -154,7 +154,8 @@ class VAE(nn.Module):
         return [skip for skips in per_res for skip in skips]
 
     def top_down(self, skips: list[torch.Tensor] | None, batch: int, plans: list[LayerPlan], *,
-                 stop_after: int | None = None) -> tuple[torch.Tensor | None, list[LayerResult]]:
+                 stop_after: int | None = None, start: tuple[int, torch.Tensor] | None = None,
+                 entering: list[torch.Tensor] | None = None) -> tuple[torch.Tensor | None, list[LayerResult]]:
         """Run the generative path; with ``skips`` the posterior is available.
 
         ``stop_after=k`` stops after latent layer k (top-down order): the blocks below it never
@@ -162,30 +163,29 @@ class VAE(nn.Module):
         statistics are those of the full pass, and so are later batches' draws: the
         random numbers the skipped layers would have drawn are still taken from their
         generators (see :func:`skip_draws`).
+
+        ``entering`` (a list) receives the state that enters each latent layer run; ``start=(j,
+        state)`` begins at layer j with such a state, so passes that share the layers above j
+        (per-image scores: model.scores) run them once. The results then hold layers j.. only.
         """
         cfg, n = self.cfg, self.cfg.n_layers
         last = n - 1 if stop_after is None else stop_after
         if not 0 <= last < n:
             raise ValueError(f"stop_after must name a latent layer (0..{n - 1}), got {stop_after}")
-        state, results, k, stopping = self.initial_state.expand(batch, -1, -1, -1), [], 0, last < n - 1
+        first, state = (0, self.initial_state.expand(batch, -1, -1, -1)) if start is None else start
+        results, k, stopping = [], 0, last < n - 1
         for i, blocks in enumerate(self.up_blocks):
             if stopping and k > last:
                 break
-            if i:
-                if cfg.architecture == "efficient":
-                    state = self.unpools[i](state)
-                else:
-                    # A narrower resolution keeps the first channels (openai/vdvae's custom widths).
-                    factor = cfg.resolutions[i] // cfg.resolutions[i - 1]
-                    state = torch.nn.functional.interpolate(state[:, :cfg.widths[i]], scale_factor=factor,
-                                                            mode="nearest")
-                bias = getattr(self, f"res_bias_{i}")
-                if bias is not None:
-                    state = state + bias
+            if i and k > first:  # a state entering layer `first` has been upsampled already
+                state = enter_resolution(self, i, state)
             for block in blocks[:last + 1 - k]:
-                skip = None if skips is None else skips[self.skip_of_layer[k]]
-                state, result = self._call(block, state, skip, plans[k])
-                results.append(result)
+                if k >= first:
+                    if entering is not None:
+                        entering.append(state)
+                    skip = None if skips is None else skips[self.skip_of_layer[k]]
+                    state, result = self._call(block, state, skip, plans[k])
+                    results.append(result)
                 k += 1
         if stopping:
             skip_draws(cfg.layer_shapes()[last + 1:], plans[last + 1:], batch, posterior=skips is not None,
@@ -264,6 +264,19 @@ class VAE(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(f"model expects images of shape (B, {c}, {s}, {s}), got {tuple(x.shape)}")
 
+
+
+def enter_resolution(model: VAE, i: int, state: torch.Tensor) -> torch.Tensor:
+    """The top-down state moving up to resolution ``i`` of ``model``: upsampled, plus its bias."""
+    cfg = model.cfg
+    if cfg.architecture == "efficient":
+        state = model.unpools[i](state)
+    else:
+        # A narrower resolution keeps the first channels (openai/vdvae's custom widths).
+        factor = cfg.resolutions[i] // cfg.resolutions[i - 1]
+        state = torch.nn.functional.interpolate(state[:, :cfg.widths[i]], scale_factor=factor, mode="nearest")
+    bias = getattr(model, f"res_bias_{i}")
+    return state if bias is None else state + bias
 
 
 def skip_draws(shapes: Sequence[tuple[int, int, int]], plans: Sequence[LayerPlan], batch: int, *, posterior: bool,
