@@ -34,7 +34,7 @@ def ood_metrics(inlier_scores: np.ndarray, outlier_scores: np.ndarray) -> dict[s
         raise UserError("each set must hold at least one image to measure out-of-distribution detection.")
     y = np.r_[np.zeros(len(inlier_scores)), np.ones(len(outlier_scores))]
     s = np.r_[inlier_scores, outlier_scores]
-    fpr, tpr, _ = roc_curve(y, s)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)  # every threshold: the first with TPR >= 0.8
     return {"auroc": float(roc_auc_score(y, s)), "auprc": float(average_precision_score(y, s)),
             "fpr80": float(fpr[np.searchsorted(tpr, 0.8, side="left")])}
 
