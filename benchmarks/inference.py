@@ -136,6 +136,8 @@ def measure(job: str, path: str, precision: str, paths: dict, work: Path, batch:
     if job == "eval" and precision != "fp32":
         precision = "fp32"  # eval's default precision is fp32: nothing else to measure
         row["precision"] = "fp32 (eval's default)"
+    if job == "encode":
+        _active_file(work, paths, batch)  # made here, so the measured process does only the encoding
     cmd = [sys.executable, __file__, "--one", job, "--path", path, "--precision", precision, "--batch", str(batch),
            "--work", str(work), "--paths", json.dumps(paths)]
     proc = subprocess.run(cmd, capture_output=True, text=True)

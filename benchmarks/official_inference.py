@@ -17,8 +17,8 @@ call for call with their model and loss functions imported, nothing of them copi
 
 Environment shims as in ``benchmarks/official_train_step.py``: the unpool bias, the
 posterior noise, ``Tensor.cuda`` and the output sampler's one-hot stay on the CPU; and
-``synthesis.variates_masks_quantile``, the name their code reads, is set from the cfg's
-``variate_masks_quantile`` (3%). Each
+``synthesis.variates_masks_quantile = 0.03``, the name their code reads, is added to the
+cfg (their cfg files spell it ``variate_masks_quantile``: 3%). Each
 measurement is a fresh process (``--one``) so its peak RSS is its own; ``--rounds``
 interleaves them with ``benchmarks/inference.py``'s vdvl measurements of the same model::
 
@@ -57,10 +57,11 @@ def _load(checkout: Path, cfg: Path, batch: int, hparams_lib: str | None):
     from official_train_step import _calculate_z_on_device, _cfg_with_batch, _one_hot_on_device
 
     sys.modules.setdefault("torch_optimizer", types.ModuleType("torch_optimizer"))
-    ref = load_reference(checkout, _cfg_with_batch(cfg, batch), hparams_lib)
-    ref.hp.synthesis.batch_size = batch
+    copy = _cfg_with_batch(cfg, batch)
     # Their get_variate_masks reads `variates_masks_quantile`; their cfg files spell it `variate_masks_quantile`.
-    ref.hp.synthesis.variates_masks_quantile = getattr(ref.hp.synthesis, "variate_masks_quantile", 0.03)
+    copy.write_text(copy.read_text().replace("[synthesis]", "[synthesis]\nvariates_masks_quantile = 0.03", 1))
+    ref = load_reference(checkout, copy, hparams_lib)
+    ref.hp.synthesis.batch_size = batch
     ref.hp.val.batch_size = batch
     cwd = os.getcwd()
     os.chdir(ref.work)
@@ -117,7 +118,7 @@ def prepare(work: Path, checkout: Path, cfg: Path, n_images: int, hparams_lib: s
 def _batches(images: np.ndarray, batch: int):
     """Their loaders' input: float images in [-1, 1], NCHW, ``batch`` at a time."""
     for lo in range(0, len(images), batch):
-        yield torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        yield torch.from_numpy(np.array(images[lo:lo + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def _kl_job(ref, net, images, batch, work: Path) -> None:
@@ -236,7 +237,7 @@ def main() -> None:
             rows.append({"round": r, **measure_official(job, args, paths)})
             print(json.dumps(rows[-1]), flush=True)
             for path in args.vdvl:
-                for precision in args.precisions:
+                for precision in args.precisions if job != "eval" else ["fp32"]:  # eval is fp32 unless asked
                     row = inference.measure(inference.VDVL_JOB[job], path, precision, paths, args.work, args.batch)
                     rows.append({"round": r, **row})
                     print(json.dumps(rows[-1]), flush=True)
