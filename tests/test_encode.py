@@ -539,8 +539,11 @@ def test_active_set_reuse(capsys, tmp_path, run_dir, kept, columns, ref_f32):
     assert not (tmp_path / "train.active.json").exists()  # nothing new to record
     ref = raw_arrays(ref_f32)
     got = raw_arrays(tmp_path / "train.zarr")
-    for name in ("layer", "variate", "y", "x", "avg_kl"):
+    for name in ("layer", "variate", "y", "x"):
         np.testing.assert_array_equal(got[f"dims/{name}"], ref[f"dims/{name}"], err_msg=name)
+    # analyze-kl runs the model channels_last, encode --keep in the checkpoint's layout: their
+    # convolutions round differently (about 1e-7), so the average KLs agree to float tolerance.
+    np.testing.assert_allclose(got["dims/avg_kl"], ref["dims/avg_kl"], rtol=1e-6)
     np.testing.assert_array_equal(got["sample_index"], np.arange(N_TRAIN))
     attrs = attrs_of(tmp_path / "train.zarr")
     assert (attrs["split"], attrs["selection_rule"], attrs["selection_value"], attrs["kl_split"]) == \
