@@ -14,6 +14,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "atomic": ["atomic_file", "write_text", "save_figure"],
     "outputs": ["prepare_output", "require_input", "require_matplotlib"],
     "writer_lock": ["WriterLock", "check_run_dir_free", "lock_run_dir", "lock_store", "writing_run_dir"],
-    "runtime": ["DistEnv", "init_distributed", "leave_process_group", "auto_device", "join_processes"],
+    "runtime": ["DistEnv", "init_distributed", "launched_rank", "leave_process_group", "auto_device",
+                "join_processes"],
 })
 __all__ += ["lazy_exports"]

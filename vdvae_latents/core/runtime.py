@@ -43,6 +43,16 @@ def init_distributed(device_type: str) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun launched it (0 without torchrun), known before joining the group.
+
+    For checks only the writing rank may make, such as "the store must not exist yet": when the
+    process group is already up (a second job in one torchrun process), rank 0 may create the
+    store before another rank gets to the check, which would then refuse its own job.
+    """
+    return int(os.environ.get("RANK", "0"))
+
+
 def leave_process_group() -> None:
     """End the process group a command joined (a no-op when there is none or torch was never imported).
 
@@ -89,4 +99,4 @@ def join_processes(dev: torch.device) -> tuple[torch.device, DistEnv]:
     return dev, env
 
 
-__all__ = ["DistEnv", "init_distributed", "leave_process_group", "auto_device", "join_processes"]
+__all__ = ["DistEnv", "init_distributed", "launched_rank", "leave_process_group", "auto_device", "join_processes"]

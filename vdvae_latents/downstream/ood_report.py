@@ -99,9 +99,14 @@ def roc_figure(report: dict, columns: list[str], scores: list[np.ndarray]):
             ax.plot(fpr, tpr, label=f"{labels[name]}: AUROC {entry['metrics'][name]['auroc']:.3f}")
         ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8, linestyle="--")
         ax.set(xlabel="false-positive rate (in-distribution flagged)", ylabel="true-positive rate",
-               title=f"{report['in']['data']}:{report['in']['split']} vs {entry['data']}:{entry['split']}")
+               title=f"{_short(report['in'])} vs {_short(entry)}")
         ax.legend(loc="lower right", fontsize=7)
     return fig
+
+
+def _short(entry: dict) -> str:
+    """A set's name for a panel title: a file's name without its folders."""
+    return f"{Path(entry['data']).name}:{entry['split']}"
 
 
 def _open(text: str, default_split: str, limit: int | None):

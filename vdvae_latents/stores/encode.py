@@ -17,7 +17,7 @@ import torch
 from ..core.errors import UserError
 from ..core.interrupts import resumable_writes
 from ..core.outputs import prepare_output
-from ..core.runtime import auto_device, join_processes
+from ..core.runtime import auto_device, join_processes, launched_rank
 from ..core.writer_lock import lock_store
 from ..data.splits import open_images
 from ..latents.active_set import ActiveSet, fit_active_set, parse_keep
@@ -65,7 +65,8 @@ def encode_to_store(path: str | Path, data: str, out: str | Path, *, split: str 
     out = Path(out)
     # Everything that can be refused is refused before the model loads and the ranking runs.
     parse_codec(store_format(out), codec, dtype)
-    if out.exists() and not (resume or overwrite):
+    # Rank 0 only: it creates the store, which a later rank could find here (core.runtime.launched_rank).
+    if out.exists() and not (resume or overwrite) and launched_rank() == 0:
         raise UserError(f"store '{out}' exists; use --resume to finish it or --overwrite to replace it.")
     prepare_output(out, what="store", kind="folder" if store_format(out) == "zarr" else "file")
     active = None if active_file is None else ActiveSet.load(active_file)

@@ -24,7 +24,7 @@ import numpy as np
 from ..core.errors import UserError
 from ..core.interrupts import resumable_writes
 from ..core.outputs import prepare_output
-from ..core.runtime import auto_device, join_processes
+from ..core.runtime import auto_device, join_processes, launched_rank
 from ..core.writer_lock import lock_store
 from ..data.splits import open_images
 from ..model.checkpoints import load_model, resolve_checkpoint
@@ -50,7 +50,8 @@ def score_to_store(path: str | Path, data: str, out: str | Path, *, split: str =
         raise UserError(f"--iw must be 0 or more importance samples, not {iw}.")
     out = Path(out)
     parse_codec(store_format(out), None, "float32")
-    if out.exists() and not (resume or overwrite):
+    # Rank 0 only: it creates the store, which a later rank could find here (core.runtime.launched_rank).
+    if out.exists() and not (resume or overwrite) and launched_rank() == 0:
         raise UserError(f"store '{out}' exists; use --resume to finish it or --overwrite to replace it.")
     prepare_output(out, what="store", kind="folder" if store_format(out) == "zarr" else "file")
     resolve_checkpoint(path)
