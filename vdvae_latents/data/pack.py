@@ -116,10 +116,11 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
         n_blocks = group["blocks_written"].shape[0]
         missing = [b for b, done in enumerate(group["blocks_written"][...]) if not done]
         start, written = time.perf_counter(), 0
-        if missing:
-            batches = [np.arange(b * block_rows, min(reader.n_rows, (b + 1) * block_rows)) for b in missing]
-            loader = BatchLoader(images, batches, workers=workers, reads=_PackReads(images, skip_bad))
-            with resumable_writes(out, what="packed store"):
+        # A write that fails (a full disk) or an interrupt leaves the store incomplete: say how to finish it.
+        with resumable_writes(out, what="packed store"):
+            if missing:
+                batches = [np.arange(b * block_rows, min(reader.n_rows, (b + 1) * block_rows)) for b in missing]
+                loader = BatchLoader(images, batches, workers=workers, reads=_PackReads(images, skip_bad))
                 for b, (pixels, ok) in zip(missing, loader):
                     lo = b * block_rows
                     group["images"][lo:lo + len(ok)] = pixels.numpy()
@@ -130,13 +131,11 @@ def pack_images(source: str, out: str | Path, *, resize: int | tuple[int, int] |
                         progress(len(ok))
                     if on_block is not None:
                         on_block(b)
-        seconds = time.perf_counter() - start
-
-        ok = group["ok"][...]
-        skipped = list(attrs["header_skipped"])
-        if names is not None:
-            skipped += [names[i] for i in np.flatnonzero(~ok)]
-        with resumable_writes(out, what="packed store"):
+            seconds = time.perf_counter() - start
+            ok = group["ok"][...]
+            skipped = list(attrs["header_skipped"])
+            if names is not None:
+                skipped += [names[i] for i in np.flatnonzero(~ok)]
             group.attrs.update({"n_skipped": len(skipped), "skipped": skipped[:20], "complete": True})
         rows = int(ok.sum())
         return {"store": str(out), "source": source, "rows": rows, "shape": [rows, h, w, c],

@@ -31,6 +31,7 @@ import torch
 from ..core.errors import UserError
 from .distributions import RowGenerators
 from .evaluation import iw_log_weights
+from .vae import VAEOutput
 
 LN2 = math.log(2.0)
 
@@ -107,7 +108,7 @@ def score_batch(model, x: torch.Tensor, ks: Sequence[int], *, rows: Sequence[int
         streams, log_w = RowGenerators(row_seeds(seed, rows, stream=1)), []
         for _ in range(iw):
             nll_i, _, layers = bound(streams)
-            log_w.append(iw_log_weights(_Pass(nll_i, layers)))
+            log_w.append(iw_log_weights(VAEOutput(nll=nll_i, layers=layers, features=None, dims_per_image=dims)))
         reference = -(torch.logsumexp(torch.stack(log_w), 0) - math.log(iw)) / dims / LN2
         columns.append(reference)
     shapes = model.cfg.layer_shapes()
@@ -122,13 +123,6 @@ def score_batch(model, x: torch.Tensor, ks: Sequence[int], *, rows: Sequence[int
         gt_k.append((nll_k + kl[:, :j].sum(1)) / dims / LN2)
     columns += gt_k + [g - reference for g in gt_k]
     return torch.stack([c.to(torch.float64) for c in columns], 1).cpu().numpy()
-
-
-class _Pass:
-    """The two fields of a VAEOutput that :func:`iw_log_weights` reads."""
-
-    def __init__(self, nll: torch.Tensor, layers: list) -> None:
-        self.nll, self.layers = nll, layers
 
 
 def to_channels(batch: np.ndarray, channels: int) -> np.ndarray:
