@@ -25,14 +25,42 @@ a subprocess that the test has to watch, say to kill it at the right moment; sta
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import queue
 import subprocess
 import tempfile
 import threading
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """The session's temporary folder that every pytest-xdist worker sees (each worker's basetemp
+    is a folder of it); the basetemp itself without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def first_worker_makes(tmp_path_factory, name: str):
+    """``with first_worker_makes(f, "x") as (folder, make):`` -- ``folder`` is the same for every
+    worker; ``make`` is true in the one worker that gets there first, which fills the folder while
+    the others wait at the ``with`` for it to finish; then they find it made."""
+    root = shared_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        make = not done.exists()
+        if make:
+            folder.mkdir(exist_ok=True)
+        yield folder, make
+        if make:
+            done.touch()
 
 
 def lower_priority() -> None:
@@ -45,8 +73,9 @@ def lower_priority() -> None:
 class Job:
     """One subprocess, run at most once per session."""
 
-    def __init__(self, prepare) -> None:
+    def __init__(self, prepare, name: str) -> None:
         self._prepare = prepare
+        self._name = name
         self._spec = None
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
@@ -85,12 +114,40 @@ class Job:
             return self._result
 
     def result(self, request) -> SimpleNamespace:
-        self.prepare(request)
-        return self.run()
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            self.prepare(request)
+            return self.run()
+        # Under pytest-xdist one worker runs the process and the others read its result (its
+        # ``prepare`` must then put its files in a shared folder: ``first_worker_makes``).
+        if self._result is None:
+            factory = request.getfixturevalue("tmp_path_factory")
+            with first_worker_makes(factory, f"job-{self._name}") as (folder, make):
+                if make:
+                    self.prepare(request)
+                    self.run()
+                    if not callable(self._spec):
+                        _save(self._result, folder / "result.json")
+                elif (folder / "result.json").exists():
+                    self._result = _load(folder / "result.json")
+                else:  # the first worker's process was one to watch in place: run it here as well
+                    self.prepare(request)
+                    self.run()
+        return self._result
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
+
+
+def _save(result: SimpleNamespace, path: Path) -> None:
+    fields = vars(result)
+    path.write_text(json.dumps({"values": {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()},
+                                "paths": [k for k, v in fields.items() if isinstance(v, Path)]}))
+
+
+def _load(path: Path) -> SimpleNamespace:
+    saved = json.loads(path.read_text())
+    return SimpleNamespace(**{k: Path(v) if k in saved["paths"] else v for k, v in saved["values"].items()})
 
 
 JOBS: dict[str, Job] = {}
@@ -101,7 +158,7 @@ def subprocess_fixture(prepare, name: str | None = None):
     """Make ``prepare(request) -> (argv, cwd, env, timeout_s, extra fields)`` a session fixture
     (named ``name``, by default after it) whose value is the finished subprocess."""
     name = name or prepare.__name__
-    job = JOBS.setdefault(name, Job(prepare))
+    job = JOBS.setdefault(name, Job(prepare, name))
 
     @pytest.fixture(scope="session", name=name)
     def fixture(request):
@@ -117,7 +174,7 @@ def start(request) -> None:
     Each job is prepared on the main thread and then queued, so the thread runs the first jobs while
     the main thread prepares later ones (the torchrun launch needs a trained checkpoint first).
     Not under pytest-xdist: there every worker collects every test, so each job runs when a test
-    first asks for it."""
+    first asks for it, in the first worker that asks (``Job.result``)."""
     global _thread
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return

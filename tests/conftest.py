@@ -31,9 +31,10 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import settings
+from threadpoolctl import threadpool_limits
 
 import background
-from background import subprocess_fixture
+from background import first_worker_makes, subprocess_fixture
 from helpers import copy_run, pixels, rewrite_checkpoint
 
 # The fuzz suites (tests/test_fuzz_*.py): a fixed, derandomized example budget, so they take the same
@@ -42,8 +43,13 @@ from helpers import copy_run, pixels, rewrite_checkpoint
 settings.register_profile("vdvl", derandomize=True, database=None, deadline=10_000, print_blob=True)
 settings.load_profile("vdvl")
 
+# numpy's and scipy's OpenBLAS and scikit-learn's OpenMP on one thread for the whole session, as torch
+# is below: their worker threads spin while they wait, and beside a second pytest-xdist worker or a
+# background subprocess they fought for the two cores (a 0.4 s probe fit took 6.8 s in the suite).
+BLAS_ONE_THREAD = threadpool_limits(limits=1)
+
 ROOT = Path(__file__).resolve().parents[1]
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @contextlib.contextmanager
@@ -109,17 +115,20 @@ def tiny_digits_run(tmp_path_factory) -> Path:
     """A run directory with one real tiny checkpoint: 30 steps of 32 digits (8x8x1), on the CPU.
 
     Shared by every module that needs "a trained tiny model" without caring which: read-only.
+    Under pytest-xdist the first worker to ask trains it and the others use the same folder.
     """
     from vdvae_latents.train.loop import train
     from vdvae_latents.train.run_config import resolve_run_config
 
-    run = resolve_run_config(preset="tiny", data="digits")
-    run = replace(run, train=replace(run.train, steps=30, batch_size=32, val_limit=16, log_every=10, device="cpu"))
-    run_dir = tmp_path_factory.mktemp("tiny30") / "run"
-    with single_thread():
-        result = train(run_dir, run, quiet=True)
-    assert result.step == 30 and result.checkpoint is not None
-    return run_dir
+    with first_worker_makes(tmp_path_factory, "tiny30") as (folder, make):
+        if make:
+            run = resolve_run_config(preset="tiny", data="digits")
+            run = replace(run, train=replace(run.train, steps=30, batch_size=32, val_limit=16, log_every=10,
+                                             device="cpu"))
+            with single_thread():
+                result = train(folder / "run", run, quiet=True)
+            assert result.step == 30 and result.checkpoint is not None
+    return folder / "run"
 
 
 @pytest.fixture(scope="session")
@@ -128,10 +137,11 @@ def encode_data(tmp_path_factory) -> str:
     (uint8 images and labels; the library's seeded split makes 480 train, 60 val, 60 test images)."""
     from vdvae_latents.data import load_images
 
-    digits = load_images("digits", split="all")
-    path = tmp_path_factory.mktemp("encode-data") / "digits600.npz"
-    np.savez(path, images=digits.images[:600], labels=digits.labels[:600])
-    return str(path)
+    with first_worker_makes(tmp_path_factory, "encode-data") as (folder, make):
+        if make:
+            digits = load_images("digits", split="all")
+            np.savez(folder / "digits600.npz", images=digits.images[:600], labels=digits.labels[:600])
+    return str(folder / "digits600.npz")
 
 
 @pytest.fixture(scope="session")
@@ -140,8 +150,11 @@ def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
     no optimizer state: what tests/test_encode.py encodes. Read-only (its run directory too)."""
     from vdvae_latents.model.checkpoints import latest_checkpoint
 
-    run_dir = copy_run(tiny_digits_run, tmp_path_factory.mktemp("enc") / "run")
-    return rewrite_checkpoint(latest_checkpoint(run_dir), spread_posterior_biases=0.7, drop_optimizer=True)
+    with first_worker_makes(tmp_path_factory, "enc") as (folder, make):
+        if make:
+            run_dir = copy_run(tiny_digits_run, folder / "run")
+            rewrite_checkpoint(latest_checkpoint(run_dir), spread_posterior_biases=0.7, drop_optimizer=True)
+    return latest_checkpoint(folder / "run")
 
 
 # ----------------------------------------------------------------------------- background subprocesses
@@ -150,11 +163,14 @@ def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
 def pytest_collection_modifyitems(session, config, items):
     """Run the modules whose tests wait for background subprocesses last (in their usual order, each
     module's tests together and in order), so that the subprocesses have the rest of the session to
-    finish in. The tests do not depend on their order."""
+    finish in. Under pytest-xdist, first instead: there the subprocesses run in the foreground of
+    the worker that asks (tests/background.py), which makes those modules the longest, and a long
+    module handed out last leaves one worker alone at the end. The tests do not depend on their order."""
     waits = {item.module for item in items
              if getattr(item, "module", None) is not None
              and any(name in background.JOBS for name in getattr(item, "fixturenames", ()))}
-    items.sort(key=lambda item: getattr(item, "module", None) in waits)  # stable: order kept within each group
+    first = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    items.sort(key=lambda item: (getattr(item, "module", None) in waits) != first)  # stable within each group
 
 
 @pytest.fixture(scope="session", autouse=True)
