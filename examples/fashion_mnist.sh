@@ -17,7 +17,8 @@
 #
 # Re-running resumes the training run and reuses finished steps (encode is redone with --overwrite).
 # The last step encodes the same active set as int8 (train_int8.zarr, test_int8.zarr) and probes the
-# float16 and int8 stores with all 54,000 training rows (COMPACT=0 skips it).
+# float16 and int8 stores with all 54,000 training rows, the float16 one against the raw pixels and
+# random dimensions with all rows too (COMPACT=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VDVL=${VDVL:-.venv/bin/vdvl}
@@ -61,10 +62,14 @@ if [ "${COMPACT:-1}" = 1 ]; then
             --out "$OUT/${split}_int8.zarr" --overwrite --json > "$OUT/encode_${split}_int8.json"
         $VDVL verify "$OUT/${split}_int8.zarr"
     done
+    # With every training row: the float16 store against the raw pixels and random variates (or
+    # scalars) of the same count, the int8 store alone.
     for store in train train_int8; do
         test_store=${store/train/test}
+        baselines=none
+        [ "$store" = train ] && baselines=${BASELINES_ALL_ROWS:-pixels,random}
         /usr/bin/time -f "probe $store: %e s wall" $VDVL probe "$OUT/$store.zarr" --test-store "$OUT/$test_store.zarr" \
-            --baselines none --seeds "${SEEDS:-2}" --json > "$OUT/probe_all_rows_$store.json"
+            --baselines "$baselines" --seeds "${SEEDS:-2}" --json > "$OUT/probe_all_rows_$store.json"
     done
 fi
 log "polarization over training: every kept checkpoint ranked at the $GRANULARITY unit"
