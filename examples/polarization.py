@@ -50,7 +50,11 @@ def figure(rows: list[dict], granularity: str, title: str):
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     hist_ax, share_ax = fig.subplots(1, 2)
-    colours = [f"C{i}" for i in range(len(rows))]
+    from matplotlib import colormaps
+
+    # One colour per checkpoint along a sequential map: early steps dark, late steps light (the
+    # ten-colour cycle repeats beyond ten checkpoints).
+    colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(rows)))
     bins = np.linspace(np.log10(FLOOR), max(np.log10(max(max(r["avg_kl"]), FLOOR)) for r in rows) + 0.1, 50)
     for row, colour in zip(rows, colours):
         kl = np.asarray(row["avg_kl"])
