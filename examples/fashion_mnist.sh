@@ -22,6 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VDVL=${VDVL:-.venv/bin/vdvl}
+PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-fashion-out}
 STEPS=${STEPS:-5000}
 KEEP=${KEEP:-3%}
@@ -66,14 +67,13 @@ if [ "${COMPACT:-1}" = 1 ]; then
     # scalars) of the same count, the int8 store alone.
     for store in train train_int8; do
         test_store=${store/train/test}
-        baselines=none
-        [ "$store" = train ] && baselines=${BASELINES_ALL_ROWS:-pixels,random}
+        if [ "$store" = train ]; then baselines=${BASELINES_ALL_ROWS:-pixels,random}; else baselines=none; fi
         /usr/bin/time -f "probe $store: %e s wall" $VDVL probe "$OUT/$store.zarr" --test-store "$OUT/$test_store.zarr" \
             --baselines "$baselines" --seeds "${SEEDS:-2}" --json > "$OUT/probe_all_rows_$store.json"
     done
 fi
 log "polarization over training: every kept checkpoint ranked at the $GRANULARITY unit"
-$(dirname "$VDVL")/python examples/polarization.py "$OUT/run" --data fashion-mnist --split train --limit 2000 \
+"$PYTHON" examples/polarization.py "$OUT/run" --data fashion-mnist --split train --limit 2000 \
     --granularity "$GRANULARITY" --out "$OUT/polarization"
 log "one page with all of it: $OUT/report.html"
 stores=(--store "$OUT/train.zarr" --store "$OUT/test.zarr")

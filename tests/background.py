@@ -117,21 +117,20 @@ class Job:
         if not os.environ.get("PYTEST_XDIST_WORKER"):
             self.prepare(request)
             return self.run()
-        # Under pytest-xdist one worker runs the process and the others read its result (its
-        # ``prepare`` must then put its files in a shared folder: ``first_worker_makes``).
+        # Under pytest-xdist the first worker to ask runs the process and the others read its result
+        # (paths in it point into that worker's temp folder, which they can read). A process to watch
+        # in place (``prepare`` returned a function) has no saved result and runs in every worker.
         if self._result is None:
             factory = request.getfixturevalue("tmp_path_factory")
             with first_worker_makes(factory, f"job-{self._name}") as (folder, make):
-                if make:
+                saved = folder / "result.json"
+                if make or not saved.exists():
                     self.prepare(request)
                     self.run()
-                    if not callable(self._spec):
-                        _save(self._result, folder / "result.json")
-                elif (folder / "result.json").exists():
-                    self._result = _load(folder / "result.json")
-                else:  # the first worker's process was one to watch in place: run it here as well
-                    self.prepare(request)
-                    self.run()
+                    if make and not callable(self._spec):
+                        _save(self._result, saved)
+                else:
+                    self._result = _load(saved)
         return self._result
 
     def kill(self) -> None:
