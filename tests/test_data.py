@@ -68,6 +68,34 @@ def test_digits_shapes_labels_and_range():
     assert full.shape == (8, 8, 1) and len(full) == 1797 and full.spec == "digits"
 
 
+@pytest.mark.parametrize("through", ["file", "load_digits"])
+def test_digits_are_load_digits_read_without_importing_sklearn(through, monkeypatch):
+    """The digits come from the file scikit-learn ships, parsed here; where that file is not
+    found, from ``load_digits`` itself. Either way the same pixels and labels as ``load_digits``."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from vdvae_latents.data import memory_sources
+
+    if through == "load_digits":
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    reader = memory_sources.read_digits()
+    digits = load_digits()
+    assert np.array_equal(reader.images[..., 0], np.rint(digits.images * (255 / 16)).astype(np.uint8))
+    assert np.array_equal(reader.labels, digits.target)
+
+
+def test_reading_digits_leaves_sklearn_unimported():
+    import subprocess
+    import sys
+
+    code = "import sys; from vdvae_latents.data import load_images; load_images('digits', 'all'); " \
+           "print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ------------------------------------------------------------------ fashion-mnist
 
 

@@ -23,7 +23,7 @@ from ..core.outputs import prepare_output
 from ..core.writer_lock import writing_run_dir
 from ..model import checkpoints as ckpt
 from ..model.config import ModelConfig
-from ..model.vae import VAE
+from ..model.vae import meta_model
 from ..train.config import TrainConfig
 from ..train.run_config import RunConfig, dump_toml
 
@@ -89,8 +89,7 @@ def claim_new_run_dir(run_dir: str | Path) -> Iterator[Path]:
 
 def meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's state dict with shapes only (no memory): enough to check names and shapes."""
-    with torch.device("meta"):
-        return VAE(cfg).state_dict()
+    return meta_model(cfg).state_dict()
 
 
 __all__ = ["write_imported_run", "claim_new_run_dir", "meta_state_dict"]

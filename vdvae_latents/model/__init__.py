@@ -13,7 +13,7 @@ from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "config": ["ModelConfig", "parse_setting"],
-    "vae": ["VAE", "VAEOutput", "count_parameters"],
+    "vae": ["VAE", "VAEOutput", "count_parameters", "meta_model"],
     "inputs": ["check_images_fit", "prepare_batch", "evaluation_images", "fixed_binarization", "eval_binarization"],
     "evaluation": ["EvalResult", "evaluate", "eval_checkpoint", "iter_batches"],
     "scores": ["score_images", "score_batch", "score_columns", "parse_ks"],

@@ -32,6 +32,8 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, scale: float = 1.0, stride: in
     code's convolutions) instead of PyTorch's default, before the scaling.
     """
     layer = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=(kernel // 2 if stride == 1 else 0))
+    if layer.weight.is_meta:  # shapes only (vae.meta_model): no values to set
+        return layer
     with torch.no_grad():
         if init == "xavier":
             nn.init.xavier_uniform_(layer.weight)
