@@ -48,7 +48,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$SECONDS
 
 if [ "$DRY" = 1 ]; then
-  SMALL=tiny; BIG=digits-cpu; B_SMALL=8; B_BIG=16; STEPS=1; WARMUP=1; TRAIN_STEPS=30; DEVICE=cpu; TAG=dry-run
+  SMALL=tiny; BIG=digits-cpu; B_SMALL=8; B_BIG=4; STEPS=1; WARMUP=1; TRAIN_STEPS=30; DEVICE=cpu; TAG=dry-run
   DATA=digits; PRECISIONS="fp32"; COMPILE="false"; SMOKE=(--in-process); ENCODE=(--formats zarr --dtypes float16)
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \

@@ -2,7 +2,8 @@
 
 Every job runs the one masked top-down path of ``VAE`` and asks only for what its output
 needs: ``encode`` stops after the deepest kept layer, ``analyze-kl`` skips the output head,
-``eval`` scores the mixture of logistics a few images at a time. Each shortcut is checked
+``eval`` scores the mixture of logistics a few images at a time; an encoding runs the posterior
+nets of its kept layers only. Each shortcut is checked
 against the full pass (every layer and the likelihood) on small presets and on an imported
 official Efficient-VDVAE layout (the hand-written config of tests/test_import_efficient.py).
 """
@@ -110,6 +111,42 @@ class TestStopAfter:
     def test_layer_out_of_range_is_refused(self, model):
         with pytest.raises(ValueError, match="stop_after"):
             model(_images(model.cfg, 1), stop_after=model.cfg.n_layers)
+
+
+class TestPosteriorLayers:
+    """``posterior_layers``: a layer with no active dim may skip its posterior net; every number
+    the pass gives is the full pass's, and the generator moves as in the full pass."""
+
+    @pytest.mark.parametrize("posterior,masked", [("sample", "mean"), ("mean", "mean"), ("sample", "sample")])
+    def test_skipped_posteriors_change_nothing_else(self, model, posterior, masked):
+        n = model.cfg.n_layers
+        runs = [k % 3 == 0 for k in range(n)]  # layer 0, 3, 6, ... keep their posterior
+        masks = [m if r else torch.zeros_like(m) for m, r in zip(_some_masks(model.cfg), runs)]
+        x = _images(model.cfg, 3)
+        g_full, g_skip = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for _ in range(2):  # a second batch on the same generators sees the same noise
+                full = model(x, active=masks, posterior=posterior, masked=masked, generator=g_full)
+                skip = model(x, active=masks, posterior=posterior, masked=masked, generator=g_skip,
+                             posterior_layers=runs)
+                torch.testing.assert_close(skip.nll, full.nll, rtol=0, atol=0)
+                for a, b, r in zip(full.layers, skip.layers, runs):
+                    if r:
+                        _same_layer(a, b)
+                    else:
+                        assert b.q_mean is None and b.q_std is None and b.kl is None
+                        assert not a.kl.any()  # the full pass's KL there is zero too
+                        for name in ("p_mean", "p_std", "z"):
+                            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)
+        assert torch.equal(g_full.get_state(), g_skip.get_state())
+
+    def test_a_layer_with_active_dims_cannot_skip(self, model):
+        runs = [True] * model.cfg.n_layers
+        runs[0] = False
+        with pytest.raises(ValueError, match="layer 0 cannot skip its posterior"):
+            model(_images(model.cfg, 1), posterior_layers=runs)
+        with pytest.raises(ValueError, match="posterior_layers must have one entry per latent layer"):
+            model(_images(model.cfg, 1), posterior_layers=[True])
 
 
 def _active_set(model, keep_layers: list[int]):

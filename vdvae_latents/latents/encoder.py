@@ -87,7 +87,8 @@ class Encoder:
         self._active_masks = active.layer_masks(device=device)
         # The deepest layer with a kept column: the pass stops there (nothing below it, and no
         # output head, changes what the kept layers' posteriors are). -1 when nothing is kept.
-        kept = [k for k, mask in enumerate(self.columns.masks) if mask.any()]
+        self._kept_layers = [bool(mask.any()) for mask in self.columns.masks]
+        kept = [k for k, has in enumerate(self._kept_layers) if has]
         self.deepest_layer = kept[-1] if kept else -1
 
     @property
@@ -106,15 +107,22 @@ class Encoder:
         """:meth:`encode` plus the prior std of every kept scalar (B, K), the scale that
         quantising in units of the prior (:mod:`~vdvae_latents.stores.codes`) needs."""
         posterior = "sample" if self.statistic == "sample" else "mean"
+        # Only the layers with a kept column run their posterior net, and the pass ends at the
+        # deepest of them: the other layers' z is the prior mean either way.
         out = self.model(x, active=self._active_masks, posterior=posterior, masked="mean", generator=generator,
-                         stop_after=max(self.deepest_layer, 0), likelihood=False)
+                         stop_after=max(self.deepest_layer, 0), likelihood=False, posterior_layers=self._kept_layers)
         feats, stds, priors = [], [], []
-        for layer, mask in zip(out.layers, self._masks):  # out.layers ends at the deepest kept layer
+        for layer, mask, kept in zip(out.layers, self._masks, self._kept_layers):  # ends at the deepest kept layer
+            if not kept:
+                continue
             source = layer.z if self.statistic == "sample" else layer.q_mean
             feats.append(source[:, mask].float())
             priors.append(layer.p_std[:, mask].float())
             if self.statistic == "mean+std":
                 stds.append(layer.q_std[:, mask].float())
+        if not feats:  # nothing kept: (B, 0) features
+            empty = x.new_zeros((x.shape[0], 0), dtype=torch.float32)
+            return empty, (empty if self.statistic == "mean+std" else None), empty
         features = torch.cat(feats, dim=1)
         return features, (torch.cat(stds, dim=1) if stds else None), torch.cat(priors, dim=1)
 

@@ -135,6 +135,9 @@ class LayerPlan:
     temperature: scales the prior std for prior samples.
     given: (values (B, V, H, W), mask (V, H, W) or None) — values that replace z on
         the masked positions (decoding stored encodings).
+    runs_posterior: False (only with an all-False ``active``): the posterior net does not run,
+        though a posterior sample's noise is still drawn, so the generator moves as in the
+        full pass.
     """
 
     active: torch.Tensor | None = None
@@ -143,11 +146,12 @@ class LayerPlan:
     temperature: float = 1.0
     given: tuple[torch.Tensor, torch.Tensor | None] | None = None
     generator: torch.Generator | None = None
+    runs_posterior: bool = True
 
 
 @dataclass
 class LayerResult:
-    kl: torch.Tensor | None            # (B, V, H, W) nats; zero where pruned; None without posterior
+    kl: torch.Tensor | None            # (B, V, H, W) nats; zero where pruned; None where no posterior ran
     q_mean: torch.Tensor | None
     q_std: torch.Tensor | None
     p_mean: torch.Tensor
@@ -212,6 +216,10 @@ class TopDownBlock(nn.Module):
                 plan: LayerPlan) -> tuple[torch.Tensor, LayerResult]:
         p_mean, p_std, residual = self.prior_stats(state)
         kl = q_mean = q_std = None
+        if skip is not None and not plan.runs_posterior:
+            if plan.posterior == "sample":  # the noise the posterior sample takes, drawn and dropped
+                gaussian_sample(p_mean, p_std, generator=plan.generator)
+            skip = None  # every dim takes the prior (the plan's active mask is all False)
         if skip is not None:
             q_mean, q_std = self.posterior_stats(state, skip)
             kl = gaussian_kl(q_mean, q_std, p_mean, p_std)

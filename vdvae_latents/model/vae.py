@@ -209,7 +209,7 @@ class VAE(nn.Module):
                 masked: str = "mean", temperature: float | Sequence[float] = 1.0,
                 given: Sequence[tuple[torch.Tensor, Mask] | None] | None = None,
                 generator: torch.Generator | None = None, stop_after: int | None = None,
-                likelihood: bool = True) -> VAEOutput:
+                likelihood: bool = True, posterior_layers: Sequence[bool] | None = None) -> VAEOutput:
         """Encode ``x`` and score it: negative ELBO pieces per image.
 
         active: per layer a bool mask (V, H, W) of dims that use the posterior (None
@@ -222,9 +222,14 @@ class VAE(nn.Module):
             likelihood (``nll`` and ``features`` are None).
         likelihood: False skips the output head (``nll`` is None): KL statistics need every
             layer but not p(x | z).
+        posterior_layers: per layer whether its posterior net runs (None: every layer's). A
+            layer marked False must have no active dim (an all-False ``active`` mask): its z
+            is the prior's and its ``q_mean``, ``q_std`` and ``kl`` are None. Encodings need
+            the kept layers' posteriors only.
         """
         plans = self.make_plans(active=active, posterior=posterior, masked=masked, temperature=temperature,
-                                given=given, generator=generator, batch=x.shape[0], device=x.device)
+                                given=given, generator=generator, batch=x.shape[0], device=x.device,
+                                posterior_layers=posterior_layers)
         skips = self.bottom_up(x)
         features, layers = self.top_down(skips, x.shape[0], plans, stop_after=stop_after)
         nll = -self.head.log_prob(features, x) if likelihood and features is not None else None
@@ -254,10 +259,12 @@ class VAE(nn.Module):
         out_t = plans[-1].temperature if masked == "sample" else 1.0
         return self.head.sample(features, temperature=out_t, deterministic=deterministic_output, generator=generator)
 
-    def make_plans(self, *, active, posterior, masked, temperature, given, generator, batch, device) -> list[LayerPlan]:
+    def make_plans(self, *, active, posterior, masked, temperature, given, generator, batch, device,
+                   posterior_layers=None) -> list[LayerPlan]:
         """Validate per-layer options and turn them into one :class:`LayerPlan` per layer (see :func:`layer_plans`)."""
         return layer_plans(self.cfg.layer_shapes(), active=active, posterior=posterior, masked=masked,
-                           temperature=temperature, given=given, generator=generator, batch=batch, device=device)
+                           temperature=temperature, given=given, generator=generator, batch=batch, device=device,
+                           posterior_layers=posterior_layers)
 
     def _check_input(self, x: torch.Tensor) -> None:
         c, s = self.cfg.channels, self.cfg.image_size
@@ -301,7 +308,7 @@ def skip_draws(shapes: Sequence[tuple[int, int, int]], plans: Sequence[LayerPlan
 
 
 def layer_plans(shapes: list[tuple[int, int, int]], *, active, posterior, masked, temperature, given, generator, batch,
-            device) -> list[LayerPlan]:
+                device, posterior_layers=None) -> list[LayerPlan]:
     """The masked top-down path's per-layer instructions, validated: for layer k of ``shapes`` (V, H, W),
     which dims take the posterior (``active[k]``, None: all), whether the posterior is sampled
     or its mean taken, how pruned dims draw from the prior (``masked``, ``temperature``) and
@@ -312,7 +319,8 @@ def layer_plans(shapes: list[tuple[int, int, int]], *, active, posterior, masked
     if masked not in ("sample", "mean"):
         raise ValueError(f"masked must be 'sample' or 'mean', not {masked!r}")
     temps = list(temperature) if isinstance(temperature, Sequence) else [float(temperature)] * n
-    for name, seq in (("active", active), ("given", given), ("temperature", temps)):
+    for name, seq in (("active", active), ("given", given), ("temperature", temps),
+                      ("posterior_layers", posterior_layers)):
         if seq is not None and len(seq) != n:
             raise ValueError(f"{name} must have one entry per latent layer ({n}), got {len(seq)}")
     plans = []
@@ -328,8 +336,12 @@ def layer_plans(shapes: list[tuple[int, int, int]], *, active, posterior, masked
             if tuple(values.shape) != (batch, *shape):
                 raise ValueError(f"given values of layer {k} have shape {tuple(values.shape)}, expected {(batch, *shape)}")
             g = (values.to(device), None if gmask is None else torch.as_tensor(gmask, dtype=torch.bool, device=device))
+        runs_posterior = True if posterior_layers is None else bool(posterior_layers[k])
+        if not runs_posterior and a is None:
+            raise ValueError(f"layer {k} cannot skip its posterior net: every dim of it is active (give an "
+                             "all-False active mask)")
         plans.append(LayerPlan(active=a, posterior=posterior, masked=masked, temperature=temps[k],
-                               given=g, generator=generator))
+                               given=g, generator=generator, runs_posterior=runs_posterior))
     return plans
 
 
