@@ -7,6 +7,9 @@ autocast on bf16-native CPUs for analyze-kl and encode; eval is fp32 unless aske
 row gives the job's own images/s (its ``seconds``), the whole process's images/s (start
 to exit: imports and model loading included) and the process's peak RSS.
 
+``--posterior-ab`` times encode's model pass on the 3% active set with every layer's posterior
+net and with the kept layers' only (interleaved rounds).
+
 ``--depth-sweep`` times the encoder's model pass against the full pass (every layer and
 the likelihood, as the pass was before it learned to stop) for active sets whose deepest
 kept layer is each of a few layers: the speed-up as a function of that layer.
@@ -186,17 +189,61 @@ def depth_sweep(paths: dict, work: Path, batch: int, layers: list[int], repeats:
     return rows
 
 
+def posterior_ab(paths: dict, work: Path, batch: int, rounds: int = 4) -> dict:
+    """The 3% active set's model pass three ways, interleaved ``rounds`` times (median seconds):
+    the full pass; stopped after the deepest kept layer with every layer's posterior net; and
+    stopped there with the kept layers' posterior nets only (what ``Encoder.encode`` runs)."""
+    import numpy as np
+    import torch
+
+    from vdvae_latents.latents.active_set import ActiveSet
+    from vdvae_latents.latents.encoder import Encoder
+    from vdvae_latents.model.checkpoints import load_model
+    from vdvae_latents.model.inputs import prepare_batch
+
+    model, _ = load_model(paths["run"], ema=True, device="cpu")
+    model.eval()  # the layout `vdvl encode` runs in (the checkpoint's)
+    active = ActiveSet.load(_active_file(work, paths, batch))
+    x = prepare_batch(model.cfg, np.array(np.load(paths["images"], mmap_mode="r")[:batch]), device="cpu")
+    enc = Encoder(model, active)
+    masks = active.layer_masks()
+    kept = [bool(m.any()) for m in enc.columns.masks]
+    ways = {
+        "full_pass": lambda: model(x, active=masks, posterior="mean", masked="mean"),
+        "stopped_every_posterior": lambda: model(x, active=masks, posterior="mean", masked="mean",
+                                                 stop_after=enc.deepest_layer, likelihood=False),
+        "stopped_kept_posteriors": lambda: model(x, active=masks, posterior="mean", masked="mean",
+                                                 stop_after=enc.deepest_layer, likelihood=False,
+                                                 posterior_layers=kept),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    with torch.no_grad():
+        for fn in ways.values():
+            fn()  # warm-up
+        for _ in range(rounds):
+            for name, fn in ways.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    out = {name: float(np.median(t)) for name, t in times.items()}
+    out.update(batch=batch, rounds=rounds, deepest_layer=enc.deepest_layer, layers=len(kept),
+               layers_with_kept_variates=int(sum(kept)))
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def write_results(results: Path, tag: str, rows: list[dict], *, note: str = "", extra: dict | None = None,
-                  sweep: list[dict] | None = None) -> None:
+                  sweep: list[dict] | None = None, ab: dict | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"), "machine": machine(), "note": note,
-              **(extra or {}), "rows": rows, "depth_sweep": sweep or []}
+              **(extra or {}), "rows": rows, "depth_sweep": sweep or [], "posterior_ab": ab}
     (results / f"inference-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# inference ({tag}), {result['date']}", "", f"Machine: `{json.dumps(result['machine'])}`", ""]
     if extra:
         lines += [f"{k}: `{v}`" for k, v in extra.items()] + [""]
-    lines += ["| round | impl | job | path | precision | job images/s | process images/s | peak RSS (MiB) |",
-              "|---|---|---|---|---|---|---|---|"]
+    if rows:
+        lines += ["| round | impl | job | path | precision | job images/s | process images/s | peak RSS (MiB) |",
+                  "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"| {r.get('round', 0)} | {r['impl']} | {r['job']} | {r.get('path', 'their loop')} | {r.get('precision', '')}"
         if "error" in r:
@@ -211,6 +258,16 @@ def write_results(results: Path, tag: str, rows: list[dict], *, note: str = "", 
                   "|---|---|---|---|---|"]
         lines += [f"| {s['deepest_layer']} | {s['resolution']} | {s['full_pass_s']:.3f} | {s['encode_s']:.3f} | "
                   f"{s['speedup']:.2f}x |" for s in sweep]
+    if ab:
+        full = ab["full_pass"]
+        lines += ["", f"Encode's model pass on the 3% active set (batch {ab['batch']}, median of {ab['rounds']} "
+                  f"interleaved rounds; deepest kept layer {ab['deepest_layer']} of {ab['layers']}, "
+                  f"{ab['layers_with_kept_variates']} layers with a kept variate):", "",
+                  "| pass | seconds | speed-up over the full pass |", "|---|---|---|"]
+        for name, label in (("full_pass", "full pass (every layer, likelihood)"),
+                            ("stopped_every_posterior", "stopped after the deepest kept layer, every posterior net"),
+                            ("stopped_kept_posteriors", "stopped there, kept layers' posterior nets only (encode)")):
+            lines.append(f"| {label} | {ab[name]:.3f} | {full / ab[name]:.2f}x |")
     if note:
         lines += ["", note]
     (results / f"inference-{tag}.md").write_text("\n".join(lines) + "\n")
@@ -226,6 +283,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--work", type=Path, default=None, help="folder holding (or to hold) the model and images")
     ap.add_argument("--depth-sweep", action="store_true")
+    ap.add_argument("--posterior-ab", action="store_true",
+                    help="encode's pass with every posterior net against the kept layers' only")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--note", default="")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -261,7 +320,8 @@ def main() -> None:
                     rows.append({"round": r, **measure(job, kind, precision, paths, args.work, args.batch)})
                     print(json.dumps(rows[-1]), flush=True)
     sweep = depth_sweep(paths, args.work, args.batch, [0, 12, 24, 36, 46]) if args.depth_sweep else None
-    write_results(args.results, args.tag, rows, note=args.note, sweep=sweep)
+    ab = posterior_ab(paths, args.work, args.batch) if args.posterior_ab else None
+    write_results(args.results, args.tag, rows, note=args.note, sweep=sweep, ab=ab)
 
 
 if __name__ == "__main__":
