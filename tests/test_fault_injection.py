@@ -295,7 +295,7 @@ def test_sigterm_from_outside_stops_encode_cleanly(capsys, encode_sent_sigterm, 
         assert proc.returncode == 0, proc.stderr[-2000:]
         pytest.skip("the encode finished before SIGTERM could be sent")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    # The return code in the message too: a run under load once printed the right line yet failed here.
+    # Under load a traceback of multiprocessing's resource sharer once followed the line (see the next test).
     assert proc.returncode == 143 and "Traceback" not in proc.stderr, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert lines == [f"vdvl: terminated (SIGTERM). {proc.out} is incomplete; run the same command with --resume "
                      f"to finish it."]
@@ -307,3 +307,33 @@ def test_sigterm_from_outside_stops_encode_cleanly(capsys, encode_sent_sigterm, 
     # Batches of 16 here, 48 in the reference: the same features up to the order of float sums.
     np.testing.assert_allclose(raw_arrays(proc.out)["features"], raw_arrays(probe_store)["features"], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_an_interrupted_process_has_its_one_line_as_the_last_word(capsys, monkeypatch):
+    """As the whole process (`run`), an interrupt also silences what background threads report
+    while the process winds down (multiprocessing's resource sharer once printed a traceback
+    after the line: test_sigterm_from_outside_stops_encode_cleanly under load); called as a
+    library function (tests, notebooks), the hooks are left alone."""
+    import importlib
+    import threading
+
+    cli_app = importlib.import_module("vdvae_latents.cli.app")  # the module (the package's `app` is the Typer app)
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_app, "app", interrupted)
+    before = (sys.excepthook, threading.excepthook)
+    assert cli_app.main([]) == 130
+    assert (sys.excepthook, threading.excepthook) == before
+    assert cli_app.main([], process=True) == 130
+    assert capsys.readouterr().err == "vdvl: interrupted.\nvdvl: interrupted.\n"
+
+    sys.excepthook(OSError, OSError("the resource sharer lost a worker"), None)
+    thread = threading.Thread(target=lambda: 1 / 0)
+    thread.start()
+    thread.join()
+    assert capsys.readouterr().err == ""

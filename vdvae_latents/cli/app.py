@@ -18,7 +18,7 @@ import sys
 import typer
 
 from ..core.errors import UserError
-from ..core.interrupts import interrupt_exit, sigterm_as_interrupt
+from ..core.interrupts import interrupt_exit, quiet_background_threads, sigterm_as_interrupt
 from ..core.runtime import leave_process_group
 from . import analysis, data, imports, models, probes, report, scores, stores, training
 
@@ -82,8 +82,11 @@ import_app.command("openai-vdvae")(_passing_interrupts(imports.openai_vdvae))
 app.add_typer(import_app, name="import")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: maps errors to the exit-code contract."""
+def main(argv: list[str] | None = None, *, process: bool = False) -> int:
+    """Console-script entry point: maps errors to the exit-code contract.
+
+    ``process``: this call is the whole process (``run``), which ends when it returns; then an
+    interrupt also silences what background threads report while the process winds down."""
     try:
         with sigterm_as_interrupt():  # `kill PID` cleans up as Ctrl-C does (core.interrupts)
             result = app(args=argv, prog_name="vdvl", standalone_mode=False)
@@ -93,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(err))
         return 2
     except _Interrupted as err:
-        return _interrupted(err.interrupt)
+        return _interrupted(err.interrupt, process)
     except KeyboardInterrupt as err:  # one that arrived outside a command (start-up, teardown)
-        return _interrupted(err)
+        return _interrupted(err, process)
     except typer.Abort:
         _fail("vdvl: aborted.")
         return 130
@@ -122,8 +125,10 @@ def _sentence(text: str) -> str:
     return text[:1].lower() + text[1:] if text else text
 
 
-def _interrupted(exc: KeyboardInterrupt) -> int:
+def _interrupted(exc: KeyboardInterrupt, process: bool) -> int:
     code, message = interrupt_exit(exc)
+    if process:
+        quiet_background_threads()
     _fail(message)
     return code
 
@@ -133,7 +138,7 @@ def _fail(message: str) -> None:
 
 
 def run() -> None:
-    sys.exit(main())
+    sys.exit(main(process=True))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ its own handlers for as long as it runs.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,23 @@ def interrupt_exit(exc: BaseException) -> tuple[int, str]:
     code, word = (143, "terminated (SIGTERM)") if isinstance(exc, Terminated) else (130, "interrupted")
     notes = " ".join(getattr(exc, "__notes__", ()))
     return code, f"vdvl: {word}." + (f" {notes}" if notes else "")
+
+
+def quiet_background_threads() -> None:
+    """Drop what background threads report from here on: for a process ending on an interrupt,
+    after which its one-line message must be the last word.
+
+    The data loader's worker processes hand batches over through multiprocessing's resource
+    sharer, a thread that reports a failed hand-over through ``sys.excepthook``; a worker
+    stopped mid-hand-over while the process winds down made it print a traceback after the
+    message (seen once in a few hundred SIGTERMs of `vdvl encode` under load). Threads that
+    end on an exception report through ``threading.excepthook``; both become no-ops."""
+    sys.excepthook = _drop
+    threading.excepthook = _drop
+
+
+def _drop(*args) -> None:
+    return None
 
 
 @contextmanager
