@@ -152,20 +152,32 @@ def measure(job: str, path: str, precision: str, paths: dict, work: Path, batch:
     return row
 
 
+def _model_active_batch(paths: dict, work: Path, batch: int, *, channels_last: bool):
+    """The EMA model (eval mode; channels_last or the checkpoint's layout), the 3% active set and
+    the first ``batch`` images as model input: what the encode timings below run on."""
+    import numpy as np
+
+    from vdvae_latents.latents.active_set import ActiveSet
+    from vdvae_latents.model.checkpoints import load_model
+    from vdvae_latents.model.inputs import prepare_batch
+
+    model, _ = load_model(paths["run"], ema=True, device="cpu")
+    model.eval()
+    if channels_last:
+        model.use_channels_last()
+    active = ActiveSet.load(_active_file(work, paths, batch))
+    x = prepare_batch(model.cfg, np.array(np.load(paths["images"], mmap_mode="r")[:batch]), device="cpu")
+    return model, active, x
+
+
 def depth_sweep(paths: dict, work: Path, batch: int, layers: list[int], repeats: int = 2) -> list[dict]:
     """Encoder pass vs the full pass for active sets whose deepest kept layer is each of ``layers``."""
     import numpy as np
     import torch
 
-    from vdvae_latents.latents.active_set import ActiveSet
     from vdvae_latents.latents.encoder import Encoder
-    from vdvae_latents.model.checkpoints import load_model
-    from vdvae_latents.model.inputs import prepare_batch
 
-    model, _ = load_model(paths["run"], ema=True, device="cpu")
-    model.eval().use_channels_last()
-    active = ActiveSet.load(_active_file(work, paths, batch))
-    x = prepare_batch(model.cfg, np.load(paths["images"], mmap_mode="r")[:batch], device="cpu")
+    model, active, x = _model_active_batch(paths, work, batch, channels_last=True)
 
     def best(fn) -> float:
         times = []
@@ -196,18 +208,12 @@ def posterior_ab(paths: dict, work: Path, batch: int, rounds: int = 4) -> dict:
     import numpy as np
     import torch
 
-    from vdvae_latents.latents.active_set import ActiveSet
     from vdvae_latents.latents.encoder import Encoder
-    from vdvae_latents.model.checkpoints import load_model
-    from vdvae_latents.model.inputs import prepare_batch
 
-    model, _ = load_model(paths["run"], ema=True, device="cpu")
-    model.eval()  # the layout `vdvl encode` runs in (the checkpoint's)
-    active = ActiveSet.load(_active_file(work, paths, batch))
-    x = prepare_batch(model.cfg, np.array(np.load(paths["images"], mmap_mode="r")[:batch]), device="cpu")
+    # The checkpoint's layout, which `vdvl encode` runs in.
+    model, active, x = _model_active_batch(paths, work, batch, channels_last=False)
     enc = Encoder(model, active)
-    masks = active.layer_masks()
-    kept = [bool(m.any()) for m in enc.columns.masks]
+    masks, kept = active.layer_masks(), enc.kept_layers
     ways = {
         "full_pass": lambda: model(x, active=masks, posterior="mean", masked="mean"),
         "stopped_every_posterior": lambda: model(x, active=masks, posterior="mean", masked="mean",

@@ -68,7 +68,8 @@ def quiet_background_threads() -> None:
     The data loader's worker processes hand batches over through multiprocessing's resource
     sharer, a thread that reports a failed hand-over through ``sys.excepthook``; a worker
     stopped mid-hand-over while the process winds down made it print a traceback after the
-    message (seen once in a few hundred SIGTERMs of `vdvl encode` under load). Threads that
+    message (twice in eight suite runs on a loaded 2-core machine, in the test that sends
+    `vdvl encode` a SIGTERM). Threads that
     end on an exception report through ``threading.excepthook``; both become no-ops."""
     sys.excepthook = _drop
     threading.excepthook = _drop

@@ -87,8 +87,9 @@ class Encoder:
         self._active_masks = active.layer_masks(device=device)
         # The deepest layer with a kept column: the pass stops there (nothing below it, and no
         # output head, changes what the kept layers' posteriors are). -1 when nothing is kept.
-        self._kept_layers = [bool(mask.any()) for mask in self.columns.masks]
-        kept = [k for k, has in enumerate(self._kept_layers) if has]
+        #: Per latent layer whether it has a kept column: only those run their posterior net.
+        self.kept_layers = [bool(mask.any()) for mask in self.columns.masks]
+        kept = [k for k, has in enumerate(self.kept_layers) if has]
         self.deepest_layer = kept[-1] if kept else -1
 
     @property
@@ -110,9 +111,9 @@ class Encoder:
         # Only the layers with a kept column run their posterior net, and the pass ends at the
         # deepest of them: the other layers' z is the prior mean either way.
         out = self.model(x, active=self._active_masks, posterior=posterior, masked="mean", generator=generator,
-                         stop_after=max(self.deepest_layer, 0), likelihood=False, posterior_layers=self._kept_layers)
+                         stop_after=max(self.deepest_layer, 0), likelihood=False, posterior_layers=self.kept_layers)
         feats, stds, priors = [], [], []
-        for layer, mask, kept in zip(out.layers, self._masks, self._kept_layers):  # ends at the deepest kept layer
+        for layer, mask, kept in zip(out.layers, self._masks, self.kept_layers):  # ends at the deepest kept layer
             if not kept:
                 continue
             source = layer.z if self.statistic == "sample" else layer.q_mean

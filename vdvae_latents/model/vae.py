@@ -428,7 +428,7 @@ def meta_model(cfg: ModelConfig) -> VAE:
     try:
         for name in _INITIALISERS:
             setattr(nn.init, name, skip)
-        with torch.device("meta"), torch.no_grad():
+        with torch.device("meta"):
             return VAE(cfg)
     finally:
         for name, fn in saved.items():
