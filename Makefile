@@ -37,7 +37,7 @@ quickstart: $(STAMP)
 # starts about a hundred Python processes, and without .pyc files each recompiles the package and
 # pytest re-rewrites every test module's asserts (0.35 s and 2 s a process on a 2-core machine).
 test: $(STAMP)
-	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

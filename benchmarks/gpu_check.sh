@@ -48,12 +48,14 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$SECONDS
 
 if [ "$DRY" = 1 ]; then
-  SMALL=tiny; BIG=digits-cpu; B_SMALL=8; B_BIG=4; STEPS=1; WARMUP=1; TRAIN_STEPS=30; DEVICE=cpu; TAG=dry-run
+  SMALL=tiny; BIG=digits-cpu; B_SMALL=8; B_BIG=4; STEPS=1; WARMUP=1; TRAIN_STEPS=20; LOG_EVERY=5; VAL_LIMIT=64
+  DEVICE=cpu; TAG=dry-run
   DATA=digits; PRECISIONS="fp32"; COMPILE="false"; SMOKE=(--in-process); ENCODE=(--formats zarr --dtypes float16)
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu_check.sh: no CUDA device is available (use --dry-run on a CPU)." >&2; exit 2; }
-  SMALL=cifar10-c1; BIG=cifar10-vdvae; B_SMALL=16; B_BIG=32; STEPS=10; WARMUP=3; TRAIN_STEPS=300; DEVICE=cuda
+  SMALL=cifar10-c1; BIG=cifar10-vdvae; B_SMALL=16; B_BIG=32; STEPS=10; WARMUP=3; TRAIN_STEPS=300; LOG_EVERY=10
+  VAL_LIMIT=256; DEVICE=cuda
   TAG="gpu-$("$PY" -c "import torch, re; print(re.sub('[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-'))")"
   DATA="$WORK/digits32.npz"; PRECISIONS="fp32 tf32 bf16"; COMPILE="false true"; SMOKE=(); ENCODE=()
   "$PY" - "$DATA" <<'EOF'
@@ -94,7 +96,7 @@ done
 
 # 3. a short real training run: the loss must fall and nothing may be skipped
 "$PY" -m vdvae_latents train --preset "$SMALL" --data "$DATA" --run-dir "$WORK/run" --steps "$TRAIN_STEPS" \
-  --device "$DEVICE" --set train.log_every=10 --set train.val_limit=256 --set train.checkpoint_every=100000 --quiet
+  --device "$DEVICE" --set train.log_every="$LOG_EVERY" --set train.val_limit="$VAL_LIMIT" --set train.checkpoint_every=100000 --quiet
 "$PY" - "$WORK/run/metrics.jsonl" "$OUT/gpu_check-$TAG-train.json" "$SMALL" "$TRAIN_STEPS" <<'EOF'
 import json, sys
 lines = [json.loads(x) for x in open(sys.argv[1])]

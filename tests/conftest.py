@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import settings
 from threadpoolctl import threadpool_limits
 
@@ -56,6 +55,8 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": 
 def single_thread():
     """Torch on one intra-op thread inside the block (session fixtures are set up before the
     module's ``one_thread`` fixture below)."""
+    import torch  # here, not at the top: pytest-xdist's controller process runs no test and skips its 1.6 s import
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -160,17 +161,36 @@ def encode_checkpoint(tiny_digits_run, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- background subprocesses
 
 
+# The longest modules by measured time (the suite's --durations on a 2-core machine, session 30), after
+# the background-subprocess ones: under pytest-xdist a worker takes the next module when it finishes
+# one, so handing out the longest first leaves only short modules to even out the end (the
+# `make test` command keeps pytest-xdist's own reordering, by number of tests, off).
+LONGEST_MODULES = ("test_encode", "test_fault_injection", "test_stores", "test_data_streaming", "test_model",
+                   "test_probes", "test_sklearn_api", "test_writer_lock", "test_fuzz_files",
+                   "test_store_integrity", "test_probe_stream", "test_training", "test_report")
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Run the modules whose tests wait for background subprocesses last (in their usual order, each
     module's tests together and in order), so that the subprocesses have the rest of the session to
     finish in. Under pytest-xdist, first instead: there the subprocesses run in the foreground of
     the worker that asks (tests/background.py), which makes those modules the longest, and a long
-    module handed out last leaves one worker alone at the end. The tests do not depend on their order."""
+    module handed out last leaves one worker alone at the end; the other long modules follow them.
+    The tests do not depend on their order."""
     waits = {item.module for item in items
              if getattr(item, "module", None) is not None
              and any(name in background.JOBS for name in getattr(item, "fixturenames", ()))}
-    first = bool(os.environ.get("PYTEST_XDIST_WORKER"))
-    items.sort(key=lambda item: (getattr(item, "module", None) in waits) != first)  # stable within each group
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: getattr(item, "module", None) in waits)  # stable within each group
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+
+    def order(item):
+        module = getattr(item, "module", None)
+        name = getattr(module, "__name__", "").rpartition(".")[2]
+        return (module not in waits, rank.get(name, len(rank)))
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session", autouse=True)

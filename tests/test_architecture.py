@@ -181,7 +181,8 @@ def test_help_and_usage_errors_import_none_of_torch_sklearn_zarr_h5py_numpy():
     # One fresh interpreter runs every help and a few usage errors in-process, then lists what got imported.
     argvs = [["--help"], []] + [[*c.split(), "--help"] for c in COMMANDS] + [
         ["train", "--bogus"], ["encode"], ["analyze-kl", "run", "--data", "digits", "--out", "a.json",
-                                           "--batch-size", "0"]]
+                                           "--batch-size", "0"],
+        ["model", "--preset", "nope"], ["model", "--set", "variates=x"]]
     script = f"""
 import json, sys
 from vdvae_latents.cli import main
@@ -193,7 +194,7 @@ print(json.dumps({{"codes": codes, "heavy": sorted({{m.split('.')[0] for m in sy
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
     assert report["codes"][:len(COMMANDS) + 2] == [0] * (len(COMMANDS) + 2)
-    assert report["codes"][len(COMMANDS) + 2:] == [2, 2, 2]
+    assert report["codes"][len(COMMANDS) + 2:] == [2, 2, 2, 2, 2]
 
 
 def test_python_dash_m_vdvae_latents_is_the_cli():

@@ -325,7 +325,7 @@ def test_an_interrupted_process_has_its_one_line_as_the_last_word(capsys, monkey
     def interrupted(**kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_app, "app", interrupted)
+    monkeypatch.setattr(cli_app, "_click_command", lambda: interrupted)
     before = (sys.excepthook, threading.excepthook)
     assert cli_app.main([]) == 130
     assert (sys.excepthook, threading.excepthook) == before

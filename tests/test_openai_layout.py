@@ -15,7 +15,7 @@ from vdvae_latents.model.heads import MixtureOfLogisticsHead
 from vdvae_latents.model.openai_hps import OPENAI_HPS, OpenAIHps, get_openai_hps, openai_config, parse_blocks
 from vdvae_latents.interop.openai import mol_channel_order, openai_key_map, openai_to_vdvl, vdvl_to_openai
 from vdvae_latents.train.presets import get_preset
-from vdvae_latents.model.vae import VAE, count_parameters
+from vdvae_latents.model.vae import VAE, count_parameters, meta_model
 
 OPENAI_PARAMETERS = {
     "cifar10": 39_145_700, "imagenet32": 119_280_868, "imagenet64": 125_005_860,
@@ -75,8 +75,7 @@ def test_unknown_hps_is_a_user_error():
 
 @pytest.mark.parametrize("name", sorted(OPENAI_HPS))
 def test_key_map_is_one_to_one_onto_the_state_dict(name):
-    with torch.device("meta"):
-        state = VAE(openai_config(name)).state_dict()
+    state = meta_model(openai_config(name)).state_dict()
     pairs = openai_key_map(name)
     assert sorted(dst for _, dst in pairs) == sorted(state)
     assert len({src for src, _ in pairs}) == len(pairs)

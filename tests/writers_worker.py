@@ -14,7 +14,7 @@ from pathlib import Path
 
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 train = [sys.executable, "-m", "vdvae_latents", "train", "--run-dir", str(run_dir), "--preset", "tiny",
-         "--data", "digits", "--steps", "40", "--batch-size", "32", "--checkpoint-every", "10", "--device", "cpu",
+         "--data", "digits", "--steps", "20", "--batch-size", "32", "--checkpoint-every", "10", "--device", "cpu",
          "--set", "train.log_every=5", "--set", "train.val_limit=16", "--quiet"]
 first = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 lock = run_dir / ".vdvl-writer.lock"

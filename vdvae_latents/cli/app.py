@@ -82,6 +82,14 @@ import_app.command("openai-vdvae")(_passing_interrupts(imports.openai_vdvae))
 app.add_typer(import_app, name="import")
 
 
+@functools.cache
+def _click_command():
+    """The click command typer makes of the app, made once per process: typer would make it again
+    on every call, reading every command's signature (35 ms; a notebook or a test suite calling
+    main() hundreds of times paid it each time)."""
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     """Console-script entry point: maps errors to the exit-code contract.
 
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     interrupt also silences what background threads report while the process winds down."""
     try:
         with sigterm_as_interrupt():  # `kill PID` cleans up as Ctrl-C does (core.interrupts)
-            result = app(args=argv, prog_name="vdvl", standalone_mode=False)
+            result = _click_command()(args=argv, prog_name="vdvl", standalone_mode=False)
         leave_process_group()  # only after success: a rank that failed must not wait on the others
         return result if isinstance(result, int) else 0
     except UserError as err:

@@ -35,6 +35,11 @@ def model(
     data fit together and shows the starting loss, not a trained result.
     """
     overrides = parse_sets(set_)
+    from ..train.presets import get_preset
+
+    cfg = get_preset(preset).config  # a wrong name or --set is refused before torch is imported
+    if overrides:
+        cfg.with_overrides(overrides)
     from ..train.inspect_preset import inspect_model
 
     result = inspect_model(preset, data=data, n=n, seed=seed, overrides=overrides)

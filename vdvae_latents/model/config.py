@@ -24,6 +24,7 @@ INITS = ("pytorch", "xavier")
 BIT_REDUCTIONS = ("rescale", "truncate", "truncate-all")
 VDVAE_LOG_SCALE_FLOOR = -7.0  # VDVAE's lower bound on the MoL log-scale ("bounded")
 UNBOUNDED_LOG_SCALE_FLOOR = -80.0  # "unbounded": only where exp() stays a normal float32
+VDVAE_NO_BIAS_ABOVE = 64  # VDVAE's `no_bias_above`: no per-resolution trainable state above 64x64
 
 
 def _as_groups(value: Any, n: int, name: str) -> tuple[tuple[int, ...], ...] | None:

@@ -19,10 +19,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..core.errors import ConfigError
-from .config import ModelConfig
-from .vae import (
+from .config import (
     VDVAE_NO_BIAS_ABOVE as NO_BIAS_ABOVE,  # openai's no_bias_above, the same in every hps
 )
+from .config import ModelConfig
 
 
 @dataclass(frozen=True)

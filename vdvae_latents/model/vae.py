@@ -26,13 +26,12 @@ from .blocks import (
     Unpool,
     conv,
 )
-from .config import ModelConfig
+from .config import VDVAE_NO_BIAS_ABOVE, ModelConfig
 from .heads import make_head
 from .likelihoods import truncate_bits
 from .recompute import run_checkpointed
 
 Mask = torch.Tensor | None
-VDVAE_NO_BIAS_ABOVE = 64  # VDVAE's `no_bias_above`: no per-resolution trainable state above 64x64
 
 
 @dataclass
@@ -420,19 +419,24 @@ def meta_model(cfg: ModelConfig) -> VAE:
     """The model on the meta device: every parameter's name and shape, no memory, no values.
 
     The weight initialisers are no-ops while it is built: on meta tensors they only cost time
-    (their decompositions were over half of ``vdvl presets --json``, which builds every preset)."""
+    (their decompositions were over half of ``vdvl presets --json``, which builds every preset).
+    They are switched off process-wide while it runs: build real models on other threads meanwhile
+    and they would keep torch.empty's values."""
     def skip(tensor, *args, **kwargs):
         return tensor
 
     saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    reset = nn.modules.conv._ConvNd.reset_parameters  # computes fans for the initialisers: a quarter of the rest
     try:
         for name in _INITIALISERS:
             setattr(nn.init, name, skip)
+        nn.modules.conv._ConvNd.reset_parameters = skip
         with torch.device("meta"):
             return VAE(cfg)
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+        nn.modules.conv._ConvNd.reset_parameters = reset
 
 
 def count_parameters(cfg: ModelConfig) -> int:
